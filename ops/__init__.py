@@ -1,0 +1,1 @@
+"""procrustes-onnx: ops."""

@@ -1,0 +1,44 @@
+"""Tiny random causal LMs built from configs, so tests and smoke runs never download anything."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, PretrainedConfig, Qwen2Config
+
+__all__ = ["TINY_ARCHITECTURES", "tiny_config", "tiny_model"]
+
+TINY_ARCHITECTURES = ("llama", "qwen2", "opt")
+
+
+def tiny_config(arch: str = "llama", *, hidden: int = 64, layers: int = 2, vocab: int = 256,
+                tie: bool = True) -> PretrainedConfig:
+    """A config small enough to build in milliseconds but with every feature the adapters must handle
+    (GQA, tied embeddings, Qwen2's q/k/v biases, OPT's LayerNorm with bias)."""
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + hidden // 2,
+                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=512, tie_word_embeddings=tie, rms_norm_eps=1e-5)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + hidden // 2,
+                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=512, tie_word_embeddings=tie, rms_norm_eps=1e-6)
+    if arch == "opt":
+        return OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=4 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=hidden,
+                         tie_word_embeddings=tie, do_layer_norm_before=True, enable_bias=True)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHITECTURES)}")
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, **kw) -> torch.nn.Module:
+    """A randomly initialised model whose norms are perturbed away from 1 so norm fusion is really tested."""
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **kw)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "layer_norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.add_(0.02 * torch.randn_like(p))
+    return model.eval()

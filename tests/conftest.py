@@ -1,0 +1,29 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    """Real-model tests are opt-in (PROCRUSTES_SLOW=1); GPU tests skip cleanly without CUDA."""
+    slow = os.environ.get("PROCRUSTES_SLOW") == "1"
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+    except Exception:
+        cuda = False
+    for item in items:
+        if "slow" in item.keywords and not slow:
+            item.add_marker(pytest.mark.skip(reason="real-model test; set PROCRUSTES_SLOW=1"))
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    """Keep every test's model cache out of the user's home."""
+    if "PROCRUSTES_ONNX_CACHE" not in os.environ:
+        monkeypatch.setenv("PROCRUSTES_ONNX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
