@@ -1,0 +1,122 @@
+"""`procrustes-onnx`: one entry point, one verb per stage; each verb parses and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import EXIT_USER_ERROR, UserError
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="alias smollm2-135m (embedded), a Hugging Face folder, a .gguf file, or a hub id (online)")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .model_info import model_info
+    from .sources import load_model
+    from rich.console import Console
+    from rich.table import Table
+
+    model, _ = load_model(args.model)
+    info = model_info(model)
+    try:
+        from procrustes_onnx.compiler.adapters import get_adapter
+        get_adapter(model)
+        info["compressible"] = True
+    except UserError as exc:
+        info["compressible"] = str(exc)
+    except ImportError:
+        info["compressible"] = "compressor not installed"
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    table = Table(title=f"{args.model}")
+    table.add_column("field"), table.add_column("value", justify="right")
+    for key, value in info.items():
+        if key != "parameters_by_kind":
+            table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+    for kind, n in info["parameters_by_kind"].items():
+        table.add_row(f"  params {kind}", f"{n:,}")
+    Console().print(table)
+    return 0
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    import torch
+    from .sources import load_model
+    from .texts import load_text, tokenize_corpus
+    from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
+
+    torch.set_num_threads(args.threads)
+    text = load_text(args.text)  # fail on a missing corpus before loading a model
+    if args.onnx:
+        from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn, tokenizer_for_onnx
+        tokenizer = tokenizer_for_onnx(args.onnx)
+        logits_fn = ort_logits_fn(args.onnx, threads=args.threads, device=args.device)
+    else:
+        model, tokenizer = load_model(args.model)
+        max_len = getattr(model.config, "max_position_embeddings", None)
+        if max_len and args.window > max_len:
+            raise UserError(f"--window {args.window} exceeds the model's {max_len} positions: use {max_len} or less")
+        logits_fn = torch_logits_fn(model)
+    tokens = tokenize_corpus(tokenizer, text, args.max_tokens)
+    windows = make_windows(tokens, args.window, args.max_tokens, args.max_windows)
+    result = evaluate_perplexity(logits_fn, windows, batch_size=args.batch_size)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else
+          f"ppl {result.ppl:.3f}  nll {result.nll:.4f}  tokens scored {result.tokens_scored:,}  "
+          f"windows {result.windows}  {result.tokens_per_s:,.0f} tok/s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="procrustes-onnx", description=(
+        "Compress a causal LM with ProcrustesGPT (Kronecker / Group-and-Shuffle weights), export it to ONNX "
+        "with structured MatMuls, and validate and benchmark it in ONNX Runtime."))
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("info", help="architecture, dimensions and parameters by kind")
+    _add_model(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("ppl", help="perplexity on the evaluation protocol (torch, or an ONNX artifact)")
+    _add_model(p)
+    p.add_argument("--onnx", help="an exported artifact folder or model.onnx instead of --model")
+    p.add_argument("--text", default="jargon", help="jargon (default), kjv, wikitext2, or a UTF-8 text file")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=102_400)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ppl)
+
+    from . import cli_stages
+    cli_stages.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("PROCRUSTES_ONLINE") != "1":  # nothing reaches a hub unless asked to
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            os.environ.setdefault(var, "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
