@@ -1,0 +1,205 @@
+"""Weighted ProcrustesGPT stage (method.md §3.4): activation-weighted projections and a weighted
+orthogonal Procrustes step for one residual position.
+
+Model orientation (in x out, ``y = x W``); the position's stream is rotated as h -> h R, so a
+writing weight becomes W R and a reading weight R^T W. With Gram matrices C = X^T X of each
+linear's input (in the unrotated basis), the loss (paper eq. 3, squared norms) is
+
+    f(R, W_hat) = sum_out w ||X (W R - W_hat)||^2 + sum_in w ||X (W - R W_hat)||^2
+                = K - 2 tr(R^T G) + sum_in w tr(R^T C R W_hat W_hat^T)
+
+with G = sum_out w W^T C W_hat + sum_in w C W W_hat^T. Given W_hat, R is found by Riemannian
+gradient descent on O(d) with the Cayley retraction (Wen & Yin 2013), Barzilai-Borwein steps and
+a monotone Armijo backtrack, so the loss never increases; given R, each W_hat is a weighted
+projection (kept only if it lowers the loss). The Frobenius stage's rotation q is R^T.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["WeightedTerm", "WeightedResult", "WeightedProjection", "weighted_loss", "term_loss",
+           "solve_rotation", "weighted_stage", "balance_weights"]
+
+log = logging.getLogger(__name__)
+
+WeightedProjection = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(M in x out, C = Gram of the input side, in x in) -> nearest structured W_hat in ||C^{1/2}(M - W_hat)||."""
+
+
+@dataclass
+class WeightedTerm:
+    """One compressed linear at a position: ``kind`` 'in' (reads the position, W is d x n) or 'out'
+    (writes it, W is n x d), its input Gram matrix ``gram``, its weighted projection and weight."""
+
+    weight: torch.Tensor
+    gram: torch.Tensor
+    project: WeightedProjection
+    kind: str
+    scale: float = 1.0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("in", "out"):
+            raise ValueError(f"term kind must be 'in' or 'out', not {self.kind!r}")
+        self.weight = self.weight.detach().to(torch.float64)
+        self.gram = self.gram.detach().to(torch.float64)
+
+    def target(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(matrix to project, Gram of its input side) under rotation r."""
+        if self.kind == "out":
+            return self.weight @ r, self.gram
+        return r.T @ self.weight, r.T @ self.gram @ r
+
+
+@dataclass
+class WeightedResult:
+    r: torch.Tensor
+    approx: list[torch.Tensor]
+    loss: list[float] = field(default_factory=list)  # after every half-step, first at the start
+
+
+def term_loss(term: WeightedTerm, r: torch.Tensor, approx: torch.Tensor) -> float:
+    """w ||X (W R - W_hat)||^2 or w ||X (W - R W_hat)||^2 for one term."""
+    diff = term.weight @ r - approx if term.kind == "out" else term.weight - r @ approx
+    return term.scale * float((diff * (term.gram @ diff)).sum())
+
+
+def weighted_loss(terms: Sequence[WeightedTerm], r: torch.Tensor, approx: Sequence[torch.Tensor]) -> float:
+    return sum(term_loss(t, r, a) for t, a in zip(terms, approx))
+
+
+def _quadratic_parts(terms, approx):
+    """G, the (C, P) pairs of the quadratic part (grouped by shared Gram), and the constant K."""
+    d = terms[0].weight.shape[1] if terms[0].kind == "out" else terms[0].weight.shape[0]
+    g = torch.zeros(d, d, dtype=torch.float64)
+    const = 0.0
+    groups: dict[tuple, list] = {}
+    for t, a in zip(terms, approx):
+        cw = t.gram @ t.weight
+        const += t.scale * float((t.weight * cw).sum())
+        if t.kind == "out":
+            ca = t.gram @ a
+            g += t.scale * (cw.T @ a)
+            const += t.scale * float((a * ca).sum())
+        else:
+            g += t.scale * (cw @ a.T)
+            entry = groups.setdefault((t.gram.data_ptr(), tuple(t.gram.shape)), [t.gram, torch.zeros(d, d, dtype=torch.float64)])
+            entry[1] += t.scale * (a @ a.T)
+    return g, [(c, p) for c, p in groups.values()], const
+
+
+def _f_and_grad(r, g, quads, const):
+    f = const - 2.0 * float((r * g).sum())
+    grad = -2.0 * g
+    for c, p in quads:
+        crp = c @ r @ p
+        f += float((r * crp).sum())
+        grad = grad + 2.0 * crp
+    return f, grad
+
+
+def _cayley(r: torch.Tensor, a: torch.Tensor, tau: float) -> torch.Tensor:
+    eye = torch.eye(r.shape[0], dtype=r.dtype)
+    return torch.linalg.solve(eye + 0.5 * tau * a, (eye - 0.5 * tau * a) @ r)
+
+
+def solve_rotation(terms: Sequence[WeightedTerm], approx: Sequence[torch.Tensor], r0: torch.Tensor, *,
+                   iters: int = 200, tol: float = 1e-7) -> tuple[torch.Tensor, list[float]]:
+    """Minimise the weighted loss over orthogonal R for fixed W_hat; returns R and the loss trace.
+
+    Riemannian gradient descent with the Cayley retraction Y(tau) = (I + tau/2 A)^{-1}(I - tau/2 A) R,
+    A = E R^T - R E^T (E the Euclidean gradient), BB step sizes and Armijo backtracking.
+    """
+    g, quads, const = _quadratic_parts(terms, approx)
+    r = r0.detach().to(torch.float64).clone()
+    f, e = _f_and_grad(r, g, quads, const)
+    trace = [f]
+    tau = None
+    prev = None
+    for _ in range(iters):
+        a = e @ r.T - r @ e.T
+        gnorm2 = float((a * a).sum())
+        if gnorm2 <= 1e-30:
+            break
+        if tau is None:
+            tau = 1.0 / max(gnorm2 ** 0.5, 1e-30)
+        elif prev is not None:  # Barzilai-Borwein on the skew gradients
+            s, y = r - prev[0], a - prev[1]
+            sy = abs(float((s * y).sum()))
+            tau = float((s * s).sum()) / sy if sy > 0 else tau
+        accepted = False
+        for _ in range(30):
+            r_new = _cayley(r, a, tau)
+            f_new, e_new = _f_and_grad(r_new, g, quads, const)
+            if f_new <= f - 1e-4 * tau * 0.5 * gnorm2:
+                accepted = True
+                break
+            tau *= 0.5
+        if not accepted:
+            break
+        prev = (r, a)
+        decrease = f - f_new
+        r, f, e = r_new, f_new, e_new
+        trace.append(f)
+        if decrease <= tol * max(abs(f), 1e-300):
+            break
+    # re-orthogonalise against drift from repeated solves
+    u, _, vh = torch.linalg.svd(r)
+    return u @ vh, trace
+
+
+def weighted_stage(terms: Sequence[WeightedTerm], r0: torch.Tensor | None = None,
+                   approx0: Sequence[torch.Tensor] | None = None, *, outer_iters: int = 1,
+                   rotation_iters: int = 200, tol: float = 1e-7) -> WeightedResult:
+    """Alternate weighted projections and the weighted Procrustes step (paper: 1 outer iteration:
+    project, solve for R, project). ``approx0`` (e.g. the Frobenius stage's projections mapped to
+    model orientation) is kept wherever it beats the weighted projection, so the result's loss is
+    never above the starting point's."""
+    terms = list(terms)
+    if not terms:
+        raise ValueError("weighted_stage needs at least one term")
+    d = terms[0].weight.shape[1] if terms[0].kind == "out" else terms[0].weight.shape[0]
+    r = torch.eye(d, dtype=torch.float64) if r0 is None else r0.detach().to(torch.float64)
+    approx = [None] * len(terms) if approx0 is None else [a.detach().to(torch.float64) for a in approx0]
+    trace: list[float] = []
+
+    def project_all() -> None:
+        for i, t in enumerate(terms):
+            m, c = t.target(r)
+            cand = t.project(m, c).to(torch.float64)
+            if approx[i] is None or term_loss(t, r, cand) <= term_loss(t, r, approx[i]):
+                approx[i] = cand
+        trace.append(weighted_loss(terms, r, approx))
+
+    if approx0 is not None:
+        trace.append(weighted_loss(terms, r, approx))
+    for _ in range(outer_iters):
+        project_all()
+        r, inner = solve_rotation(terms, approx, r, iters=rotation_iters, tol=tol)
+        trace.append(weighted_loss(terms, r, approx))
+        log.debug("weighted rotation: %d steps, %.6g -> %.6g", len(inner) - 1, inner[0], inner[-1])
+    project_all()
+    return WeightedResult(r=r, approx=list(approx), loss=trace)
+
+
+def balance_weights(terms: Sequence[WeightedTerm], mode: str = "relative") -> None:
+    """Set each term's scale in place. 'relative': 1/||X W||^2, so each linear's relative output error
+    counts equally; 'paper': inputs 1, outputs mean_in ||X W_in||^2 / ||X W_out||^2; 'none': 1."""
+    norms = [float((t.weight * (t.gram @ t.weight)).sum()) for t in terms]
+    if mode == "none":
+        scales = [1.0] * len(terms)
+    elif mode == "relative":
+        scales = [1.0 / max(n, 1e-300) for n in norms]
+    elif mode == "paper":
+        ins = [n for t, n in zip(terms, norms) if t.kind == "in"]
+        mean_in = sum(ins) / len(ins) if ins else 1.0
+        scales = [1.0 if t.kind == "in" else mean_in / max(n, 1e-300) for t, n in zip(terms, norms)]
+    else:
+        raise ValueError(f"unknown balance mode {mode!r}; use relative, paper or none")
+    for t, s in zip(terms, scales):
+        t.scale = s
