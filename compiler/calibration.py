@@ -1,0 +1,86 @@
+"""Calibration statistics for the weighted stage: input Gram matrices of chosen linears and token
+frequencies (method.md §3.4, §3.1).
+
+Grams are taken from the dense, norm-fused model once: the inputs of stream readers (q/k/v,
+gate/up, head) are the normed stream, and RMSNorm commutes with rotations, so in a basis rotated
+by R their Gram is R^T C R (`rotate_gram`); o/down inputs do not depend on any rotation. Since the
+paper measures activations on the dense rotated model (no error propagation), one pass suffices.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from procrustes_onnx.errors import UserError
+
+__all__ = ["calibration_windows", "collect_grams", "token_counts", "rotate_gram"]
+
+log = logging.getLogger(__name__)
+
+
+def calibration_windows(tokens: torch.Tensor, n_samples: int = 32, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets (paper: 128 x 2048)."""
+    tokens = tokens.flatten().long()
+    if tokens.numel() < seq_len + 1:
+        raise UserError(f"calibration text has {tokens.numel()} tokens, fewer than one {seq_len}-token window: "
+                        "pass a longer --calib text or a smaller --calib-seq-len")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len + 1, (n_samples,), generator=gen)
+    return torch.stack([tokens[s: s + seq_len] for s in starts.tolist()])
+
+
+def token_counts(windows: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """How often each token id occurs in the calibration windows (the embedding's diagonal Gram)."""
+    return torch.bincount(windows.flatten(), minlength=vocab_size)[:vocab_size].to(torch.float64)
+
+
+@torch.inference_mode()
+def collect_grams(model: nn.Module, windows: torch.Tensor, paths: Iterable[str], *, batch_size: int = 4,
+                  progress: bool = True) -> dict[str, torch.Tensor]:
+    """C = X^T X / N (float64) of the input X of each module in ``paths`` over all calibration tokens.
+
+    Hooks run during plain forward passes of the model in batches, so memory is the model plus
+    one batch of activations plus the Grams.
+    """
+    paths = list(dict.fromkeys(paths))
+    grams: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+
+    def make_hook(path: str):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            if path not in grams:
+                grams[path] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                counts[path] = 0
+            grams[path].addmm_(x.T, x)
+            counts[path] += x.shape[0]
+        return hook
+
+    for p in paths:
+        handles.append(model.get_submodule(p).register_forward_pre_hook(make_hook(p)))
+    try:
+        bar = tqdm(total=windows.shape[0], desc="calibration", unit="seq", disable=not progress, leave=False)
+        for i in range(0, windows.shape[0], batch_size):
+            batch = windows[i: i + batch_size]
+            model(input_ids=batch, use_cache=False)
+            bar.update(batch.shape[0])
+        bar.close()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [p for p in paths if p not in grams]
+    if missing:
+        raise RuntimeError(f"calibration hooks never fired for {missing[:3]}")
+    return {p: grams[p] / counts[p] for p in paths}
+
+
+def rotate_gram(gram: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Gram of x R given the Gram of x: R^T C R (symmetrised against round-off)."""
+    g = r.T.to(gram.dtype) @ gram @ r.to(gram.dtype)
+    return 0.5 * (g + g.T)
