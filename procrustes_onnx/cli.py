@@ -23,7 +23,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    model, _ = load_model(args.model)
+    model, _ = load_model(args.model, tokenizer=False)
     info = model_info(model)
     try:
         from procrustes_onnx.compiler.adapters import get_adapter

@@ -120,14 +120,19 @@ def resolve_model_dir(spec: str = DEFAULT_MODEL) -> Path:
 
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
+
+    if not any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                         "tokenizer.model", "vocab.json")):
+        raise UserError(f"{model_dir} has no tokenizer files: save the tokenizer next to the model "
+                        "(tokenizer.save_pretrained)")
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype=None):
-    """Load (model, tokenizer) in eval mode, float32 unless told otherwise."""
+def load_model(spec: str = DEFAULT_MODEL, dtype=None, *, tokenizer: bool = True):
+    """Load (model, tokenizer or None) in eval mode, float32 unless told otherwise."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir(spec)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
-    return model.eval(), load_tokenizer(model_dir)
+    return model.eval(), (load_tokenizer(model_dir) if tokenizer else None)

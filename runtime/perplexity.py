@@ -58,7 +58,7 @@ def evaluate_perplexity(logits_fn: LogitsFn, windows: torch.Tensor, *, batch_siz
         logits = logits_fn(batch)[:, :-1].float()
         targets = batch[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                reduction="sum")
+                                                reduction="none").double().sum()
         total_nll += float(nll)
         scored += targets.numel()
         bar.update(batch.shape[0])
