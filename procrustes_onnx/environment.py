@@ -1,0 +1,51 @@
+"""The machine and versions a measurement was taken with, recorded beside every reported number."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+__all__ = ["environment", "write_results"]
+
+_PACKAGES = ("torch", "onnxruntime", "onnx", "onnx-ir", "onnxscript", "transformers", "lm_eval", "numpy")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict:
+    """Date (UTC), machine and package versions, for the JSON next to every benchmark table."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1) if mem else None,
+                    "platform": platform.platform(), "python": platform.python_version()},
+        "versions": versions,
+    }
+
+
+def write_results(path: str | Path, payload: dict) -> Path:
+    """Write JSON atomically, with the environment merged in."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({**environment(), **payload}, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
