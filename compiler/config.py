@@ -4,12 +4,14 @@ checkpoint so a run can be reproduced and resumed)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from procrustes_onnx.errors import UserError
 
-__all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES"]
+__all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES", "Plan", "PlanEntry", "build_plan", "kron_spec",
+           "gs_spec", "spec_params"]
 
 #: the paper's fixed configurations: name -> fraction of each compressed matrix KEPT
 PRESETS = {"3/4": 0.75, "5/8": 0.625, "1/2": 0.5}
@@ -111,3 +113,131 @@ class CompressionConfig:
 def _choice(what: str, value: str, allowed) -> None:
     if value not in allowed:
         raise UserError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resolving a config against a model: which matrices get which structured shapes.
+
+@dataclass
+class PlanEntry:
+    """One linear: module path, role, layer, (in, out), rotated side, spec and stored parameters."""
+
+    path: str
+    role: str
+    layer: int | None
+    shape: tuple[int, int]
+    side: str
+    spec: dict
+    params: int
+
+    @property
+    def dense_params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class Plan:
+    entries: list[PlanEntry]
+    kept: float                 # per-matrix kept fraction the plan was built for
+    original_params: int        # the model before any surgery (tied weights once)
+    promised_params: int        # what the saved checkpoint will store
+    skip_params: int = 0
+
+    @property
+    def removed(self) -> float:
+        return 1.0 - self.promised_params / self.original_params
+
+    def table(self) -> str:
+        """Per matrix type: structure, shapes, parameters (printed before any work starts)."""
+        rows: dict[tuple, list[PlanEntry]] = {}
+        for e in self.entries:
+            key = (e.role, e.spec["kind"], e.shape, _spec_shapes(e.spec))
+            rows.setdefault(key, []).append(e)
+        lines = [f"{'role':6} {'kind':5} {'shape':>10} {'factors':34} {'count':>5} {'params':>9} {'kept':>6}"]
+        for (role, kind, shape, shapes), es in rows.items():
+            p = es[0].params
+            lines.append(f"{role:6} {kind:5} {f'{shape[0]}x{shape[1]}':>10} {shapes:34} {len(es):5d} {p:9d} "
+                         f"{p / es[0].dense_params:6.3f}")
+        lines.append(f"skip matrices: {self.skip_params} params; stored {self.promised_params:,} of "
+                     f"{self.original_params:,} -> {100 * self.removed:.2f}% removed")
+        return "\n".join(lines)
+
+
+def _spec_shapes(spec: dict) -> str:
+    if spec["kind"] == "kron":
+        return f"r={spec['rank']} a{tuple(spec['a_shape'])} b{tuple(spec['b_shape'])}"
+    if spec["kind"] == "gs":
+        return f"L{tuple(spec['left'])} R{tuple(spec['right'])}"
+    return "dense"
+
+
+def kron_spec(n_in: int, n_out: int, side: str, kept: float) -> dict:
+    """Paper Kronecker shapes splitting only the rotated side into q slabs, rank r (method §3.2):
+    side 'in': a [r, q, 1], b [r, in/q, out]; side 'out': a [r, 1, q], b [r, in, out/q].
+    q from 4..64 (smallest q wins ties) and r chosen so the kept fraction is nearest ``kept``."""
+    h, n = (n_in, n_out) if side == "in" else (n_out, n_in)
+    best = None
+    for q in (4, 8, 16, 32, 64):
+        if h % q:
+            continue
+        cand = min((abs(r * (q + h * n // q) / (h * n) - kept), q, r) for r in range(1, q + 1))
+        if best is None or cand[0] < best[0] - 1e-9:
+            best = cand
+        if best[0] <= 0.0125:  # the paper's small q whenever it is close enough
+            break
+    if best is None:
+        raise UserError(f"hidden size {h} is not divisible by 4: no Kronecker split; use --structure gs")
+    _, q, r = best
+    a, b = ((q, 1), (h // q, n)) if side == "in" else ((1, q), (n, h // q))
+    return {"kind": "kron", "rank": r, "a_shape": list(a), "b_shape": list(b), "in": n_in, "out": n_out}
+
+
+def gs_spec(n_in: int, n_out: int, kept: float) -> dict:
+    """GS shapes with kl = kr = k blocks (k = 4 when it divides both sides, else 2) and an inner width m,
+    a multiple of k^2, so that m (in/k + out/k) params are nearest ``kept`` of in x out."""
+    for k in (4, 2, 1):
+        if n_in % k == 0 and n_out % k == 0:
+            break
+    per = n_in // k + n_out // k
+    m = max(k * k, round(kept * n_in * n_out / per / (k * k)) * k * k)
+    return {"kind": "gs", "left": [k, n_in // k, m // k], "right": [k, m // k, n_out // k], "in": n_in, "out": n_out}
+
+
+def spec_params(spec: dict) -> int:
+    if spec["kind"] == "kron":
+        (m1, n1), (m2, n2) = spec["a_shape"], spec["b_shape"]
+        return spec["rank"] * (m1 * n1 + m2 * n2)
+    if spec["kind"] == "gs":
+        return math.prod(spec["left"]) + math.prod(spec["right"])
+    return spec["in"] * spec["out"]
+
+
+def build_plan(candidates: list[tuple[str, str, int | None, tuple[int, int], str]], config: CompressionConfig,
+               original_params: int, fixed_params: int, skip_params: int = 0) -> Plan:
+    """Choose specs for ``candidates`` (path, role, layer, (in, out), rotated side), all compressed
+    (dense ones already filtered out and counted in ``fixed_params``, the stored parameters of
+    everything else). With ``config.ratio`` the per-matrix kept fraction is searched so the stored
+    total removes the fraction nearest the target; with a preset it is the preset's."""
+
+    def make(kept: float) -> Plan:
+        entries = []
+        for path, role, layer, shape, side in candidates:
+            kind = config.structure_of(role, layer)
+            spec = kron_spec(*shape, side, kept) if kind == "kron" else gs_spec(*shape, kept)
+            entries.append(PlanEntry(path, role, layer, shape, side, spec, spec_params(spec)))
+        promised = fixed_params + skip_params + sum(e.params for e in entries)
+        return Plan(entries, kept, original_params, promised, skip_params)
+
+    if config.preset is not None:
+        return make(PRESETS[config.preset])
+    best = None
+    for i in range(10, 201):
+        plan = make(i / 200)
+        gap = abs(plan.removed - float(config.ratio))
+        if best is None or gap < best[0] - 1e-12:
+            best = (gap, plan)
+    plan = best[1]
+    if best[0] > 0.02:
+        raise UserError(f"--ratio {config.ratio} cannot be reached (nearest: {plan.removed:.3f} removed with "
+                        f"these matrices compressed): compress more roles or pick a ratio near {plan.removed:.2f}")
+    return plan
