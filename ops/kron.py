@@ -1,0 +1,98 @@
+"""Sums of Kronecker products W = sum_s a_s (x) b_s, multiplied by two GEMMs, never materialized."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from procrustes_onnx.errors import UserError
+
+from .base import StructuredMatrix
+
+__all__ = ["KroneckerSum", "kron_materialize", "kron_apply", "kron_macs", "kron_order"]
+
+
+def kron_macs(r: int, m1: int, n1: int, m2: int, n2: int) -> dict[str, int]:
+    """Per-token MACs of the two contraction orders.
+
+    "a_first" contracts x's m1 axis with a, then (s, m2) with b: r*n1*m2*(m1 + n2).
+    "b_first" contracts x's m2 axis with b, then (s, m1) with a: r*m1*n2*(m2 + n1).
+    For the paper's shapes one of them is ~ r/q of dense and the other ~ r x dense.
+    """
+    return {"a_first": r * n1 * m2 * (m1 + n2), "b_first": r * m1 * n2 * (m2 + n1)}
+
+
+def kron_order(r: int, m1: int, n1: int, m2: int, n2: int) -> str:
+    """The cheaper contraction order (ties go to a_first)."""
+    c = kron_macs(r, m1, n1, m2, n2)
+    return "a_first" if c["a_first"] <= c["b_first"] else "b_first"
+
+
+def kron_materialize(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Dense sum_s kron(a_s, b_s) for a [..., r, m1, n1], b [..., r, m2, n2] -> [..., m1*m2, n1*n2]."""
+    *lead, r, m1, n1 = a.shape
+    m2, n2 = b.shape[-2:]
+    w = torch.einsum("...sij,...skl->...ikjl", a, b)
+    return w.reshape(*lead, m1 * m2, n1 * n2)
+
+
+def kron_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: str | None = None) -> torch.Tensor:
+    """x [..., m1*m2] @ sum_s kron(a_s, b_s) with two 2-D GEMMs (the same plan as the ONNX lowering)."""
+    r, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    lead = x.shape[:-1]
+    order = order or kron_order(r, m1, n1, m2, n2)
+    if order == "a_first":
+        xt = x.reshape(-1, m1, m2).transpose(1, 2)                      # [N, m2, m1]
+        t = xt @ a.permute(1, 2, 0).reshape(m1, n1 * r)                 # [N, m2, (j1, s)]
+        t = t.reshape(-1, m2, n1, r).transpose(1, 2).reshape(-1, n1, m2 * r)
+        y = t @ b.permute(1, 0, 2).reshape(m2 * r, n2)                  # [N, n1, n2]
+    elif order == "b_first":
+        t = x.reshape(-1, m1, m2) @ b.permute(1, 2, 0).reshape(m2, n2 * r)  # [N, m1, (j2, s)]
+        t = t.reshape(-1, m1, n2, r).transpose(1, 2).reshape(-1, n2, m1 * r)
+        y = (t @ a.permute(1, 0, 2).reshape(m1 * r, n1)).transpose(1, 2)    # [N, n1, n2]
+    else:
+        raise UserError(f"unknown Kronecker contraction order {order!r}; use 'a_first' or 'b_first'")
+    return y.reshape(*lead, n1 * n2)
+
+
+class KroneckerSum(StructuredMatrix):
+    """W = sum_{s<r} kron(a[s], b[s]); a [r, m1, n1], b [r, m2, n2]; W is (m1*m2) x (n1*n2).
+
+    Paper shapes: input side rotated (q/k/v/gate/up, W d x n): a [r, q, 1], b [r, d/q, n];
+    output side rotated (o/down, W n x d): a [r, 1, q], b [r, n, d/q].
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0]:
+            raise UserError(f"KroneckerSum needs a [r, m1, n1] and b [r, m2, n2] with the same r, "
+                            f"got {tuple(a.shape)} and {tuple(b.shape)}")
+        if a.dtype != b.dtype:
+            raise UserError(f"KroneckerSum factors must share a dtype, got {a.dtype} and {b.dtype}")
+        self.a = nn.Parameter(a.detach().clone(), requires_grad=a.requires_grad)
+        self.b = nn.Parameter(b.detach().clone(), requires_grad=b.requires_grad)
+        self.rank, self.m1, self.n1 = (int(s) for s in a.shape)
+        self.m2, self.n2 = int(b.shape[1]), int(b.shape[2])
+        self.in_features = self.m1 * self.m2
+        self.out_features = self.n1 * self.n2
+
+    @property
+    def order(self) -> str:
+        return kron_order(self.rank, self.m1, self.n1, self.m2, self.n2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kron_apply(x, self.a, self.b, self.order)
+
+    def materialize(self) -> torch.Tensor:
+        return kron_materialize(self.a, self.b)
+
+    def macs(self, tokens: int = 1) -> int:
+        return tokens * min(kron_macs(self.rank, self.m1, self.n1, self.m2, self.n2).values())
+
+    def spec(self) -> dict:
+        return {"kind": "kron", "rank": self.rank, "a_shape": [self.m1, self.n1],
+                "b_shape": [self.m2, self.n2], "in": self.in_features, "out": self.out_features}
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        return {"a": self.a, "b": self.b}

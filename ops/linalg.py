@@ -1,0 +1,37 @@
+"""Small float64 helpers shared by the projections: weighted errors and guarded SPD solves."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["weighted_sq_error", "projection_error", "spd_solve"]
+
+
+def weighted_sq_error(m: torch.Tensor, w: torch.Tensor, gram: torch.Tensor | None = None) -> float:
+    """||X (M - W)||_F^2 = tr(E^T C E) with C = X^T X (in x in); plain ||M - W||_F^2 if gram is None."""
+    e = (m - w).to(torch.float64)
+    if gram is None:
+        return float((e * e).sum())
+    return float((e * (gram.to(torch.float64) @ e)).sum())
+
+
+def projection_error(m: torch.Tensor, w: torch.Tensor, gram: torch.Tensor | None = None) -> float:
+    """Relative error ||X(M - W)||_F / ||X M||_F (Frobenius if gram is None); 0 for M = 0 = W."""
+    num = weighted_sq_error(m, w, gram)
+    den = weighted_sq_error(m, torch.zeros_like(m), gram)
+    return (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def spd_solve(g: torch.Tensor, h: torch.Tensor, ridge: float = 1e-12) -> torch.Tensor:
+    """Solve G X = H for symmetric PSD G (batched), with a tiny relative ridge for rank deficiency.
+
+    The ridge is relative to mean(diag G); a singular G falls back to the pseudo-inverse.
+    """
+    n = g.shape[-1]
+    scale = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
+    eye = torch.eye(n, dtype=g.dtype, device=g.device)
+    gr = g + (ridge * scale)[..., None, None] * eye
+    chol, info = torch.linalg.cholesky_ex(gr)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(h, chol)
+    return torch.linalg.pinv(g, hermitian=True) @ h
