@@ -1,0 +1,232 @@
+"""ONNX Runtime sessions for exported causal LMs: provider choice, threads, optimization level, KV cache.
+
+One `OnnxCausalLM` wraps one session and hides the optimum-style I/O (`input_ids`, `attention_mask`,
+`position_ids`, `past_key_values.{i}.key|value` -> `logits`, `present.{i}.key|value`), so perplexity,
+generation, lm-eval and the benchmark all drive the graph the same way. On CUDA the KV cache stays on
+the device through IOBinding; on CPU it is plain numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from procrustes_onnx.errors import UserError
+
+__all__ = ["SessionInfo", "KVCache", "OnnxCausalLM", "create_session", "resolve_onnx_path", "providers_for"]
+
+logger = logging.getLogger(__name__)
+
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+_KV_IN = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_ONNX_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(bfloat16)": np.float32}
+
+
+@dataclass
+class SessionInfo:
+    """How a session was made, recorded next to every benchmark number."""
+
+    path: str
+    device: str
+    providers: list[str]
+    threads: int | None
+    opt_level: str
+    create_seconds: float
+
+
+def resolve_onnx_path(path: str | Path) -> Path:
+    """An artifact folder (holding model.onnx) or an .onnx file -> the .onnx file."""
+    p = Path(path)
+    if p.is_dir():
+        candidates = [p / "model.onnx"] if (p / "model.onnx").is_file() else sorted(p.glob("*.onnx"))
+        if len(candidates) != 1:
+            raise UserError(f"{p} holds {len(candidates)} .onnx files, not one model.onnx: pass the .onnx file itself")
+        return candidates[0]
+    if not p.is_file():
+        raise UserError(f"ONNX model {p} does not exist: pass an exported artifact folder or its model.onnx")
+    return p
+
+
+def providers_for(device: str) -> list[str]:
+    """Execution providers for `device`; CUDA without onnxruntime's CUDA build warns once and falls back to CPU."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "cuda":
+        raise UserError(f"unknown device {device!r}: use cpu or cuda")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    warnings.warn("CUDA requested but this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu); "
+                  "running on CPU", RuntimeWarning, stacklevel=3)
+    return ["CPUExecutionProvider"]
+
+
+def _opt_level(level: str | int):
+    import onnxruntime as ort
+
+    table = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 0: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, 1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+             2: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, 99: ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if level not in table:
+        raise UserError(f"unknown graph optimization level {level!r}: use one of {', '.join(OPT_LEVELS)}")
+    return table[level]
+
+
+def create_session(path: str | Path, device: str = "cpu", threads: int | None = None,
+                   opt_level: str | int = "all", optimized_model_path: str | None = None):
+    """An `onnxruntime.InferenceSession` plus a `SessionInfo` with the time its creation took.
+
+    `threads=None` lets ORT choose; a corrupt or foreign file becomes a one-line UserError."""
+    import onnxruntime as ort
+
+    onnx_path = resolve_onnx_path(path)
+    providers = providers_for(device)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _opt_level(opt_level)
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads {threads} must be at least 1")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_model_path:
+        options.optimized_model_filepath = optimized_model_path
+    options.log_severity_level = 3
+    start = time.perf_counter()
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+    except Exception as exc:  # ORT raises several pybind types (InvalidProtobuf, Fail, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"ONNX Runtime cannot load {onnx_path} ({first[:200]}): re-export it with "
+                        "`procrustes-onnx export`") from None
+    seconds = time.perf_counter() - start
+    used = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
+    info = SessionInfo(str(onnx_path), used, session.get_providers(), threads,
+                       opt_level if isinstance(opt_level, str) else str(opt_level), seconds)
+    logger.info("session for %s on %s in %.2f s", onnx_path, used, seconds)
+    return session, info
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value tensors (numpy on CPU, OrtValues on CUDA), the attention mask and next positions."""
+
+    tensors: dict[str, Any]  # past_key_values.{i}.key|value -> [B, kv_heads, past, head_dim]
+    attention_mask: np.ndarray  # [B, past] int64, 0 where a row is left-padded
+    length: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class OnnxCausalLM:
+    """A thin causal-LM wrapper around one session: full logits, prefill and single-token decode."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
+                 opt_level: str | int = "all") -> None:
+        self.session, self.info = create_session(path, device, threads, opt_level)
+        self.path = Path(self.info.path)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        if "input_ids" not in inputs or "logits" not in outputs:
+            raise UserError(f"{self.path} is not a causal-LM export (inputs {sorted(inputs)[:4]}, outputs "
+                            f"{outputs[:3]}): it needs input_ids -> logits; export it with `procrustes-onnx export`")
+        self.input_names = set(inputs)
+        self.kv_names = sorted((n for n in inputs if _KV_IN.match(n)),
+                               key=lambda n: (int(_KV_IN.match(n).group(1)), n))
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.kv_names]
+        missing = [n for n in self.present_names if n not in outputs]
+        if missing:
+            raise UserError(f"{self.path} has past inputs but no {missing[0]} output: re-export it with_past=True")
+        self.output_names = ["logits", *self.present_names]
+        self._kv_shape: dict[str, tuple[int, int]] = {}
+        self._kv_dtype = np.float32
+        for name in self.kv_names:
+            shape = inputs[name].shape
+            if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+                raise UserError(f"{self.path}: {name} has shape {shape}; expected [batch, kv_heads, past, head_dim]")
+            self._kv_shape[name] = (shape[1], shape[3])
+            self._kv_dtype = _ONNX_TO_NP.get(inputs[name].type, np.float32)
+        self.device = self.info.device
+        self.create_seconds = self.info.create_seconds
+
+    @property
+    def has_cache(self) -> bool:
+        return bool(self.kv_names)
+
+    def empty_cache(self, batch: int) -> KVCache:
+        tensors = {n: np.zeros((batch, h, 0, d), self._kv_dtype) for n, (h, d) in self._kv_shape.items()}
+        return KVCache(tensors, np.zeros((batch, 0), np.int64), 0)
+
+    def _run(self, feeds: dict[str, Any], keep_on_device: bool) -> tuple[np.ndarray, dict[str, Any]]:
+        """One session run -> (logits, presents keyed by past input name); on CUDA the presents stay on the device as OrtValues (IOBinding)."""
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        if self.device != "cuda":
+            out = self.session.run(self.output_names, feeds)
+            return out[0], dict(zip(self.kv_names, out[1:]))
+        binding = self.session.io_binding()  # pragma: no cover - needs a GPU
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, "cuda" if keep_on_device else "cpu")
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        presents = dict(zip(self.kv_names, values[1:]))  # keyed by the past input they feed next
+        if not keep_on_device:
+            presents = {k: v.numpy() for k, v in presents.items()}
+        return values[0].numpy(), presents
+
+    def forward(self, input_ids: np.ndarray, cache: KVCache | None = None,
+                attention_mask: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
+        """Logits [B, T, V] for `input_ids` [B, T] after `cache`; returns the extended cache.
+
+        `attention_mask` [B, T] marks padding in the new tokens (left padding only); positions count
+        only unmasked tokens, as transformers does."""
+        ids = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64))
+        if ids.ndim != 2:
+            raise UserError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+        batch, seq = ids.shape
+        cache = cache if cache is not None else self.empty_cache(batch)
+        new_mask = np.ones((batch, seq), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        mask = np.concatenate([cache.attention_mask, new_mask], axis=1)
+        positions = (np.cumsum(mask, axis=1) - 1).clip(min=0)[:, cache.length:]
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.ascontiguousarray(positions),
+                 **cache.tensors}
+        logits, presents = self._run(feeds, keep_on_device=self.device == "cuda")
+        return logits, KVCache(presents, mask, cache.length + seq)
+
+    def logits(self, input_ids) -> np.ndarray:
+        """Logits of a whole sequence with an empty past (the perplexity path)."""
+        return self.forward(np.asarray(input_ids))[0]
+
+    def prefill(self, input_ids, attention_mask=None) -> tuple[np.ndarray, KVCache]:
+        """Run the prompt; returns the last position's logits [B, V] and the cache."""
+        logits, cache = self.forward(np.asarray(input_ids), None, attention_mask)
+        if not self.has_cache:
+            cache.extra["ids"] = np.asarray(input_ids, np.int64)
+        return logits[:, -1], cache
+
+    def decode_step(self, token_ids, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """Append one token per row [B] or [B, 1]; returns its logits [B, V] and the cache.
+
+        Without KV inputs in the graph the whole sequence is recomputed (slow but correct)."""
+        tokens = np.asarray(token_ids, np.int64).reshape(-1, 1)
+        if not self.has_cache:
+            seq = np.concatenate([cache.extra["ids"], tokens], axis=1)
+            logits = self.forward(seq, None, np.concatenate([cache.attention_mask, np.ones_like(tokens)], 1))[0]
+            return logits[:, -1], KVCache({}, np.concatenate([cache.attention_mask, np.ones_like(tokens)], 1),
+                                          seq.shape[1], {"ids": seq})
+        logits, cache = self.forward(tokens, cache)
+        return logits[:, -1], cache

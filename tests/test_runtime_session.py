@@ -1,0 +1,73 @@
+"""Sessions: bad inputs are one-line UserErrors, CUDA falls back to CPU with a warning, options are applied."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from procrustes_onnx.errors import UserError
+from procrustes_onnx.runtime.session import OnnxCausalLM, create_session, providers_for
+from test_runtime_helpers import tiny  # noqa: F401  (session fixture)
+
+
+def _foreign(path):
+    """A valid ONNX graph that is not a causal LM: y = x + x."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_missing_corrupt_and_foreign_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        create_session(tmp_path / "nope.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not protobuf")
+    with pytest.raises(UserError, match="cannot load") as exc:
+        create_session(bad)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(UserError, match="not a causal-LM export"):
+        OnnxCausalLM(_foreign(tmp_path / "add.onnx"))
+    with pytest.raises(UserError, match="holds 0 .onnx files"):
+        (tmp_path / "empty").mkdir()
+        create_session(tmp_path / "empty")
+    with pytest.raises(UserError, match="optimization level"):
+        create_session(_foreign(tmp_path / "add.onnx"), opt_level="max")
+
+
+def test_cuda_without_cuda_build_warns_and_falls_back(tmp_path):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.warns(RuntimeWarning, match="CUDA requested"):
+        assert providers_for("cuda") == ["CPUExecutionProvider"]
+    with pytest.raises(UserError, match="unknown device"):
+        providers_for("tpu")
+
+
+def test_options_and_creation_time(tmp_path, tiny):  # noqa: F811
+    lm = OnnxCausalLM(tiny.dir, threads=1, opt_level="basic")
+    assert lm.info.threads == 1 and lm.info.opt_level == "basic" and lm.device == "cpu"
+    assert lm.session.get_session_options().intra_op_num_threads == 1
+    assert 0 < lm.create_seconds < 60
+    assert lm.has_cache and len(lm.kv_names) == 2 * tiny.model.config.num_hidden_layers
+
+
+def test_left_padded_batch_matches_unpadded_rows(tiny):  # noqa: F811
+    """Left padding changes neither the logits nor the cached decode of the real tokens (rel. err < 1e-4)."""
+    lm = OnnxCausalLM(tiny.onnx, threads=1)
+    rng = np.random.default_rng(1)
+    short, long = rng.integers(0, 256, size=(1, 4)), rng.integers(0, 256, size=(1, 7))
+    ids = np.concatenate([np.concatenate([np.zeros((1, 3), np.int64), short], 1), long])
+    mask = np.concatenate([np.concatenate([np.zeros((1, 3)), np.ones((1, 4))], 1), np.ones((1, 7))]).astype(np.int64)
+    last, cache = lm.prefill(ids, mask)
+    step, _ = lm.decode_step(np.array([5, 6]), cache)
+    for row, seq in enumerate([short, long]):
+        ref_last, ref_cache = lm.prefill(seq)
+        ref_step, _ = lm.decode_step(np.array([5 + row]), ref_cache)
+        scale = np.abs(ref_last).max()
+        assert np.abs(last[row] - ref_last[0]).max() / scale < 1e-4
+        assert np.abs(step[row] - ref_step[0]).max() / scale < 1e-4
