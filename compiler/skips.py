@@ -1,0 +1,134 @@
+"""Skip (shortcut) matrices on the residual path, and their compact Cayley storage.
+
+With one rotation Q_p per residual position, the residual connection into position p must apply
+S_p = Q_{p-1}^T Q_p. Each decoder layer gets two `Shortcut` modules (`attn_shortcut`: position 2l ->
+2l+1, `mlp_shortcut`: 2l+1 -> 2l+2); its class is swapped for a subclass whose forward (from the
+adapter) multiplies the residual by them. Module paths of everything else stay the HF ones.
+
+Square orthogonal skips are stored as a Cayley pair (strict upper triangle of a skew K and d signs:
+d(d+1)/2 numbers) and rebuilt as exact orthogonal matrices; rectangular (sliced) skips stay dense.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import get_adapter, surgery_state
+
+__all__ = ["Shortcut", "install_shortcuts", "shortcut_paths", "cayley_encode", "cayley_decode",
+           "shortcut_stored_numel", "stored_parameter_count"]
+
+_CLASS_CACHE: dict[tuple[type, object], type] = {}
+
+
+class Shortcut(nn.Module):
+    """The residual-path matrix: y = x @ weight, weight d_in x d_out (identity when installed)."""
+
+    def __init__(self, d_in: int, d_out: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(d_in, d_out, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}"
+
+
+def _shortcut_class(base: type, forward) -> type:
+    """A cached subclass of a decoder-layer class whose forward applies the shortcuts."""
+    key = (base, forward)
+    if key not in _CLASS_CACHE:
+        _CLASS_CACHE[key] = type(f"{base.__name__}WithShortcuts", (base,), {"forward": forward})
+    return _CLASS_CACHE[key]
+
+
+def install_shortcuts(model: nn.Module, dims: list[int] | None = None) -> None:
+    """Give every decoder layer identity (or given-shape) shortcuts; dims[p] = stream width at position p."""
+    adapter = get_adapter(model)
+    state = surgery_state(model)
+    if state.get("shortcuts"):
+        return
+    n = adapter.num_layers
+    dims = dims or [adapter.hidden_size] * (2 * n + 1)
+    dtype = next(model.parameters()).dtype
+    forward = adapter.shortcut_forward()
+    for i, layer in enumerate(adapter.layers()):
+        layer.attn_shortcut = Shortcut(dims[2 * i], dims[2 * i + 1], dtype)
+        layer.mlp_shortcut = Shortcut(dims[2 * i + 1], dims[2 * i + 2], dtype)
+        layer.__class__ = _shortcut_class(type(layer), forward)
+    state["shortcuts"] = True
+
+
+def shortcut_paths(model: nn.Module) -> list[str]:
+    """Paths of the skip into each position 1..2L (index p-1), empty without shortcuts."""
+    adapter = get_adapter(model)
+    if not surgery_state(model).get("shortcuts"):
+        return []
+    out = []
+    for i in range(adapter.num_layers):
+        out += [f"{adapter.layer_path(i)}.attn_shortcut", f"{adapter.layer_path(i)}.mlp_shortcut"]
+    return out
+
+
+def _choose_signs(q: torch.Tensor) -> torch.Tensor:
+    """Signs s (a diagonal D) making I + Q D safely invertible: Gaussian elimination of I + Q D where each
+    column's sign is picked when it becomes the pivot column, so that every pivot is 1 + |b| >= 1."""
+    d = q.shape[0]
+    a, e = q.numpy().copy(), np.eye(d)                   # I + Q D = e + a D, row operations applied to both
+    signs = np.ones(d)                                    # (numpy: this loop of small updates is slow threaded)
+    for j in range(d):
+        b = float(a[j, j])
+        s = 1.0 if b >= 0 else -1.0
+        signs[j] = s
+        mult = (e[j + 1:, j] + s * a[j + 1:, j]) / (1.0 + abs(b))
+        e[j + 1:, j + 1:] -= np.outer(mult, e[j, j + 1:])
+        a[j + 1:, j + 1:] -= np.outer(mult, a[j, j + 1:])
+    return torch.from_numpy(signs)
+
+
+def cayley_encode(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonal d x d Q -> (strict upper triangle of skew K, signs): Q D = (I + K)^{-1} (I - K)."""
+    q64 = q.detach().double()
+    d = q64.shape[0]
+    signs = _choose_signs(q64)
+    a = q64 * signs                                              # Q D: columns flipped
+    eye = torch.eye(d, dtype=torch.float64)
+    k = torch.linalg.solve((eye + a).T, (eye - a).T).T           # K = (I - A)(I + A)^{-1}
+    k = 0.5 * (k - k.T)                                          # exactly skew
+    iu = torch.triu_indices(d, d, 1)
+    return k[iu[0], iu[1]], signs
+
+
+def cayley_decode(upper: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Inverse of `cayley_encode` (float64): an exactly orthogonal Q up to rounding."""
+    d = signs.shape[0]
+    iu = torch.triu_indices(d, d, 1)
+    k = torch.zeros(d, d, dtype=torch.float64)
+    k[iu[0], iu[1]] = upper.double()
+    k = k - k.T
+    eye = torch.eye(d, dtype=torch.float64)
+    return torch.linalg.solve(eye + k, eye - k) * signs.double()
+
+
+def shortcut_stored_numel(shape: tuple[int, int] | torch.Size, storage: str = "cayley") -> int:
+    """Numbers stored for one skip: d(d+1)/2 for a square Cayley skip, d_in*d_out otherwise."""
+    d_in, d_out = int(shape[0]), int(shape[1])
+    if storage == "cayley" and d_in == d_out:
+        return d_in * (d_in + 1) // 2
+    return d_in * d_out
+
+
+def stored_parameter_count(model: nn.Module, skip_storage: str = "cayley") -> int:
+    """Parameters a saved/exported file holds: every distinct parameter once (tied ones once), with
+    shortcuts counted as stored (`skip_storage` "cayley" or "dense")."""
+    skips = {id(m.weight): m.weight.shape for m in model.modules() if isinstance(m, Shortcut)}
+    total, seen = 0, set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += shortcut_stored_numel(skips[id(p)], skip_storage) if id(p) in skips else p.numel()
+    return total
