@@ -1,0 +1,159 @@
+"""ONNX lowering of x @ W for structured W: Reshape / Transpose / MatMul nodes on onnx_ir values.
+
+Leading dims of x ([B, T, ...], any count, T = 1 included) are kept with Reshape's 0 ("copy this
+dim"), so no Shape/Concat is needed. Factor layouts are precomputed in numpy (pre-permuted, pre-
+concatenated), so the graph does two GEMMs for a Kronecker sum and two batched GEMMs for GS, and no
+Kronecker product of constants exists for ONNX Runtime's constant folding to densify.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from procrustes_onnx.errors import UserError
+
+from .kron import kron_order
+from .spec import factor_shapes, validate_spec
+
+__all__ = ["lower_structured", "kron_layouts", "gs_layouts"]
+
+
+class _Emitter:
+    """Collects nodes and initializers; every name is prefixed with the layer's name."""
+
+    def __init__(self, name: str, lead: int, dtype: ir.DataType) -> None:
+        self.name, self.lead, self.dtype = name, lead, dtype
+        self.nodes: list[ir.Node] = []
+        self.inits: list[ir.Value] = []
+        self._n = 0
+
+    def const(self, key: str, arr: np.ndarray) -> ir.Value:
+        full = f"{self.name}/{key}"
+        t = ir.tensor(np.ascontiguousarray(arr), name=full)
+        v = ir.Value(name=full, shape=ir.Shape(arr.shape), type=ir.TensorType(t.dtype), const_value=t)
+        self.inits.append(v)
+        return v
+
+    def weight(self, key: str, arr: np.ndarray) -> ir.Value:
+        return self.const(key, arr.astype(self.dtype.numpy()))
+
+    def op(self, op_type: str, inputs: Sequence[ir.Value], **attrs) -> ir.Value:
+        self._n += 1
+        node = ir.node(op_type, list(inputs), attrs or None, name=f"{self.name}/{op_type}_{self._n}")
+        node.outputs[0].name = f"{self.name}/{op_type}_{self._n}/output_0"
+        node.outputs[0].type = ir.TensorType(self.dtype)
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def reshape(self, x: ir.Value, tail: Sequence[int], key: str, lead_first: bool = True) -> ir.Value:
+        """Reshape to [<leading dims copied>, *tail] (or [*tail] when lead_first is False)."""
+        shape = ([0] * self.lead if lead_first else []) + list(tail)
+        return self.op("Reshape", [x, self.const(key, np.array(shape, dtype=np.int64))])
+
+    def swap_last(self, x: ir.Value, rank_tail: int, i: int, j: int) -> ir.Value:
+        """Transpose two of the trailing `rank_tail` axes, keeping the leading dims in place."""
+        perm = list(range(self.lead + rank_tail))
+        perm[self.lead + i], perm[self.lead + j] = perm[self.lead + j], perm[self.lead + i]
+        return self.op("Transpose", [x], perm=perm)
+
+
+def kron_layouts(a: np.ndarray, b: np.ndarray, order: str) -> dict[str, np.ndarray]:
+    """Pre-arranged 2-D factors for the two GEMMs of `order` (see `kron.kron_apply`)."""
+    r, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    if order == "a_first":
+        return {"kron_a": a.transpose(1, 2, 0).reshape(m1, n1 * r),          # cols (j1, s)
+                "kron_b": b.transpose(1, 0, 2).reshape(m2 * r, n2)}          # rows (i2, s)
+    return {"kron_b": b.transpose(1, 2, 0).reshape(m2, n2 * r),              # cols (j2, s)
+            "kron_a": a.transpose(1, 0, 2).reshape(m1 * r, n1)}              # rows (i1, s)
+
+
+def _lower_kron(e: _Emitter, x: ir.Value, spec: dict, f: Mapping[str, np.ndarray]) -> ir.Value:
+    r = spec["rank"]
+    (m1, n1), (m2, n2) = spec["a_shape"], spec["b_shape"]
+    order = kron_order(r, m1, n1, m2, n2)
+    lay = kron_layouts(f["a"], f["b"], order)
+    if order == "b_first":  # mirror image: swap the roles of (a, m1, n1) and (b, m2, n2) below
+        (p1, q1, first), (p2, q2, second) = (m2, n2, "kron_b"), (m1, n1, "kron_a")
+    else:
+        (p1, q1, first), (p2, q2, second) = (m1, n1, "kron_a"), (m2, n2, "kron_b")
+    # a_first: x[.., m1, m2] -> [.., m2, m1] @ A[m1, (n1 r)] -> [.., n1, (m2 r)] @ B[(m2 r), n2] -> [.., n1, n2]
+    # b_first: x[.., m1, m2] @ B[m2, (n2 r)] -> [.., n2, (m1 r)] @ A[(m1 r), n1] -> [.., n2, n1] -> [.., n1, n2]
+    if order == "a_first" and m1 > 1 and m2 > 1:
+        h = e.swap_last(e.reshape(x, [m1, m2], "shape_in"), 2, 0, 1)
+    else:
+        h = e.reshape(x, [p2, p1], "shape_in") if p2 > 1 else x
+    h = e.op("MatMul", [h, e.weight(first, lay[first])])                    # [.., p2, q1*r]
+    if q1 > 1 and p2 > 1:
+        h = e.swap_last(e.reshape(h, [p2, q1, r], "shape_mid"), 3, 0, 1)    # [.., q1, p2, r]
+    h = e.reshape(h, [q1, p2 * r] if q1 > 1 else [p2 * r], "shape_mid2")
+    h = e.op("MatMul", [h, e.weight(second, lay[second])])                  # [.., q1, q2]
+    if order == "b_first" and q1 > 1 and q2 > 1:
+        h = e.swap_last(h, 2, 0, 1)                                          # [.., n1, n2]
+    return e.reshape(h, [-1], "shape_out") if q1 > 1 else h
+
+
+def gs_layouts(left: np.ndarray, right: np.ndarray, lead: int) -> dict[str, np.ndarray]:
+    """Block factors with broadcast dims for [k, <lead dims>, rows, cols] MatMuls; when kr divides bl2
+    the rows of R are reordered (c', l) -> (l, c') so the shuffle becomes a single transpose."""
+    kl, bl1, bl2 = left.shape
+    kr, br1, br2 = right.shape
+    ones = (1,) * (lead - 1) if lead >= 1 else ()
+    if bl2 % kr == 0:
+        g = bl2 // kr   # R-block row j = c'*kl + l  ->  new row l*g + c'
+        right = right.reshape(kr, g, kl, br2).transpose(0, 2, 1, 3).reshape(kr, br1, br2)
+    return {"gs_left": left.reshape(kl, *ones, bl1, bl2), "gs_right": right.reshape(kr, *ones, br1, br2)}
+
+
+def _lower_gs(e: _Emitter, x: ir.Value, spec: dict, f: Mapping[str, np.ndarray]) -> ir.Value:
+    kl, bl1, bl2 = spec["left"]
+    kr, br1, br2 = spec["right"]
+    k = e.lead
+    lay = gs_layouts(f["left"], f["right"], k)
+    to_front = [k] + list(range(k)) + [k + 1]                   # [.., kb, n] -> [kb, .., n]
+    h = e.op("Transpose", [e.reshape(x, [kl, bl1], "shape_in")], perm=to_front)
+    h = e.op("MatMul", [h, e.weight("gs_left", lay["gs_left"])])               # [kl, .., bl2]
+    if bl2 % kr == 0:   # [kl, .., kr, g] -> [kr, .., kl, g] -> [kr, .., br1]
+        g = bl2 // kr
+        h = e.op("Reshape", [h, e.const("shape_mid", np.array([0] * (k + 1) + [kr, g], dtype=np.int64))])
+        perm = [k + 1] + list(range(1, k + 1)) + [0, k + 2]
+        h = e.op("Transpose", [h], perm=perm)
+        h = e.op("Reshape", [h, e.const("shape_mid2", np.array([0] * (k + 1) + [br1], dtype=np.int64))])
+    else:               # general shuffle: [kl, .., bl2] -> [.., bl2, kl] -> [.., kr, br1] -> [kr, .., br1]
+        h = e.op("Transpose", [h], perm=list(range(1, k + 2)) + [0])
+        h = e.op("Transpose", [e.reshape(h, [kr, br1], "shape_mid")], perm=to_front)
+    h = e.op("MatMul", [h, e.weight("gs_right", lay["gs_right"])])             # [kr, .., br2]
+    h = e.op("Transpose", [h], perm=list(range(1, k + 1)) + [0, k + 1])        # [.., kr, br2]
+    return e.reshape(h, [kr * br2], "shape_out")
+
+
+def lower_structured(x: ir.Value, spec: Mapping, factors: Mapping[str, np.ndarray], name: str,
+                     ) -> tuple[list[ir.Node], list[ir.Value], ir.Value]:
+    """Nodes, initializers (to register on the graph) and output value computing x @ W.
+
+    x must have a known rank (>= 2 is typical: [B, T, in]; [in] alone is accepted too) and last dim
+    == spec["in"]. Factors use the names of `factors()` and are cast to x's dtype.
+    """
+    s = validate_spec(spec)
+    if x.shape is None:
+        raise UserError(f"cannot lower {name}: input {x.name!r} has unknown rank; run shape inference first")
+    last = x.shape[-1] if len(x.shape) else None
+    if isinstance(last, int) and last != s["in"]:
+        raise UserError(f"cannot lower {name}: input last dim {last} != spec in {s['in']}")
+    for key, shape in factor_shapes(s).items():
+        if key not in factors or tuple(np.shape(factors[key])) != shape:
+            raise UserError(f"cannot lower {name}: factor {key!r} must have shape {shape}")
+    dtype = x.dtype if x.dtype is not None else ir.DataType.FLOAT
+    e = _Emitter(name, len(x.shape) - 1, dtype)
+    f = {k: np.asarray(v) for k, v in factors.items()}
+    if s["kind"] == "dense":
+        y = e.op("MatMul", [x, e.weight("weight", f["weight"])])
+    elif s["kind"] == "kron":
+        y = _lower_kron(e, x, s, f)
+    else:
+        y = _lower_gs(e, x, s, f)
+    y.shape = ir.Shape([*x.shape[:-1], s["out"]])
+    return e.nodes, e.inits, y
