@@ -14,7 +14,7 @@ __all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES", "Plan", "PlanE
            "gs_spec", "spec_params"]
 
 #: the paper's fixed configurations: name -> fraction of each compressed matrix KEPT
-PRESETS = {"3/4": 0.75, "5/8": 0.625, "1/2": 0.5}
+PRESETS = {"3/4": 0.75, "5/8": 0.625, "1/2": 0.5, "full": 1.0}  # "full": exact (lossless), for checks
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "embed", "head")
 STRUCTURES = ("kron", "gs", "dense")
 ROTATIONS = ("global", "per-position")
@@ -199,7 +199,10 @@ def gs_spec(n_in: int, n_out: int, kept: float) -> dict:
         if n_in % k == 0 and n_out % k == 0:
             break
     per = n_in // k + n_out // k
-    m = max(k * k, round(kept * n_in * n_out / per / (k * k)) * k * k)
+    if kept >= 1.0:  # every block (l, r) of full rank: bl2 / kr = min(in, out) / k channels
+        m = k * min(n_in, n_out)
+    else:
+        m = max(k * k, round(kept * n_in * n_out / per / (k * k)) * k * k)
     return {"kind": "gs", "left": [k, n_in // k, m // k], "right": [k, m // k, n_out // k], "in": n_in, "out": n_out}
 
 
