@@ -18,7 +18,7 @@ from procrustes_onnx.errors import UserError
 from .kron import kron_order
 from .spec import factor_shapes, validate_spec
 
-__all__ = ["lower_structured", "kron_layouts", "gs_layouts"]
+__all__ = ["lower_structured", "standalone_model", "kron_layouts", "gs_layouts"]
 
 
 class _Emitter:
@@ -157,3 +157,17 @@ def lower_structured(x: ir.Value, spec: Mapping, factors: Mapping[str, np.ndarra
         y = _lower_gs(e, x, s, f)
     y.shape = ir.Shape([*x.shape[:-1], s["out"]])
     return e.nodes, e.inits, y
+
+
+def standalone_model(spec: Mapping, factors: Mapping[str, np.ndarray], lead: int = 2,
+                     dtype: ir.DataType = ir.DataType.FLOAT, name: str = "linear", opset: int = 18) -> ir.Model:
+    """A one-layer model y = x @ W (input "x" [d0.., in] with symbolic leading dims, output "y"),
+    for tests and benchmarks of a lowering in isolation."""
+    dims = [f"d{i}" for i in range(lead)] + [int(spec["in"])]
+    x = ir.Value(name="x", shape=ir.Shape(dims), type=ir.TensorType(dtype))
+    nodes, inits, y = lower_structured(x, spec, factors, name)
+    y.name = "y"
+    graph = ir.Graph([x], [y], nodes=nodes, opset_imports={"": opset}, name=name.replace("/", "_"))
+    for v in inits:
+        graph.register_initializer(v)
+    return ir.Model(graph, ir_version=10)

@@ -3,17 +3,30 @@
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ops_onnx_helpers import build_model, run_model
 from procrustes_onnx.errors import UserError
 from procrustes_onnx.ops import DenseMatrix, GSMatrix, KroneckerSum
-from procrustes_onnx.ops.lowering import lower_structured
+from procrustes_onnx.ops.lowering import lower_structured, standalone_model
 
 ALLOWED = {"Reshape", "Transpose", "MatMul"}
+
+
+def build_model(spec: dict, factors: dict, lead: int, dtype=ir.DataType.FLOAT, name: str = "layer0/q_proj") -> ir.Model:
+    return standalone_model(spec, factors, lead, dtype, name)
+
+
+def run_model(model: ir.Model, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Run through ONNX Runtime CPU with graph optimizations on (as deployment would)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
 
 
 def _check(mat, lead: tuple[int, ...], seed: int, tol: float = 1e-5) -> list[str]:
