@@ -1,0 +1,135 @@
+"""HF causal LM -> ONNX folder (``model.onnx`` + ``model.onnx.data``, optimum's I/O names, matmul_map.json).
+
+The folder is what optimum's ``ORTModelForCausalLM`` expects (config.json, generation_config.json,
+tokenizer files) plus ``matmul_map.json`` (module -> MatMul node and weight initializer, recorded from
+the exporter's node metadata) that the structured rewrite pass consumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from procrustes_onnx.errors import UserError
+
+from .artifacts import atomic_output_dir, write_json
+from .matmul_map import record_matmul_map
+from .wrappers import KVCacheWrapper, LogitsWrapper, example_inputs, io_spec
+
+__all__ = ["DEFAULT_OPSET", "MAP_FILE", "export_onnx", "export_ir", "dedupe_transposed_initializers"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+MAP_FILE = "matmul_map.json"
+_PREFIX = "model."  # attribute name of the wrapped model inside the wrappers
+
+
+def _matmul_modules(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Modules that become MatMul-by-constant: nn.Linear, plus any leaf with a 2-D ``weight`` (skip matrices)."""
+    out = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(mod, torch.nn.Linear):
+            out[name] = (mod.in_features, mod.out_features)
+        elif isinstance(w, torch.nn.Parameter) and w.ndim == 2 and not isinstance(mod, torch.nn.Embedding) \
+                and not list(mod.children()):
+            out[name] = tuple(w.shape)  # x @ weight convention for non-Linear matrices
+    return out
+
+
+def dedupe_transposed_initializers(model: ir.Model, min_elements: int = 1024) -> int:
+    """Replace a 2-D initializer that equals another one transposed by Transpose(other); returns the count.
+
+    Tied embeddings: the exporter may fold ``lm_head.weight.T`` into its own copy; storing the vocab
+    matrix twice would double the largest tensor in the file.
+    """
+    graph = model.graph
+    by_shape: dict[tuple, list[ir.Value]] = {}
+    for v in graph.initializers.values():
+        if v.const_value is not None and v.shape is not None and len(v.shape) == 2 and v.const_value.size >= min_elements:
+            by_shape.setdefault((tuple(v.shape), v.dtype), []).append(v)
+    count = 0
+    for (shape, dtype), values in list(by_shape.items()):
+        partners = by_shape.get((shape[::-1], dtype), [])
+        for v in values:
+            for src in partners:
+                if src is v or v.name not in graph.initializers or src.name not in graph.initializers:
+                    continue
+                if not np.array_equal(v.const_value.numpy(), src.const_value.numpy().T):
+                    continue
+                node = ir.node("Transpose", [src], {"perm": [1, 0]}, name=f"/{v.name}/Transpose")
+                graph.insert_before(graph.node(0), node)
+                node.outputs[0].name = f"{v.name}__from_{src.name}"
+                node.outputs[0].shape, node.outputs[0].type = v.shape, v.type
+                v.replace_all_uses_with(node.outputs[0])
+                graph.initializers.pop(v.name)
+                count += 1
+                break
+    return count
+
+
+def export_ir(model: torch.nn.Module, *, with_past: bool = True, opset: int = DEFAULT_OPSET) -> tuple[ir.Model, dict]:
+    """Trace ``model`` with the dynamo exporter; returns the onnx_ir model and its matmul map."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "num_hidden_layers"):
+        raise UserError("export needs a Hugging Face causal LM (a model with .config); load it with load_model")
+    spec = io_spec(config, with_past)
+    wrapper = (KVCacheWrapper(model) if with_past else LogitsWrapper(model)).eval()
+    dtype = next(model.parameters()).dtype
+    args = example_inputs(config, spec, dtype=dtype)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, optimize=True,
+                                    input_names=spec.input_names, output_names=spec.output_names,
+                                    dynamic_shapes=spec.dynamic_shapes, verbose=False)
+    onnx_model = program.model
+    for v in list(onnx_model.graph.initializers.values()):
+        if v.name.startswith(_PREFIX) and v.name[len(_PREFIX):] not in onnx_model.graph.initializers:
+            v.name = v.name[len(_PREFIX):]
+    deduped = dedupe_transposed_initializers(onnx_model)
+    expected = _matmul_modules(model)
+    mapping = record_matmul_map(onnx_model, set(expected), prefix=_PREFIX)
+    for name, entry in mapping.items():
+        if tuple(entry["shape"]) != tuple(expected[name]):
+            raise RuntimeError(f"matmul map: {name} maps to a {entry['shape']} weight, module is {expected[name]}")
+    missing = sorted(set(expected) - set(mapping))
+    if missing:
+        logger.warning("no MatMul found for %d modules: %s", len(missing), ", ".join(missing[:5]))
+    logger.info("exported %d MatMuls mapped, %d transposed copies deduplicated", len(mapping), deduped)
+    return onnx_model, mapping
+
+
+def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, with_past: bool = True,
+                opset: int = DEFAULT_OPSET, tokenizer: Any = None, overwrite: bool = True) -> Path:
+    """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``), atomically; returns the .onnx path."""
+    start = time.perf_counter()
+    model = model.eval()
+    onnx_model, mapping = export_ir(model, with_past=with_past, opset=opset)
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        ir.save(onnx_model, tmp / "model.onnx", external_data="model.onnx.data")
+        write_json(tmp / MAP_FILE, mapping)
+        config = model.config
+        config.use_cache = with_past
+        config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / "export.json", {
+            "with_past": with_past, "opset": opset, "dtype": str(next(model.parameters()).dtype),
+            "inputs": [v.name for v in onnx_model.graph.inputs],
+            "outputs": [v.name for v in onnx_model.graph.outputs],
+            "seconds": round(time.perf_counter() - start, 2),
+            "versions": {"torch": torch.__version__, "onnx_ir": ir.__version__},
+        })
+    return Path(out_dir).resolve() / "model.onnx"
