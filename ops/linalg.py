@@ -17,7 +17,7 @@ def weighted_sq_error(m: torch.Tensor, w: torch.Tensor, gram: torch.Tensor | Non
 
 def projection_error(m: torch.Tensor, w: torch.Tensor, gram: torch.Tensor | None = None) -> float:
     """Relative error ||X(M - W)||_F / ||X M||_F (Frobenius if gram is None); 0 for M = 0 = W."""
-    num = weighted_sq_error(m, w, gram)
+    num = max(weighted_sq_error(m, w, gram), 0.0)   # rounding can give -1e-17 for a PSD gram
     den = weighted_sq_error(m, torch.zeros_like(m), gram)
     return (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
 
