@@ -1,0 +1,204 @@
+"""The compressed checkpoint folder: config.json (with a `procrustes` section), model.safetensors,
+structure.json (manifest) and the tokenizer, written atomically; and loading it back into torch.
+
+Tensors are saved under their module paths. StructuredLinear factors are `<path>.matrix.<factor>`;
+square skips are stored as Cayley pairs `<path>.cayley_upper` (d(d-1)/2) and `<path>.cayley_signs`
+(d), rectangular ones as `<path>.weight`. A tied LM head is saved once, as the embedding.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from procrustes_onnx.ops import StructuredLinear, structured_from_spec
+
+from ..errors import UserError
+from .adapters import get_adapter, get_module, set_module, surgery_state
+from .fusion import install_fused_modules
+from .positions import position_dims
+from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, stored_parameter_count
+
+__all__ = ["save_compressed", "load_compressed", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def replace_linear(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Swap the linear at path `name` for `module` (same in/out features), e.g. a StructuredLinear."""
+    old = get_module(model, name)
+    shape_old = (getattr(old, "in_features", None), getattr(old, "out_features", None))
+    shape_new = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+    if shape_old != shape_new:
+        raise UserError(f"replacement for {name} maps {shape_new[0]} -> {shape_new[1]} features but the module it "
+                        f"replaces maps {shape_old[0]} -> {shape_old[1]}; build it with matching shapes")
+    set_module(model, name, module)
+
+
+def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors to save, manifest) for a model after surgery."""
+    tensors: dict[str, torch.Tensor] = {}
+    manifest: dict = {"format": FORMAT_VERSION, "structured": {}, "shortcuts": {}}
+    handled: set[int] = set()
+    for path, module in model.named_modules():
+        if isinstance(module, StructuredLinear):
+            names = {}
+            for factor, t in module.matrix.factors().items():
+                names[factor] = f"{path}.matrix.{factor}"
+                tensors[names[factor]] = t
+                handled.add(id(t))
+            bias = None
+            if module.bias is not None:
+                bias = f"{path}.bias"
+                tensors[bias] = module.bias
+                handled.add(id(module.bias))
+            manifest["structured"][path] = {"spec": module.matrix.spec(), "tensors": names, "bias": bias}
+        elif isinstance(module, Shortcut):
+            w = module.weight.detach()
+            handled.add(id(module.weight))
+            d_in, d_out = w.shape
+            orthogonal = d_in == d_out and torch.allclose(
+                w.double().T @ w.double(), torch.eye(d_in, dtype=torch.float64), atol=1e-4)
+            if orthogonal:
+                store = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+                upper, signs = (t.to(store) for t in cayley_encode(w))
+                tensors[f"{path}.cayley_upper"], tensors[f"{path}.cayley_signs"] = upper, signs
+                entry = {"shape": [d_in, d_out], "storage": "cayley",
+                         "tensors": [f"{path}.cayley_upper", f"{path}.cayley_signs"]}
+            else:
+                tensors[f"{path}.weight"] = w
+                entry = {"shape": [d_in, d_out], "storage": "dense", "tensors": [f"{path}.weight"]}
+            manifest["shortcuts"][path] = entry
+    for name, p in model.named_parameters():           # dense remainder; tied parameters appear once
+        if id(p) not in handled:
+            tensors[name] = p
+            handled.add(id(p))
+    return tensors, manifest
+
+
+def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, extra_config: dict | None = None) -> Path:
+    """Write the checkpoint folder atomically (temp folder, then rename); returns `out_dir`.
+
+    `extra_config` keys go into config.json's `procrustes` section next to the surgery record.
+    """
+    out_dir = Path(out_dir)
+    state = surgery_state(model)
+    extra = dict(extra_config or {})
+    clash = set(extra) & set(state)
+    if clash:
+        raise UserError(f"extra_config keys {sorted(clash)} collide with the surgery record; rename them")
+    adapter = get_adapter(model)
+    tensors, manifest = _collect(model)
+    manifest.update(tied=adapter.tied, dtype=str(next(model.parameters()).dtype).replace("torch.", ""), dims=position_dims(model), model_type=model.config.model_type,
+                    stored_parameters=sum(int(t.numel()) for t in tensors.values()),
+                    stored_parameters_dense_skips=stored_parameter_count(model, "dense"))
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        config = copy.deepcopy(model.config)
+        config.procrustes = {**state, **extra}
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt", "procrustes_format": str(FORMAT_VERSION)})
+        (tmp / "structure.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved %d tensors (%d numbers) to %s", len(tensors), manifest["stored_parameters"], out_dir)
+    return out_dir
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> nn.Parameter:
+    """Put `tensor` at parameter path `name` (any shape: slicing changes them), fixing size attributes."""
+    prefix, _, leaf = name.rpartition(".")
+    module = get_module(model, prefix)
+    param = nn.Parameter(tensor, requires_grad=False)
+    setattr(module, leaf, param)
+    if isinstance(module, nn.Linear) and leaf == "weight":
+        module.out_features, module.in_features = tensor.shape
+    elif isinstance(module, nn.Embedding) and leaf == "weight":
+        module.num_embeddings, module.embedding_dim = tensor.shape
+    return param
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
+    """Rebuild the torch model (StructuredLinears, exact orthogonal skips) and the tokenizer (None if absent)."""
+    path = Path(path)
+    if not (path / "structure.json").is_file() or not (path / "model.safetensors").is_file():
+        raise UserError(f"{path} is not a compressed checkpoint (needs structure.json and model.safetensors); "
+                        f"pass a folder written by `procrustes-onnx compress`")
+    manifest = json.loads((path / "structure.json").read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format {manifest.get('format')}; this build reads {FORMAT_VERSION}")
+    config = AutoConfig.from_pretrained(path)
+    config._attn_implementation = "eager" if getattr(config, "_attn_implementation", None) is None else \
+        config._attn_implementation
+    tensors = load_file(str(path / "model.safetensors"))
+    dtype = dtype or getattr(torch, manifest["dtype"])
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = surgery_state(model)
+    if state.get("fused"):
+        install_fused_modules(model)
+    if manifest["shortcuts"]:
+        state["shortcuts"] = False
+        install_shortcuts(model, manifest["dims"])
+    loaded: set[int] = set()
+    for name, entry in manifest["structured"].items():
+        factors = {k: tensors.pop(v).to(dtype) for k, v in entry["tensors"].items()}
+        bias = tensors.pop(entry["bias"]).to(dtype) if entry["bias"] else None
+        module = StructuredLinear(structured_from_spec(entry["spec"], factors, dtype=dtype), bias)
+        set_module(model, name, module)
+        loaded.update(id(p) for p in module.parameters())
+    for name, entry in manifest["shortcuts"].items():
+        if entry["storage"] == "cayley":
+            w = cayley_decode(tensors.pop(entry["tensors"][0]), tensors.pop(entry["tensors"][1]))
+        else:
+            w = tensors.pop(entry["tensors"][0])
+        loaded.add(id(_assign(model, f"{name}.weight", w.to(dtype))))
+    for name, t in tensors.items():
+        loaded.add(id(_assign(model, name, t.to(dtype))))
+    adapter = get_adapter(model)
+    if manifest.get("tied"):
+        head = get_module(model, adapter.lm_head_path)
+        head.weight = get_module(model, adapter.embed_path).weight
+        head.out_features, head.in_features = head.weight.shape
+    missing = [n for n, p in model.named_parameters() if id(p) not in loaded]
+    if missing:
+        raise UserError(f"{path}/model.safetensors lacks {len(missing)} tensors (first: {missing[0]}); "
+                        f"the checkpoint is incomplete: re-run compress")
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer
+
+
+def materialize_dense(model: nn.Module) -> dict:
+    """Swap every StructuredLinear for an equivalent nn.Linear in place; return the manifest the exporter
+    needs to rewrite them back: path -> {"spec", "factors" (name -> tensor), "bias" (bool)}."""
+    manifest = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, StructuredLinear):
+            manifest[name] = {"spec": module.matrix.spec(), "bias": module.bias is not None,
+                              "factors": {k: v.detach().clone() for k, v in module.matrix.factors().items()}}
+            set_module(model, name, module.to_linear())
+    return manifest
