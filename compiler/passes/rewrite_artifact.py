@@ -1,0 +1,112 @@
+"""File-level wrapper of the structured rewrite: exported folder + manifest -> new folder, atomically.
+
+Checks at the boundaries only: the input is a readable ONNX file from ``export_onnx`` (it has a
+``matmul_map.json``), the output is not the input or inside it, and after the pass the ONNX
+checker and shape inference run once before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+from procrustes_onnx.errors import UserError
+from procrustes_onnx.exporters.artifacts import atomic_output_dir, folder_bytes, write_json
+from procrustes_onnx.exporters.onnx_export import MAP_FILE
+
+from .rewrite_structured import RewriteStructuredMatmulsPass, normalize_manifest, promised_saving
+
+__all__ = ["rewrite_structured_matmuls", "load_onnx", "manifest_from_checkpoint", "initializer_bytes"]
+
+logger = logging.getLogger(__name__)
+
+_SIDE_FILES = ("config.json", "generation_config.json", "export.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def _resolve_input(onnx_in: str | os.PathLike) -> Path:
+    path = Path(onnx_in).resolve()
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass an exported folder or its model.onnx")
+    return path
+
+
+def load_onnx(path: str | os.PathLike) -> ir.Model:
+    """``ir.load`` with a one-line UserError for files that are not ONNX (or lack their external data)."""
+    try:
+        return ir.load(path)
+    except Exception as exc:  # protobuf raises DecodeError, missing data raises OSError: both mean bad input
+        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it") from None
+
+
+def manifest_from_checkpoint(checkpoint: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The structured-module manifest of a compressed checkpoint folder (via the compressor's own loader)."""
+    from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense
+
+    model, _ = load_compressed(checkpoint)
+    return materialize_dense(model)
+
+
+def initializer_bytes(model: ir.Model, *, floating_only: bool = False) -> int:
+    """Bytes of initializer data (what the external-data file mostly holds); ``floating_only`` leaves out
+    the int64 shape constants, so the difference before/after a rewrite is exactly the weights' change."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None and (not floating_only or v.dtype.is_floating_point()))
+
+
+def _check_output(src_dir: Path, out: Path) -> None:
+    if out == src_dir or out.is_relative_to(src_dir) or src_dir.is_relative_to(out):
+        raise UserError(f"output {out} overlaps the input folder {src_dir}; choose a separate output folder")
+
+
+def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *,
+                               manifest: Mapping[str, Mapping[str, Any]] | None = None,
+                               checkpoint: str | os.PathLike | None = None) -> Path:
+    """Rewrite the exported model at ``onnx_in`` (folder or model.onnx) with the structured factors of
+    ``manifest`` (``materialize_dense``'s output) or of the compressed ``checkpoint`` folder; write the
+    folder ``onnx_out`` (model.onnx + model.onnx.data + updated matmul_map.json + rewrite.json)."""
+    src = _resolve_input(onnx_in)
+    out = Path(onnx_out).resolve()
+    _check_output(src.parent, out)
+    if (manifest is None) == (checkpoint is None):
+        raise UserError("rewrite needs exactly one of a manifest or a compressed checkpoint folder")
+    map_path = src.parent / MAP_FILE
+    if not map_path.is_file():
+        raise UserError(f"{src.parent} has no {MAP_FILE}; rewrite only folders written by procrustes-onnx export")
+    matmul_map = json.loads(map_path.read_text())
+    plan = normalize_manifest(manifest if manifest is not None else manifest_from_checkpoint(checkpoint))
+    model = load_onnx(src)
+    before, weights_before = initializer_bytes(model), initializer_bytes(model, floating_only=True)
+    result = RewriteStructuredMatmulsPass(matmul_map, plan)(model)
+    for p in (common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass(),
+              common_passes.ShapeInferencePass(), common_passes.CheckerPass(full_check=True)):
+        p(model)
+    after, weights_after = initializer_bytes(model), initializer_bytes(model, floating_only=True)
+    new_map = {k: dict(v) for k, v in matmul_map.items()}
+    for name, entry in plan.items():
+        new_map[name].update(structured=entry["spec"], node=None, weight=None, transpose_node=None)
+    with atomic_output_dir(out) as tmp:
+        ir.save(model, tmp / "model.onnx", external_data="model.onnx.data")
+        for name in _SIDE_FILES:
+            if (src.parent / name).is_file():
+                shutil.copy2(src.parent / name, tmp / name)
+        write_json(tmp / MAP_FILE, new_map)
+        write_json(tmp / "rewrite.json", {
+            "source": str(src), "modules": sorted(plan), "modified": result.modified,
+            "promised_saving_bytes": promised_saving(plan),
+            "initializer_bytes_before": before, "initializer_bytes_after": after,
+            "weight_bytes_before": weights_before, "weight_bytes_after": weights_after,
+            "file_bytes_before": folder_bytes(src.parent), "file_bytes_after": folder_bytes(tmp),
+        })
+    logger.info("rewrote %d modules: initializers %d -> %d bytes", len(plan), before, after)
+    return out / "model.onnx"
