@@ -26,7 +26,7 @@ from ..errors import UserError
 from .adapters import get_adapter, get_module, set_module, surgery_state
 from .fusion import install_fused_modules
 from .positions import position_dims
-from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, stored_parameter_count
+from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
 
 __all__ = ["save_compressed", "load_compressed", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
 
@@ -67,9 +67,7 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
             w = module.weight.detach()
             handled.add(id(module.weight))
             d_in, d_out = w.shape
-            orthogonal = d_in == d_out and torch.allclose(
-                w.double().T @ w.double(), torch.eye(d_in, dtype=torch.float64), atol=1e-4)
-            if orthogonal:
+            if is_orthogonal(w):
                 store = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
                 upper, signs = (t.to(store) for t in cayley_encode(w))
                 tensors[f"{path}.cayley_upper"], tensors[f"{path}.cayley_signs"] = upper, signs

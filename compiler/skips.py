@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapters import get_adapter, surgery_state
 
-__all__ = ["Shortcut", "install_shortcuts", "shortcut_paths", "cayley_encode", "cayley_decode",
+__all__ = ["Shortcut", "install_shortcuts", "shortcut_paths", "cayley_encode", "cayley_decode", "is_orthogonal",
            "shortcut_stored_numel", "stored_parameter_count"]
 
 _CLASS_CACHE: dict[tuple[type, object], type] = {}
@@ -113,8 +113,16 @@ def cayley_decode(upper: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye + k, eye - k) * signs.double()
 
 
+def is_orthogonal(w: torch.Tensor, atol: float = 1e-4) -> bool:
+    """True for a square matrix with W^T W = I (such skips are stored in Cayley form)."""
+    if w.ndim != 2 or w.shape[0] != w.shape[1]:
+        return False
+    w64 = w.detach().double()
+    return bool((w64.T @ w64 - torch.eye(w.shape[0], dtype=torch.float64)).abs().max() <= atol)
+
+
 def shortcut_stored_numel(shape: tuple[int, int] | torch.Size, storage: str = "cayley") -> int:
-    """Numbers stored for one skip: d(d+1)/2 for a square Cayley skip, d_in*d_out otherwise."""
+    """Numbers stored for one skip: d(d+1)/2 for a square orthogonal skip in Cayley form, else d_in*d_out."""
     d_in, d_out = int(shape[0]), int(shape[1])
     if storage == "cayley" and d_in == d_out:
         return d_in * (d_in + 1) // 2
@@ -123,12 +131,14 @@ def shortcut_stored_numel(shape: tuple[int, int] | torch.Size, storage: str = "c
 
 def stored_parameter_count(model: nn.Module, skip_storage: str = "cayley") -> int:
     """Parameters a saved/exported file holds: every distinct parameter once (tied ones once), with
-    shortcuts counted as stored (`skip_storage` "cayley" or "dense")."""
-    skips = {id(m.weight): m.weight.shape for m in model.modules() if isinstance(m, Shortcut)}
+    shortcuts counted as stored: `skip_storage` "cayley" (orthogonal skips as d(d+1)/2, the checkpoint's
+    choice; sliced/non-orthogonal ones dense) or "dense" (every skip d_in x d_out)."""
+    skips = {id(m.weight): (m.weight.shape, "cayley" if skip_storage == "cayley" and is_orthogonal(m.weight)
+                            else "dense") for m in model.modules() if isinstance(m, Shortcut)}
     total, seen = 0, set()
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += shortcut_stored_numel(skips[id(p)], skip_storage) if id(p) in skips else p.numel()
+        total += shortcut_stored_numel(*skips[id(p)]) if id(p) in skips else p.numel()
     return total
