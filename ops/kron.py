@@ -9,7 +9,7 @@ from procrustes_onnx.errors import UserError
 
 from .base import StructuredMatrix
 
-__all__ = ["KroneckerSum", "kron_materialize", "kron_apply", "kron_macs", "kron_order"]
+__all__ = ["KroneckerSum", "kron_materialize", "kron_apply", "kron_factor_layouts", "kron_macs", "kron_order"]
 
 
 def kron_macs(r: int, m1: int, n1: int, m2: int, n2: int) -> dict[str, int]:
@@ -36,23 +36,37 @@ def kron_materialize(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return w.reshape(*lead, m1 * m2, n1 * n2)
 
 
-def kron_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: str | None = None) -> torch.Tensor:
+def kron_factor_layouts(a: torch.Tensor, b: torch.Tensor, order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two 2-D GEMM operands of `order` (copies; the ONNX lowering uses the same layouts).
+
+    a_first: A [m1, (j1, s)] and B [(i2, s), n2];  b_first: B [m2, (j2, s)] and A [(i1, s), n1].
+    """
+    r, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    if order == "a_first":
+        return a.permute(1, 2, 0).reshape(m1, n1 * r), b.permute(1, 0, 2).reshape(m2 * r, n2)
+    if order == "b_first":
+        return b.permute(1, 2, 0).reshape(m2, n2 * r), a.permute(1, 0, 2).reshape(m1 * r, n1)
+    raise UserError(f"unknown Kronecker contraction order {order!r}; use 'a_first' or 'b_first'")
+
+
+def kron_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: str | None = None,
+               layouts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [..., m1*m2] @ sum_s kron(a_s, b_s) with two 2-D GEMMs (the same plan as the ONNX lowering)."""
     r, m1, n1 = a.shape
     _, m2, n2 = b.shape
     lead = x.shape[:-1]
     order = order or kron_order(r, m1, n1, m2, n2)
+    first, second = layouts if layouts is not None else kron_factor_layouts(a, b, order)
     if order == "a_first":
         xt = x.reshape(-1, m1, m2).transpose(1, 2)                      # [N, m2, m1]
-        t = xt @ a.permute(1, 2, 0).reshape(m1, n1 * r)                 # [N, m2, (j1, s)]
+        t = xt @ first                                                  # [N, m2, (j1, s)]
         t = t.reshape(-1, m2, n1, r).transpose(1, 2).reshape(-1, n1, m2 * r)
-        y = t @ b.permute(1, 0, 2).reshape(m2 * r, n2)                  # [N, n1, n2]
-    elif order == "b_first":
-        t = x.reshape(-1, m1, m2) @ b.permute(1, 2, 0).reshape(m2, n2 * r)  # [N, m1, (j2, s)]
-        t = t.reshape(-1, m1, n2, r).transpose(1, 2).reshape(-1, n2, m1 * r)
-        y = (t @ a.permute(1, 0, 2).reshape(m1 * r, n1)).transpose(1, 2)    # [N, n1, n2]
+        y = t @ second                                                  # [N, n1, n2]
     else:
-        raise UserError(f"unknown Kronecker contraction order {order!r}; use 'a_first' or 'b_first'")
+        t = x.reshape(-1, m1, m2) @ first                               # [N, m1, (j2, s)]
+        t = t.reshape(-1, m1, n2, r).transpose(1, 2).reshape(-1, n2, m1 * r)
+        y = (t @ second).transpose(1, 2)                                # [N, n1, n2]
     return y.reshape(*lead, n1 * n2)
 
 
@@ -76,13 +90,24 @@ class KroneckerSum(StructuredMatrix):
         self.m2, self.n2 = int(b.shape[1]), int(b.shape[2])
         self.in_features = self.m1 * self.m2
         self.out_features = self.n1 * self.n2
+        self._cache: tuple | None = None   # (key, layouts): inference-time GEMM operands, not state
 
     @property
     def order(self) -> str:
         return kron_order(self.rank, self.m1, self.n1, self.m2, self.n2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kron_apply(x, self.a, self.b, self.order)
+        return kron_apply(x, self.a, self.b, self.order, self._layouts())
+
+    def _layouts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cached GEMM layouts when no gradient flows (rebuilt when a factor changes in place)."""
+        if torch.is_grad_enabled() and (self.a.requires_grad or self.b.requires_grad):
+            return None
+        key = (self.a._version, self.b._version, self.a.data_ptr(), self.b.data_ptr(), self.a.dtype, self.a.device)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, kron_factor_layouts(self.a, self.b, self.order))
+        return self._cache[1]
 
     def materialize(self) -> torch.Tensor:
         return kron_materialize(self.a, self.b)

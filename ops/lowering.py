@@ -12,10 +12,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
+import torch
 
 from procrustes_onnx.errors import UserError
 
-from .kron import kron_order
+from .kron import kron_factor_layouts, kron_order
 from .spec import factor_shapes, validate_spec
 
 __all__ = ["lower_structured", "standalone_model", "kron_layouts", "gs_layouts"]
@@ -61,14 +62,11 @@ class _Emitter:
 
 
 def kron_layouts(a: np.ndarray, b: np.ndarray, order: str) -> dict[str, np.ndarray]:
-    """Pre-arranged 2-D factors for the two GEMMs of `order` (see `kron.kron_apply`)."""
-    r, m1, n1 = a.shape
-    _, m2, n2 = b.shape
-    if order == "a_first":
-        return {"kron_a": a.transpose(1, 2, 0).reshape(m1, n1 * r),          # cols (j1, s)
-                "kron_b": b.transpose(1, 0, 2).reshape(m2 * r, n2)}          # rows (i2, s)
-    return {"kron_b": b.transpose(1, 2, 0).reshape(m2, n2 * r),              # cols (j2, s)
-            "kron_a": a.transpose(1, 0, 2).reshape(m1 * r, n1)}              # rows (i1, s)
+    """Pre-arranged 2-D factors for the two GEMMs of `order` (the same as `kron.kron_factor_layouts`)."""
+    first, second = kron_factor_layouts(torch.from_numpy(np.ascontiguousarray(a)),
+                                        torch.from_numpy(np.ascontiguousarray(b)), order)
+    names = ("kron_a", "kron_b") if order == "a_first" else ("kron_b", "kron_a")
+    return {names[0]: first.numpy(), names[1]: second.numpy()}
 
 
 def _lower_kron(e: _Emitter, x: ir.Value, spec: dict, f: Mapping[str, np.ndarray]) -> ir.Value:

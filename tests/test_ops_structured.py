@@ -99,3 +99,16 @@ def test_bad_tensors_raise_user_error():
         KroneckerSum(torch.zeros(2, 3, 1), torch.zeros(3, 4, 4))
     with pytest.raises(UserError):
         StructuredLinear(DenseMatrix(torch.zeros(2, 3)), torch.zeros(2))
+
+
+def test_kron_layout_cache_follows_in_place_updates():
+    g = torch.Generator().manual_seed(4)
+    k = KroneckerSum(torch.randn(2, 4, 1, generator=g), torch.randn(2, 6, 5, generator=g))
+    x = torch.randn(3, 24, generator=g)
+    with torch.no_grad():
+        y0 = k(x)
+        k.b.mul_(2.0)                     # in-place change must invalidate the cached layouts
+        assert _rel(k(x), 2 * y0) < 1e-6
+    k.a.requires_grad_(True)
+    k(x).sum().backward()                 # with grad enabled the layouts are rebuilt, so autograd works
+    assert k.a.grad is not None and k.a.grad.abs().sum() > 0
