@@ -1,0 +1,158 @@
+"""The structured MatMul rewrite on exported tiny models: ORT matches the torch structured model,
+no dense weight is left for rewritten modules, the bytes saved are exactly what the manifest promises,
+and bad inputs are one-line UserErrors that leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from procrustes_onnx.compiler.passes import (RewriteStructuredMatmulsPass, promised_saving,
+                                             rewrite_structured_matmuls)
+from procrustes_onnx.errors import UserError
+from procrustes_onnx.exporters.onnx_export import MAP_FILE
+from test_export_helpers import assert_decode_matches, exported
+
+ARCHS = ("llama", "qwen2", "opt")
+
+
+@pytest.fixture(scope="module")
+def rewritten(tmp_path_factory):
+    """arch -> rewritten model.onnx (one rewrite per architecture)."""
+    out = {}
+    for arch in ARCHS:
+        _, _, manifest, path = exported(arch)
+        out[arch] = rewrite_structured_matmuls(path.parent, tmp_path_factory.mktemp(arch) / "rw", manifest=manifest)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rewritten_matches_structured_torch_with_cache(arch, rewritten):
+    structured, _, _, _ = exported(arch)
+    assert_decode_matches(structured, rewritten[arch], steps=4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_dense_matmul_left_for_structured_modules(arch, rewritten):
+    _, dense, manifest, path = exported(arch)
+    old_map = json.loads((path.parent / MAP_FILE).read_text())
+    graph = ir.load(rewritten[arch]).graph
+    names = {n.name for n in graph}
+    for module, entry in manifest.items():
+        assert old_map[module]["node"] not in names
+        if not old_map[module]["weight"].startswith("lm_head"):
+            assert old_map[module]["weight"] not in graph.initializers
+        ops = [n for n in graph if n.name.startswith(f"{module}/")]
+        matmuls = [n for n in ops if n.op_type == "MatMul"]
+        assert len(matmuls) == 2  # two GEMMs per Kronecker sum or GS matrix
+        consts = [v.const_value.size for n in matmuls for v in n.inputs if v.is_initializer()]
+        assert sorted(consts) == sorted(f.numel() for f in entry["factors"].values())
+    dense_sizes = {e["spec"]["in"] * e["spec"]["out"] for e in manifest.values()}
+    for node in graph:  # every remaining MatMul/Gemm by a constant is a module the manifest keeps dense
+        if node.op_type in ("MatMul", "Gemm") and node.inputs[1].is_initializer() and node.name.startswith("/"):
+            assert node.name.split("/")[1] not in manifest
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bytes_saved_match_manifest(arch, rewritten):
+    _, _, manifest, _ = exported(arch)
+    report = json.loads((rewritten[arch].parent / "rewrite.json").read_text())
+    promised = promised_saving(manifest)
+    assert promised == report["promised_saving_bytes"] > 0
+    assert report["weight_bytes_before"] - report["weight_bytes_after"] == promised  # exact, float weights
+    shrink = report["file_bytes_before"] - report["file_bytes_after"]
+    assert abs(shrink - promised) <= 4096  # graph nodes and int64 shape constants added by the lowering
+
+
+def test_side_files_and_map_updated(rewritten):
+    folder = rewritten["llama"].parent
+    for name in ("config.json", "generation_config.json", "export.json", "rewrite.json", "model.onnx.data"):
+        assert (folder / name).is_file()
+    new_map = json.loads((folder / MAP_FILE).read_text())
+    assert new_map["model.layers.0.self_attn.q_proj"]["structured"]["kind"] == "kron"
+    assert new_map["model.layers.0.self_attn.q_proj"]["node"] is None
+    assert "structured" not in new_map["model.layers.0.self_attn.v_proj"]
+
+
+def test_empty_manifest_is_not_modified():
+    _, _, _, path = exported("llama")
+    model = ir.load(path)
+    before = [n.name for n in model.graph]
+    result = RewriteStructuredMatmulsPass(json.loads((path.parent / MAP_FILE).read_text()), {})(model)
+    assert result.modified is False
+    assert [n.name for n in model.graph] == before
+
+
+def _manifest(arch="llama"):
+    _, _, manifest, path = exported(arch)
+    return {k: {"spec": dict(v["spec"]), "factors": dict(v["factors"])} for k, v in manifest.items()}, path
+
+
+def _assert_user_error(tmp_path, match, src=None, **kw):
+    manifest, path = _manifest()
+    kw.setdefault("manifest", manifest)
+    out = kw.pop("out", tmp_path / "out")
+    with pytest.raises(UserError, match=match) as info:
+        rewrite_structured_matmuls(src or path.parent, out, **kw)
+    assert "\n" not in str(info.value)
+    assert not out.exists() or out == path.parent or out.is_relative_to(path.parent)
+    return info
+
+
+def test_corrupt_onnx_file(tmp_path):
+    _, path = _manifest()
+    bad = tmp_path / "bad"
+    shutil.copytree(path.parent, bad)
+    (bad / "model.onnx").write_bytes(b"\x08\x07garbage" * 100)
+    _assert_user_error(tmp_path, "not a readable ONNX", src=bad)
+
+
+def test_foreign_onnx_without_map(tmp_path):
+    _, path = _manifest()
+    foreign = tmp_path / "foreign"
+    shutil.copytree(path.parent, foreign)
+    (foreign / MAP_FILE).unlink()
+    _assert_user_error(tmp_path, "no matmul_map.json", src=foreign)
+
+
+def test_manifest_module_missing_from_map(tmp_path):
+    manifest, _ = _manifest()
+    manifest["model.layers.9.mlp.up_proj"] = next(iter(manifest.values()))
+    _assert_user_error(tmp_path, "not in matmul_map", manifest=manifest)
+
+
+def test_manifest_shape_mismatch(tmp_path):
+    manifest, _ = _manifest()
+    manifest["model.layers.1.self_attn.k_proj"] = manifest["model.layers.0.self_attn.q_proj"]  # 64x64 vs 64x32
+    _assert_user_error(tmp_path, "manifest spec", manifest=manifest)
+
+
+def test_manifest_dtype_mismatch(tmp_path):
+    manifest, _ = _manifest()
+    entry = manifest["model.layers.0.self_attn.q_proj"]
+    entry["factors"] = {k: v.double() for k, v in entry["factors"].items()}
+    _assert_user_error(tmp_path, "float64", manifest=manifest)
+
+
+def test_missing_initializer(tmp_path):
+    manifest, path = _manifest()
+    broken = tmp_path / "broken"
+    shutil.copytree(path.parent, broken)
+    mp = json.loads((broken / MAP_FILE).read_text())
+    mp["model.layers.0.self_attn.q_proj"]["weight"] = "no_such_weight"
+    (broken / MAP_FILE).write_text(json.dumps(mp))
+    _assert_user_error(tmp_path, "missing from the ONNX file", src=broken)
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_output_overlapping_input(tmp_path, where):
+    _, path = _manifest()
+    out = path.parent if where == "same" else path.parent / "rw"
+    files = sorted(p.name for p in path.parent.iterdir())
+    _assert_user_error(tmp_path, "overlaps the input", out=out)
+    assert sorted(p.name for p in path.parent.iterdir()) == files
