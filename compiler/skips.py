@@ -41,7 +41,10 @@ def _shortcut_class(base: type, forward) -> type:
     """A cached subclass of a decoder-layer class whose forward applies the shortcuts."""
     key = (base, forward)
     if key not in _CLASS_CACHE:
-        _CLASS_CACHE[key] = type(f"{base.__name__}WithShortcuts", (base,), {"forward": forward})
+        name = f"{base.__name__}WithShortcuts"
+        cls = type(name, (base,), {"forward": forward, "__module__": __name__})
+        globals()[name] = cls                                 # importable by name, so torch.save/pickle work
+        _CLASS_CACHE[key] = cls
     return _CLASS_CACHE[key]
 
 

@@ -106,6 +106,35 @@ def test_random_rotations_keep_logits(arch: str, mode: str, dtype: torch.dtype) 
     assert get_adapter(model).tied
 
 
+@pytest.mark.parametrize("config_cls", ["MistralConfig", "Qwen3Config"])
+def test_other_llama_family_members(config_cls: str) -> None:
+    """Mistral and Qwen3 (q/k head norms, which rotations do not touch) go through the Llama adapter."""
+    import transformers
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_cls)(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    ids = _ids(5)
+    ref = _logits(model, ids)
+    fuse_norms(model)
+    rotate_per_position(model, [random_orthogonal(64, seed=30 + p) for p in range(5)])
+    assert _rel(_logits(model, ids), ref) < 1e-5
+
+
+def test_shortcut_model_pickles(tmp_path) -> None:
+    model = fuse_norms(tiny_model("llama"))
+    rotate_per_position(model, [random_orthogonal(64, seed=p) for p in range(5)])
+    torch.save(model, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    ids = _ids(6)
+    assert _rel(_logits(again, ids), _logits(model, ids)) < 1e-7
+
+
 def test_rotation_checks_catch_a_broken_rotation() -> None:
     """The invariance test can fail: rotating one position without its skips changes the logits."""
     model = fuse_norms(tiny_model("llama", dtype=torch.float64))
