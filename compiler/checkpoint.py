@@ -97,7 +97,7 @@ def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, extra
         raise UserError(f"extra_config keys {sorted(clash)} collide with the surgery record; rename them")
     adapter = get_adapter(model)
     tensors, manifest = _collect(model)
-    manifest.update(tied=adapter.tied, dtype=str(next(model.parameters()).dtype).replace("torch.", ""), dims=position_dims(model), model_type=model.config.model_type,
+    manifest.update(attn_implementation=getattr(model.config, "_attn_implementation", None), tied=adapter.tied, dtype=str(next(model.parameters()).dtype).replace("torch.", ""), dims=position_dims(model), model_type=model.config.model_type,
                     stored_parameters=sum(int(t.numel()) for t in tensors.values()),
                     stored_parameters_dense_skips=stored_parameter_count(model, "dense"))
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -148,8 +148,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     if manifest.get("format") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {manifest.get('format')}; this build reads {FORMAT_VERSION}")
     config = AutoConfig.from_pretrained(path)
-    config._attn_implementation = "eager" if getattr(config, "_attn_implementation", None) is None else \
-        config._attn_implementation
+    if manifest.get("attn_implementation"):                     # same attention kernel as when saved
+        config._attn_implementation = manifest["attn_implementation"]
     tensors = load_file(str(path / "model.safetensors"))
     dtype = dtype or getattr(torch, manifest["dtype"])
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
