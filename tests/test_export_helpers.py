@@ -15,11 +15,15 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense, save_compressed
+from procrustes_onnx.compiler.skips import install_shortcuts, shortcut_paths
 from procrustes_onnx.exporters.onnx_export import export_onnx
+from procrustes_onnx.exporters.pipeline import export_compressed
 from procrustes_onnx.ops import GSMatrix, KroneckerSum, StructuredLinear
 from procrustes_onnx.testing import tiny_model
 
 RTOL = 1e-4
+STRUCTURED_DIR = "structured"
 
 # module -> ("kron", rank, a_shape, b_shape) or ("gs", left, right); hidden 64, llama/qwen2 d_ff 160, opt 256.
 # Cases: both Kronecker GEMM orders, GS with kr | bl2 (single transpose) and without (general shuffle),
@@ -73,12 +77,37 @@ def structured_tiny(arch: str, seed: int = 1) -> tuple[torch.nn.Module, torch.nn
     return model.eval(), dense.eval(), manifest
 
 
+def add_random_shortcuts(model: torch.nn.Module, seed: int = 2) -> list[str]:
+    """Per-position rotation's residual-path matrices (compiler.skips), set to random orthogonal Q."""
+    install_shortcuts(model)
+    gen = torch.Generator().manual_seed(seed)
+    paths = shortcut_paths(model)
+    for path in paths:
+        weight = model.get_submodule(path).weight
+        q, _ = torch.linalg.qr(torch.randn(weight.shape, generator=gen, dtype=torch.float64))
+        weight.data.copy_(q.to(weight.dtype))
+    return paths
+
+
 @functools.lru_cache(maxsize=None)
 def exported(arch: str, with_past: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, dict, Path]:
-    """(structured model, dense twin, manifest, exported model.onnx of the twin); one export per session."""
+    """(structured model, dense twin, manifest, exported model.onnx of the twin); one export per session.
+
+    llama (with KV cache) goes the whole compressed-checkpoint route instead: skip matrices on the
+    residual path, ``save_compressed``, then ``export_compressed`` keeping its dense twin, whose
+    path is returned; the structured ONNX is ``STRUCTURED_DIR`` beside it.
+    """
     structured, dense, manifest = structured_tiny(arch)
-    out = Path(tempfile.mkdtemp(prefix=f"export-{arch}-")) / "onnx"
-    return structured, dense, manifest, export_onnx(dense, out, with_past=with_past)
+    root = Path(tempfile.mkdtemp(prefix=f"export-{arch}-"))
+    if arch == "llama" and with_past:
+        add_random_shortcuts(structured)
+        save_compressed(structured, root / "ckpt")
+        structured, _ = load_compressed(root / "ckpt")
+        dense, _ = load_compressed(root / "ckpt")
+        manifest = materialize_dense(dense)
+        export_compressed(root / "ckpt", root / STRUCTURED_DIR, dense_dir=root / "onnx")
+        return structured, dense, manifest, root / "onnx" / "model.onnx"
+    return structured, dense, manifest, export_onnx(dense, root / "onnx", with_past=with_past)
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from procrustes_onnx.compiler.skips import Shortcut
 from procrustes_onnx.errors import UserError
 from procrustes_onnx.exporters.onnx_export import MAP_FILE, export_onnx
 from test_export_helpers import RTOL, assert_decode_matches, exported, rel_err
@@ -35,11 +36,16 @@ def test_matmul_map_points_at_each_linear_weight(arch):
     graph = ir.load(path).graph
     nodes = {n.name: n for n in graph}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(mapping) == set(linears)
+    skips = {n: m for n, m in model.named_modules() if isinstance(m, Shortcut)}
+    assert bool(skips) == (arch == "llama")  # llama carries per-position skip matrices
+    assert set(mapping) == set(linears) | set(skips)
     for name, entry in mapping.items():
         node = nodes[entry["node"]]
         assert node.op_type == entry["op"]
         stored = graph.initializers[entry["weight"]].const_value.numpy()
+        if name in skips:  # y = x @ weight: stored as is, MatMul layout
+            np.testing.assert_array_equal(stored, skips[name].weight.detach().numpy())
+            continue
         weight = linears[name].weight.detach().numpy()
         np.testing.assert_array_equal(stored, weight.T if entry["transposed"] else weight)
         assert entry["shape"] == [linears[name].in_features, linears[name].out_features]

@@ -16,7 +16,8 @@ from procrustes_onnx.compiler.passes import (RewriteStructuredMatmulsPass, promi
                                              rewrite_structured_matmuls)
 from procrustes_onnx.errors import UserError
 from procrustes_onnx.exporters.onnx_export import MAP_FILE
-from test_export_helpers import assert_decode_matches, exported
+from procrustes_onnx.exporters.inspect import inspect_onnx
+from test_export_helpers import STRUCTURED_DIR, assert_decode_matches, exported
 
 ARCHS = ("llama", "qwen2", "opt")
 
@@ -156,3 +157,13 @@ def test_output_overlapping_input(tmp_path, where):
     files = sorted(p.name for p in path.parent.iterdir())
     _assert_user_error(tmp_path, "overlaps the input", out=out)
     assert sorted(p.name for p in path.parent.iterdir()) == files
+
+
+def test_compressed_checkpoint_with_skips_exports_structured_and_matches():
+    """export_compressed (checkpoint -> dense twin -> rewrite) on a checkpoint with skip matrices."""
+    structured, _, manifest, path = exported("llama")
+    out = path.parent.parent / STRUCTURED_DIR / "model.onnx"
+    info = inspect_onnx(out)
+    assert info["matmuls"]["structured_modules"] == len(manifest)
+    assert info["matmuls"]["structured_gemms"] == 2 * len(manifest)
+    assert_decode_matches(structured, out, steps=2, seed=5)

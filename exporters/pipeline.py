@@ -1,0 +1,60 @@
+"""The library calls behind the CLI verbs ``export``, ``rewrite`` and ``inspect`` (each verb parses its
+arguments and calls exactly one of these with keyword arguments)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["export_model", "export_compressed", "rewrite_model", "inspect_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def export_model(model: str, out_dir: str | os.PathLike, *, with_past: bool = True, opset: int | None = None) -> Path:
+    """Export a dense model (alias, HF folder or .gguf; see ``sources.load_model``) with its tokenizer."""
+    from procrustes_onnx.sources import load_model
+
+    from .onnx_export import DEFAULT_OPSET, export_onnx
+
+    torch_model, tokenizer = load_model(model)
+    return export_onnx(torch_model, out_dir, with_past=with_past, opset=opset or DEFAULT_OPSET, tokenizer=tokenizer)
+
+
+def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, with_past: bool = True,
+                      opset: int | None = None, dense_dir: str | os.PathLike | None = None) -> Path:
+    """Compressed checkpoint -> structured ONNX folder: export its dense twin (kept in ``dense_dir`` if
+    given, e.g. as the materialized baseline), then rewrite the structured MatMuls."""
+    from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense
+    from procrustes_onnx.compiler.passes import rewrite_structured_matmuls
+
+    from .onnx_export import DEFAULT_OPSET, export_onnx
+
+    torch_model, tokenizer = load_compressed(checkpoint)
+    manifest = materialize_dense(torch_model)
+    scratch = None if dense_dir else Path(tempfile.mkdtemp(prefix=".dense-", dir=Path(out_dir).resolve().parent))
+    try:
+        dense = export_onnx(torch_model, dense_dir or scratch / "onnx", with_past=with_past,
+                            opset=opset or DEFAULT_OPSET, tokenizer=tokenizer)
+        return rewrite_structured_matmuls(dense.parent, out_dir, manifest=manifest)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def rewrite_model(onnx_in: str | os.PathLike, checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Rewrite an exported folder with the factors of the compressed checkpoint it was exported from."""
+    from procrustes_onnx.compiler.passes import rewrite_structured_matmuls
+
+    return rewrite_structured_matmuls(onnx_in, out_dir, checkpoint=checkpoint)
+
+
+def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
+    """``inspect_onnx`` for the CLI (print ``format_inspection`` of it, or the dict as JSON)."""
+    from .inspect import inspect_onnx
+
+    return inspect_onnx(path)
