@@ -206,3 +206,20 @@ def test_per_position_model_is_exportable(arch: str) -> None:
     assert any("attn_shortcut" in n for n in program.graph_signature.parameters)
     with torch.no_grad():
         assert _rel(program.module()(ids), _logits(model, ids)) < 1e-6
+
+
+@pytest.mark.slow
+def test_smollm2_per_position_rotation_keeps_logits(tmp_path) -> None:
+    """Real model (opt-in): fused + per-position rotated SmolLM2, and its checkpoint, match the HF logits."""
+    from procrustes_onnx.compiler.checkpoint import load_compressed, save_compressed
+    from procrustes_onnx.sources import load_model
+
+    model, tok = load_model("smollm2-135m")
+    ids = tok("The quick brown fox jumps over the lazy dog and", return_tensors="pt").input_ids
+    ref = _logits(model, ids)
+    fuse_norms(model)
+    rotate_per_position(model, [random_orthogonal(576, seed=p) for p in range(num_positions(model))])
+    assert _rel(_logits(model, ids), ref) < 1e-4
+    loaded, _ = load_compressed(save_compressed(model, tmp_path / "ck", tokenizer=tok))
+    assert _rel(_logits(loaded, ids), ref) < 1e-4
+    assert stored_parameter_count(loaded) == stored_parameter_count(model)
