@@ -15,21 +15,19 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from procrustes_onnx.errors import UserError
-from procrustes_onnx.ops import StructuredLinear, project_factors, structured_from_spec
+from procrustes_onnx.ops import StructuredLinear, structured_from_spec
 
 from .adapters import get_adapter, get_module
-from .calibration import calibration_windows, collect_grams, rotate_gram
+from .calibration import calibration_windows, collect_grams
 from .config import CompressionConfig, Plan, build_plan
-from .positions import Position, residual_positions, stream_matrix
-from .procrustes import frobenius_als
-from .weighted import WeightedTerm, balance_weights, weighted_stage
+from .positions import residual_positions, stream_matrix
+from .stages import gram_paths, load_group, save_group, solve_group
 
-__all__ = ["compress", "compress_cli", "plan_for_model", "count_params", "saved_param_count"]
+__all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count"]
 
 log = logging.getLogger(__name__)
 
@@ -73,123 +71,41 @@ def plan_for_model(model: nn.Module, config: CompressionConfig, original_params:
 
 # --------------------------------------------------------------------------------------------- stages
 
-def _stack_terms(model: nn.Module, pos: Position, specs: dict[str, dict]):
-    """(stacked matrices d x n, Frobenius projections) of the compressed linears at one position."""
-    mats, projs = [], []
-    for ref in pos.writers + pos.readers:
-        spec = specs.get(ref.path)
-        if spec is None:
-            continue
-        w = stream_matrix(model, ref).detach().to(torch.float64)
-        if ref.reads:
-            mats.append(w)
-            projs.append(lambda m, s=spec: _materialize(project_factors(m, s), s))
+def _solve(model, positions, specs, config, work: Path, grams, progress: bool):
+    """Per group of positions (each position, or all at once): R and factors, from ``work`` if a previous
+    run finished that group. Returns one R per position and the factors of every planned linear."""
+    groups = [[p] for p in positions] if config.rotation == "per-position" else [positions]
+    rs, factors = [], {}
+    bar = tqdm(total=len(positions), desc=f"{config.method} {config.rotation}", unit="pos", disable=not progress)
+    for sel in groups:
+        path = work / ("global.safetensors" if len(groups) == 1 else f"pos{sel[0].index:03d}.safetensors")
+        if path.exists():
+            r, fac = load_group(path)
         else:
-            mats.append(w.T)
-            projs.append(lambda m, s=spec: _materialize(project_factors(m.T, s), s).T)
-    return mats, projs
-
-
-def _materialize(factors: dict, spec: dict) -> torch.Tensor:
-    return structured_from_spec(spec, {k: v.to(torch.float64) for k, v in factors.items()},
-                                dtype=torch.float64).materialize().detach()
-
-
-def _weighted_terms(model: nn.Module, pos: Position, specs: dict[str, dict], grams: dict[str, torch.Tensor],
-                    balance: str) -> list[WeightedTerm]:
-    terms = []
-    reader_gram = grams.get(pos.readers[0].path)
-    for ref in pos.writers + pos.readers:
-        spec = specs.get(ref.path)
-        if spec is None:
-            continue
-        w = stream_matrix(model, ref).detach()
-        proj = (lambda m, c, s=spec: _materialize(project_factors(m, s, gram=c), s))
-        gram = reader_gram if ref.reads else grams[ref.path]
-        terms.append(WeightedTerm(w, gram, proj, "in" if ref.reads else "out", name=ref.path))
-    balance_weights(terms, balance)
-    return terms
-
-
-def _gram_paths(positions: list[Position], specs: dict[str, dict]) -> list[str]:
-    paths = []
-    for pos in positions:
-        if any(r.path in specs for r in pos.readers):
-            paths.append(pos.readers[0].path)
-        paths.extend(w.path for w in pos.writers if w.path in specs)
-    return paths
-
-
-def _cached(work: Path, name: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Per-position checkpoint: load ``work/name.safetensors`` if a previous run finished it."""
-    path = work / f"{name}.safetensors"
-    if path.exists():
-        return load_file(str(path))["r"]
-    r = fn().contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file({"r": r}, str(tmp))
-    os.replace(tmp, path)
-    return r
-
-
-def _solve(model, positions, specs, config, work, grams, bar) -> list[torch.Tensor]:
-    """Rotation R_p per position (model orientation: stream h -> h R_p); global mode repeats one R."""
-    d = get_adapter(model).hidden_size
-    eye = torch.eye(d, dtype=torch.float64)
-    groups = positions if config.rotation == "per-position" else [None]
-    rs = []
-    for g in groups:
-        sel = positions if g is None else [g]
-        tag = "global" if g is None else f"pos{g.index:03d}"
-
-        def frob() -> torch.Tensor:
-            mats, projs = [], []
-            for pos in sel:
-                m, p = _stack_terms(model, pos, specs)
-                mats += m
-                projs += p
-            if not mats or config.iterations == 0:
-                return eye.clone()
-            return frobenius_als(mats, projs, iters=config.iterations, tol=config.tol).q.T.contiguous()
-
-        r = _cached(work, f"F_{tag}", frob)
-        if config.method == "weighted":
-            def weighted(r_f=r) -> torch.Tensor:
-                terms = [t for pos in sel for t in _weighted_terms(model, pos, specs, grams, config.balance)]
-                if not terms:
-                    return r_f
-                res = weighted_stage(terms, r_f, outer_iters=config.weighted_outer,
-                                     rotation_iters=config.rotation_iters)
-                log.info("%s weighted loss %s", tag, " -> ".join(f"{x:.4g}" for x in res.loss))
-                return res.r
-            r = _cached(work, f"W_{tag}", weighted)
+            r, fac, info = solve_group(model, sel, specs, config, grams)
+            if info:
+                log.info("%s %s", path.stem, {k: [round(x, 5) for x in v[:1] + v[-1:]] for k, v in info.items()})
+            save_group(path, r, fac)
         rs.extend([r] * len(sel))
+        factors.update(fac)
         bar.update(len(sel))
-    return rs
+    bar.close()
+    return rs, factors
 
 
-def _apply(model, positions, specs, rs, grams, weighted: bool, rotation: str) -> None:
-    """Rotate the dense model, then replace each planned linear by its structured projection."""
+def _apply(model, positions, specs, rs, factors, rotation: str) -> None:
+    """Rotate the dense model, then replace each planned linear by a StructuredLinear from its factors."""
     from .rotation import rotate_global, rotate_per_position
     if rotation == "global":
         rotate_global(model, rs[0].to(torch.float64))
     else:
         rotate_per_position(model, [r.to(torch.float64) for r in rs])
-    for pos, r in zip(positions, rs):
-        for ref in pos.writers + pos.readers:
-            spec = specs.get(ref.path)
-            if spec is None:
-                continue
-            linear = get_module(model, ref.path)
-            w = stream_matrix(model, ref).detach().to(torch.float64)
-            gram = None
-            if weighted:
-                gram = rotate_gram(grams[pos.readers[0].path], r) if ref.reads else grams[ref.path]
-            factors = project_factors(w, spec, gram=gram)
-            dtype = linear.weight.dtype
-            matrix = structured_from_spec(spec, {k: v.to(dtype) for k, v in factors.items()}, dtype=dtype)
-            bias = None if linear.bias is None else linear.bias.detach()
-            _replace(model, ref.path, StructuredLinear(matrix, bias))
+    for path, spec in specs.items():
+        linear = get_module(model, path)
+        dtype = linear.weight.dtype
+        matrix = structured_from_spec(spec, {k: v.to(dtype) for k, v in factors[path].items()}, dtype=dtype)
+        bias = None if linear.bias is None else linear.bias.detach()
+        _replace(model, path, StructuredLinear(matrix, bias))
 
 
 def _replace(model, path, module) -> None:
@@ -200,47 +116,54 @@ def _replace(model, path, module) -> None:
     replace_linear(model, path, module)
 
 
-# --------------------------------------------------------------------------------------------- driver
-
-def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: str | Path, *,
-             progress: bool = True, keep_work: bool = False, echo: Callable[[str], None] = print) -> Path:
-    """Compress ``model`` (modified in place) into a checkpoint folder ``out_dir``; returns it.
-
-    Deterministic for ``config.seed``; rerunning with the same arguments after an interruption
-    reuses the per-position rotations already in ``out_dir/work`` (a different config is refused).
-    """
+def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work: str | Path, *,
+                   progress: bool = True, echo: Callable[[str], None] = print,
+                   calib_tokens: torch.Tensor | None = None) -> Plan:
+    """Compress ``model`` in place (fuse, plan, solve, rotate, swap linears) without saving; per-position
+    results go to ``work`` and are reused from there. Returns the plan (the promised count).
+    ``calib_tokens`` (a 1-D token stream) replaces the config's calibration text, e.g. in tests."""
     config.validate()
-    out_dir = Path(out_dir)
-    work = out_dir / "work"
+    work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     saved_cfg = work / "config.json"
     if saved_cfg.exists() and CompressionConfig.load(saved_cfg) != config:
-        raise UserError(f"{out_dir} holds a partial run with different settings: use another --out or delete "
-                        f"{work}")
+        raise UserError(f"{work} holds a partial run with different settings: use another --out or delete it")
     config.save(saved_cfg)
     torch.manual_seed(config.seed)
-    start = time.perf_counter()
     model.eval()
     original = count_params(model)
-    if config.method == "slicegpt":
-        return _slicegpt(model, tokenizer, config, out_dir, original, echo)
-
     from .fusion import fuse_norms
     fuse_norms(model)
     plan = plan_for_model(model, config, original)
     echo(plan.table())
     specs = {e.path: e.spec for e in plan.entries}
     positions = residual_positions(model)
-
-    grams: dict[str, torch.Tensor] = {}
     with torch.no_grad():
+        grams = {}
         if config.method == "weighted":
-            grams = _calibrate(model, tokenizer, config, _gram_paths(positions, specs), progress)
-        bar = tqdm(total=len(positions), desc=f"{config.method} {config.rotation}", unit="pos",
-                   disable=not progress)
-        rs = _solve(model, positions, specs, config, work, grams, bar)
-        bar.close()
-        _apply(model, positions, specs, rs, grams, config.method == "weighted", config.rotation)
+            grams = _calibrate(model, tokenizer, config, gram_paths(positions, specs), progress, calib_tokens)
+        rs, factors = _solve(model, positions, specs, config, work, grams, progress)
+        _apply(model, positions, specs, rs, factors, config.rotation)
+    return plan
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: str | Path, *,
+             progress: bool = True, keep_work: bool = False, echo: Callable[[str], None] = print,
+             calib_tokens: torch.Tensor | None = None) -> Path:
+    """Compress ``model`` (modified in place) into a checkpoint folder ``out_dir``; returns it.
+
+    Deterministic for ``config.seed``; rerunning with the same arguments after an interruption
+    reuses the per-position rotations already in ``out_dir/work`` (a different config is refused).
+    """
+    out_dir = Path(out_dir)
+    work = out_dir / "work"
+    start = time.perf_counter()
+    if config.method == "slicegpt":
+        return _slicegpt(model, tokenizer, config, out_dir, count_params(model), echo)
+    plan = compress_model(model, tokenizer, config, work, progress=progress, echo=echo, calib_tokens=calib_tokens)
+    original = plan.original_params
     _save(model, tokenizer, config, plan, out_dir, time.perf_counter() - start)
     saved = saved_param_count(out_dir)
     if saved != plan.promised_params:
@@ -252,12 +175,16 @@ def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: st
     return out_dir
 
 
-def _calibrate(model, tokenizer, config: CompressionConfig, paths: list[str], progress: bool):
+def _calibrate(model, tokenizer, config: CompressionConfig, paths: list[str], progress: bool,
+               tokens: torch.Tensor | None = None):
     from procrustes_onnx.texts import load_text, tokenize_corpus
+    need = config.calib_samples * config.calib_seq_len
+    if tokens is not None:
+        windows = calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
+        return collect_grams(model, windows, paths, progress=progress)
     if tokenizer is None:
         raise UserError("the weighted stage needs the model's tokenizer for calibration text: pass it, or use "
                         "--method frobenius")
-    need = config.calib_samples * config.calib_seq_len
     tokens = tokenize_corpus(tokenizer, load_text(config.calib_text), max_tokens=max(4 * need, need + 1))
     windows = calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
     return collect_grams(model, windows, paths, progress=progress)

@@ -115,3 +115,24 @@ def test_full_rank_weighted_is_lossless_and_bad_kind_raises():
     assert res.loss[-1] <= 1e-18 * scale
     with pytest.raises(ValueError):
         WeightedTerm(terms[0].weight, terms[0].gram, terms[0].project, "sideways")
+
+
+@pytest.mark.parametrize("shape,side", [((48, 20), "in"), ((20, 48), "out")])
+def test_fast_weighted_kron_matches_ops_and_beats_frobenius(shape, side):
+    from procrustes_onnx.compiler.config import kron_spec
+    from procrustes_onnx.compiler.weighted import project_weighted
+    from procrustes_onnx.ops import project_factors, structured_from_spec, weighted_sq_error
+    gen = torch.Generator().manual_seed(5)
+    m = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    c = gram(shape[0], 300, gen)
+    spec = kron_spec(*shape, side, 0.5)
+
+    def err(f):
+        return weighted_sq_error(m, structured_from_spec(spec, f, dtype=torch.float64).materialize(), c)
+
+    fro = err(project_factors(m, spec))
+    mine = err(project_weighted(m, c, spec, sweeps=4))
+    ops = err(project_factors(m, spec, gram=c, sweeps=4))
+    assert mine <= fro * (1 + 1e-12)
+    assert mine < 0.97 * fro
+    assert mine == pytest.approx(ops, rel=1e-6)

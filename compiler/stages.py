@@ -1,0 +1,145 @@
+"""The two solver stages applied to a fused model's positions: gather each position's compressed
+linears, run Frobenius ALS (and the weighted stage), and return the rotation with the factors of
+every projection, checkpointed per position group so a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from procrustes_onnx.ops import project_factors, structured_from_spec
+
+from .calibration import rotate_gram
+from .config import CompressionConfig
+from .positions import Position, stream_matrix
+from .procrustes import frobenius_als
+from .weighted import WeightedTerm, balance_weights, project_weighted, weighted_stage
+
+__all__ = ["Projector", "gram_paths", "solve_group", "load_group", "save_group"]
+
+log = logging.getLogger(__name__)
+
+Factors = dict[str, torch.Tensor]
+
+
+def _materialize(factors: Factors, spec: dict) -> torch.Tensor:
+    return structured_from_spec(spec, {k: v.to(torch.float64) for k, v in factors.items()},
+                                dtype=torch.float64).materialize().detach()
+
+
+class Projector:
+    """Projection closures that remember the factors behind their latest result, per module path,
+    so the final structured modules come from exactly the projections the solver scored."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, tuple[torch.Tensor, Factors]] = {}
+
+    def frobenius(self, path: str, spec: dict, reads: bool):
+        """Stacked orientation (hidden dim as rows): writers arrive transposed."""
+        def proj(m: torch.Tensor) -> torch.Tensor:
+            fac = project_factors(m if reads else m.T, spec)
+            dense = _materialize(fac, spec)
+            out = dense if reads else dense.T
+            self.last[path] = (out, fac)
+            return out
+        return proj
+
+    def weighted(self, path: str, spec: dict):
+        """Model orientation (in x out) with the Gram of the input side."""
+        def proj(m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            fac = project_weighted(m, c, spec)
+            dense = _materialize(fac, spec)
+            self.last[path] = (dense, fac)
+            return dense
+        return proj
+
+    def factors_of(self, path: str, dense: torch.Tensor) -> Factors | None:
+        got = self.last.get(path)
+        return got[1] if got is not None and got[0] is dense else None
+
+
+def _refs(pos: Position, specs: dict[str, dict]):
+    return [ref for ref in pos.writers + pos.readers if ref.path in specs]
+
+
+def gram_paths(positions: list[Position], specs: dict[str, dict]) -> list[str]:
+    """Modules whose input Gram the weighted stage needs: each position's first reader (the normed
+    stream, shared by all readers) and every compressed writer."""
+    paths = []
+    for pos in positions:
+        if any(r.path in specs for r in pos.readers):
+            paths.append(pos.readers[0].path)
+        paths.extend(w.path for w in pos.writers if w.path in specs)
+    return paths
+
+
+def _gram(pos: Position, ref, grams: dict[str, torch.Tensor]) -> torch.Tensor:
+    return grams[pos.readers[0].path] if ref.reads else grams[ref.path]
+
+
+def solve_group(model: nn.Module, sel: list[Position], specs: dict[str, dict], config: CompressionConfig,
+                grams: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Factors], dict]:
+    """One rotation R (stream h -> h R) shared by the positions ``sel``, the factors of every compressed
+    linear there (in the rotated basis), and a log of the objectives."""
+    d = stream_matrix(model, sel[0].writers[0]).shape[1]
+    refs = [(pos, ref) for pos in sel for ref in _refs(pos, specs)]
+    r = torch.eye(d, dtype=torch.float64)
+    info: dict = {}
+    if not refs:
+        return r, {}, info
+    weights = {ref.path: stream_matrix(model, ref).detach().to(torch.float64) for _, ref in refs}
+    proj = Projector()
+    chosen: dict[str, torch.Tensor] = {}
+    if config.iterations > 0 or config.method == "frobenius":
+        mats = [weights[ref.path] if ref.reads else weights[ref.path].T for _, ref in refs]
+        projs = [proj.frobenius(ref.path, specs[ref.path], ref.reads) for _, ref in refs]
+        res = frobenius_als(mats, projs, iters=config.iterations, tol=config.tol)
+        r = res.q.T.contiguous()
+        total = sum(float((m * m).sum()) for m in mats)
+        info["frobenius_rel"] = [(x / total) ** 0.5 for x in res.objective]
+        chosen = {ref.path: p for (_, ref), p in zip(refs, res.projections)}
+    if config.method == "weighted":
+        terms = [WeightedTerm(weights[ref.path], _gram(pos, ref, grams), proj.weighted(ref.path, specs[ref.path]),
+                              "in" if ref.reads else "out", name=ref.path) for pos, ref in refs]
+        balance_weights(terms, config.balance)
+        res_w = weighted_stage(terms, r, outer_iters=config.weighted_outer, rotation_iters=config.rotation_iters)
+        r = res_w.r
+        info["weighted_loss"] = res_w.loss
+        chosen = {ref.path: a for (_, ref), a in zip(refs, res_w.approx)}
+    factors = {}
+    for pos, ref in refs:
+        fac = proj.factors_of(ref.path, chosen.get(ref.path))
+        if fac is None:  # the solver kept an earlier iterate: project again at the final rotation
+            w = r.T @ weights[ref.path] if ref.reads else weights[ref.path] @ r
+            gram = rotate_gram(_gram(pos, ref, grams), r) if ref.reads else _gram(pos, ref, grams)
+            fac = project_weighted(w, gram, specs[ref.path]) if config.method == "weighted" \
+                else project_factors(w, specs[ref.path])
+        factors[ref.path] = {k: v.detach().to(torch.float32).contiguous() for k, v in fac.items()}
+    return r, factors, info
+
+
+def save_group(path: Path, r: torch.Tensor, factors: dict[str, Factors]) -> None:
+    """Atomically write one group's rotation (float64) and factors (float32)."""
+    tensors = {"r": r.contiguous()}
+    for module, fac in factors.items():
+        for name, t in fac.items():
+            tensors[f"{module}::{name}"] = t
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_group(path: Path) -> tuple[torch.Tensor, dict[str, Factors]]:
+    tensors = load_file(str(path))
+    factors: dict[str, Factors] = {}
+    for key, t in tensors.items():
+        if "::" in key:
+            module, name = key.split("::", 1)
+            factors.setdefault(module, {})[name] = t
+    return tensors["r"], factors

@@ -1,0 +1,121 @@
+"""compress() on tiny random models: lossless at full rank, exact parameter promise, resume == uninterrupted."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from procrustes_onnx.compiler.checkpoint import load_compressed
+from procrustes_onnx.compiler.compress import compress, compress_model, saved_param_count
+from procrustes_onnx.compiler.config import CompressionConfig
+from procrustes_onnx.errors import UserError
+from procrustes_onnx.ops import StructuredLinear
+from procrustes_onnx.testing import tiny_model
+
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+CALIB = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread avoids oversubscription on shared 2-core machines."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def cfg(**kw) -> CompressionConfig:
+    base = dict(ratio=None, preset="3/4", method="weighted", iterations=5, rotation_iters=20, calib_samples=4,
+                calib_seq_len=32)
+    base.update(kw)
+    return CompressionConfig(**base)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch,rotation,structure", [("llama", "global", "kron"), ("llama", "per-position", "gs"),
+                                                     ("opt", "per-position", "kron"), ("qwen2", "global", "gs")])
+def test_full_rank_structure_is_lossless(tmp_path, arch, rotation, structure):
+    model = tiny_model(arch, dtype=torch.float64)
+    model.config._attn_implementation = "eager"
+    ref = model(IDS).logits
+    compress_model(model, None, cfg(preset="full", rotation=rotation, structure=structure), tmp_path,
+                   progress=False, echo=lambda s: None, calib_tokens=CALIB)
+    expected = 10 if arch == "opt" else 12  # q,k,o,(gate),up/fc1,down/fc2 in 2 layers; v dense
+    assert sum(isinstance(m, StructuredLinear) for m in model.modules()) == expected
+    # float64 end to end; HF's RMSNorm computes in float32, hence 1e-6 rather than 1e-12
+    assert rel(model(IDS).logits, ref) < 1e-6
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rotation,structure,method", [("global", "kron", "weighted"),
+                                                       ("per-position", "gs", "frobenius")])
+def test_promised_params_equal_saved(tmp_path, rotation, structure, method):
+    model = tiny_model("llama")
+    ref = model(IDS).logits
+    lines = []
+    out = compress(model, None, cfg(ratio=0.15, preset=None, rotation=rotation, structure=structure,
+                                    method=method), tmp_path / "ckpt", progress=False, echo=lines.append,
+                   calib_tokens=CALIB)
+    plan_line = lines[0]
+    assert "role" in plan_line and "removed" in plan_line  # the plan table is printed first
+    import json
+    extra = json.loads((out / "config.json").read_text())["procrustes"]
+    promised = extra["promised_params"] if "promised_params" in extra else None
+    saved = saved_param_count(out)
+    assert promised == saved
+    assert abs(1 - saved / extra["original_params"] - 0.15) < 0.02
+    assert not (out / "work").exists()
+    loaded, _ = load_compressed(out)
+    got = loaded(IDS).logits
+    assert rel(got, model(IDS).logits) < 1e-5  # the checkpoint reproduces the compressed model
+    assert 0.0 < rel(got, ref) < 1.0           # lossy but not garbage on a random model
+
+
+@torch.no_grad()
+def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
+    config = cfg(rotation="per-position", structure="kron")
+    full = tiny_model("llama")
+    compress_model(full, None, config, tmp_path / "a", progress=False, echo=lambda s: None, calib_tokens=CALIB)
+
+    import procrustes_onnx.compiler.compress as driver
+    calls = {"n": 0}
+    real = driver.solve_group
+
+    def dying(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the "kill" after two positions were checkpointed
+        return real(*args, **kw)
+
+    monkeypatch.setattr(driver, "solve_group", dying)
+    with pytest.raises(KeyboardInterrupt):
+        compress_model(tiny_model("llama"), None, config, tmp_path / "b", progress=False, echo=lambda s: None,
+                       calib_tokens=CALIB)
+    assert len(list((tmp_path / "b").glob("pos*.safetensors"))) == 2
+    monkeypatch.setattr(driver, "solve_group", real)
+    resumed = tiny_model("llama")
+    compress_model(resumed, None, config, tmp_path / "b", progress=False, echo=lambda s: None, calib_tokens=CALIB)
+    assert torch.equal(resumed(IDS).logits, full(IDS).logits)
+
+    with pytest.raises(UserError):  # a different config must not reuse the partial run
+        compress_model(tiny_model("llama"), None, cfg(rotation="global"), tmp_path / "b", progress=False,
+                       echo=lambda s: None, calib_tokens=CALIB)
+
+
+def test_config_round_trip_and_errors(tmp_path):
+    c = cfg(structures={"down": "gs"}, dense_layers=[1])
+    c.save(tmp_path / "c.json")
+    assert CompressionConfig.load(tmp_path / "c.json") == c
+    assert c.structure_of("down", 0) == "gs" and c.structure_of("q", 1) == "dense" and c.structure_of("v") == "dense"
+    for bad in (dict(ratio=0.2), dict(preset="7/8"), dict(structure="lowrank"), dict(rotation="local")):
+        with pytest.raises(UserError):
+            cfg(**bad)
+    with pytest.raises(UserError):
+        CompressionConfig.from_dict({"ratio": 0.2, "colour": "red"})
