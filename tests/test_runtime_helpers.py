@@ -94,8 +94,11 @@ def tiny_artifact() -> SimpleNamespace:
         from procrustes_onnx.exporters import export_onnx
     except ImportError:
         export_onnx = None
-    onnx_path = export_onnx(model, out, with_past=True) if export_onnx else _fallback_export(model, out)
-    tokenizer.save_pretrained(out)
+    if export_onnx is not None:
+        onnx_path = export_onnx(model, out, with_past=True, tokenizer=tokenizer)
+    else:
+        onnx_path = _fallback_export(model, out)
+        tokenizer.save_pretrained(out)
     return SimpleNamespace(model=model, tokenizer=tokenizer, dir=out, onnx=Path(onnx_path))
 
 
