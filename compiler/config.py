@@ -11,7 +11,7 @@ from pathlib import Path
 from procrustes_onnx.errors import UserError
 
 __all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES", "Plan", "PlanEntry", "build_plan", "kron_spec",
-           "gs_spec", "spec_params"]
+           "gs_spec", "spec_params", "shrink_spec"]
 
 #: the paper's fixed configurations: name -> fraction of each compressed matrix KEPT
 PRESETS = {"3/4": 0.75, "5/8": 0.625, "1/2": 0.5, "full": 1.0}  # "full": exact (lossless), for checks
@@ -50,6 +50,8 @@ class CompressionConfig:
     calib_samples: int = 32
     calib_seq_len: int = 512
     seed: int = 0
+    kron_q: int | None = 8                                      # slabs of the hidden side (None: search)
+    allocation: str = "middle"                                  # which layers shrink first to hit --ratio
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,6 +74,7 @@ class CompressionConfig:
         _choice("rotation", self.rotation, ROTATIONS)
         _choice("method", self.method, METHODS)
         _choice("balance", self.balance, BALANCES)
+        _choice("allocation", self.allocation, ("middle", "first", "last"))
         _choice("token weighting", self.token_weighting, ("sqrt", "log"))
         for name in ("iterations", "calib_samples", "calib_seq_len", "rotation_iters"):
             if int(getattr(self, name)) < (0 if name == "iterations" else 1):
@@ -171,25 +174,42 @@ def _spec_shapes(spec: dict) -> str:
     return "dense"
 
 
-def kron_spec(n_in: int, n_out: int, side: str, kept: float) -> dict:
+def kron_spec(n_in: int, n_out: int, side: str, kept: float, q: int | None = 8) -> dict:
     """Paper Kronecker shapes splitting only the rotated side into q slabs, rank r (method §3.2):
     side 'in': a [r, q, 1], b [r, in/q, out]; side 'out': a [r, 1, q], b [r, in, out/q].
-    q from 4..64 (smallest q wins ties) and r chosen so the kept fraction is nearest ``kept``."""
+    With ``q`` set (default 8, as the paper's 5/8 configs) r = round(kept q); with q None, or a q that
+    does not divide the hidden side, q is searched in 4..64 for the kept fraction nearest ``kept``."""
     h, n = (n_in, n_out) if side == "in" else (n_out, n_in)
-    best = None
-    for q in (4, 8, 16, 32, 64):
-        if h % q:
-            continue
-        cand = min((abs(r * (q + h * n // q) / (h * n) - kept), q, r) for r in range(1, q + 1))
-        if best is None or cand[0] < best[0] - 1e-9:
-            best = cand
-        if best[0] <= 0.0125:  # the paper's small q whenever it is close enough
-            break
+    if q is not None and h % q == 0:
+        best = (0.0, q, min(q, max(1, round(kept * q + 1e-9))))
+    else:
+        best = None
+        for qq in (4, 8, 16, 32, 64):
+            if h % qq:
+                continue
+            cand = min((abs(r * (qq + h * n // qq) / (h * n) - kept), qq, r) for r in range(1, qq + 1))
+            if best is None or cand[0] < best[0] - 1e-9:
+                best = cand
+            if best[0] <= 0.0125:  # the paper's small q whenever it is close enough
+                break
     if best is None:
         raise UserError(f"hidden size {h} is not divisible by 4: no Kronecker split; use --structure gs")
     _, q, r = best
     a, b = ((q, 1), (h // q, n)) if side == "in" else ((1, q), (n, h // q))
     return {"kind": "kron", "rank": r, "a_shape": list(a), "b_shape": list(b), "in": n_in, "out": n_out}
+
+
+def shrink_spec(spec: dict) -> dict | None:
+    """The next smaller spec of the same family (Kronecker rank - 1, GS inner width - k^2), or None."""
+    if spec["kind"] == "kron":
+        return None if spec["rank"] <= 1 else {**spec, "rank": spec["rank"] - 1}
+    if spec["kind"] == "gs":
+        (k, bl1, bl2), (kr, _, br2) = spec["left"], spec["right"]
+        m = k * bl2 - k * kr
+        if m < k * kr or k != kr:
+            return None
+        return {**spec, "left": [k, bl1, m // k], "right": [kr, m // kr, br2]}
+    return None
 
 
 def gs_spec(n_in: int, n_out: int, kept: float) -> dict:
@@ -226,21 +246,50 @@ def build_plan(candidates: list[tuple[str, str, int | None, tuple[int, int], str
         entries = []
         for path, role, layer, shape, side in candidates:
             kind = config.structure_of(role, layer)
-            spec = kron_spec(*shape, side, kept) if kind == "kron" else gs_spec(*shape, kept)
+            spec = kron_spec(*shape, side, kept, config.kron_q) if kind == "kron" else gs_spec(*shape, kept)
             entries.append(PlanEntry(path, role, layer, shape, side, spec, spec_params(spec)))
+        return _finish(entries, kept)
+
+    def _finish(entries: list[PlanEntry], kept: float) -> Plan:
         promised = fixed_params + skip_params + sum(e.params for e in entries)
         return Plan(entries, kept, original_params, promised, skip_params)
 
     if config.preset is not None:
         return make(PRESETS[config.preset])
-    best = None
-    for i in range(10, 201):
-        plan = make(i / 200)
-        gap = abs(plan.removed - float(config.ratio))
-        if best is None or gap < best[0] - 1e-12:
-            best = (gap, plan)
-    plan = best[1]
-    if best[0] > 0.02:
-        raise UserError(f"--ratio {config.ratio} cannot be reached (nearest: {plan.removed:.3f} removed with "
-                        f"these matrices compressed): compress more roles or pick a ratio near {plan.removed:.2f}")
-    return plan
+    target = float(config.ratio)
+    # the smallest uniform plan that still keeps too much, then shrink single matrices in allocation order
+    plans = [make(i / 200) for i in range(200, 9, -1)]
+    start = max((p for p in plans if p.removed <= target), key=lambda p: p.removed, default=plans[0])
+    entries = list(start.entries)
+    order = sorted(range(len(entries)), key=lambda i: _priority(entries[i], config.allocation, candidates))
+    best = _finish(list(entries), start.kept)
+    while best.removed < target:
+        changed = False
+        for i in order:
+            smaller = shrink_spec(entries[i].spec)
+            if smaller is None:
+                continue
+            e = entries[i]
+            entries[i] = PlanEntry(e.path, e.role, e.layer, e.shape, e.side, smaller, spec_params(smaller))
+            changed = True
+            plan = _finish(list(entries), start.kept)
+            if plan.removed >= target:
+                best = min((best, plan), key=lambda p: abs(p.removed - target))
+                break
+            best = plan
+        if not changed:
+            break
+    if abs(best.removed - target) > 0.02:
+        raise UserError(f"--ratio {config.ratio} cannot be reached (nearest: {best.removed:.3f} removed with "
+                        f"these matrices compressed): compress more roles or pick a ratio near {best.removed:.2f}")
+    return best
+
+
+def _priority(entry: PlanEntry, allocation: str, candidates) -> tuple:
+    """Which matrices give up parameters first: 'middle' (layers nearest the middle first; the first
+    and last layers are the most sensitive), 'first' or 'last'."""
+    layers = [c[2] for c in candidates if c[2] is not None]
+    top = max(layers) if layers else 0
+    layer = entry.layer if entry.layer is not None else top
+    key = {"middle": abs(layer - top / 2), "first": layer, "last": -layer}[allocation]
+    return (key, layer, entry.role)
