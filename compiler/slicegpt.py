@@ -116,8 +116,12 @@ def _capture_layer0(model: nn.Module, windows: torch.Tensor, batch_size: int) ->
 
 
 def _gram(xs: list[torch.Tensor]) -> torch.Tensor:
-    flat = [x.reshape(-1, x.shape[-1]).double() for x in xs]
-    return sum(x.T @ x for x in flat)
+    """Sum of X^T X over batches, in float64, one batch at a time (bounded memory)."""
+    gram = None
+    for x in xs:
+        flat = x.reshape(-1, x.shape[-1]).double()
+        gram = flat.T @ flat if gram is None else gram.addmm_(flat.T, flat)
+    return gram
 
 
 @torch.no_grad()
