@@ -44,7 +44,8 @@ from procrustes_onnx.texts import load_text, tokenize_corpus
 
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return {"cores": os.cpu_count(), "cpu": cpu, "platform": platform.platform()}
+    return {"cores": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
+            "load_average_1m_at_start": os.getloadavg()[0]}  # the box is shared: timings are indicative
 
 
 def versions() -> dict:
@@ -164,6 +165,7 @@ def main() -> None:
         print(f"{name:8} {e['total_bytes'] / 2**20:10.1f} {e['parameters']:12,} {e['nodes']:6} "
               f"{e['op_counts'].get('MatMul', 0):6} {e['windows']['rel_err']:9.2e} {e['windows']['max_abs_err']:9.2e} "
               f"{e['windows']['argmax_agreement']:7.4f} {str(e['greedy']['identical']):>8}")
+    results["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
