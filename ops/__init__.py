@@ -7,7 +7,7 @@ from .base import StructuredMatrix
 from .dense import DenseMatrix
 from .gs import GSMatrix, gs_apply, gs_channels, gs_materialize, shuffle_perm
 from .kron import KroneckerSum, kron_apply, kron_factor_layouts, kron_macs, kron_materialize, kron_order
-from .linalg import projection_error, spd_solve, weighted_sq_error
+from .linalg import projection_error, spd_solve, torch_threads, weighted_sq_error
 from .linear import StructuredLinear
 from .project import project_factors, project_to_spec
 from .project_gs import gs_discarded_sq, project_gs, project_gs_weighted
@@ -20,5 +20,5 @@ __all__ = [
     "kron_apply", "kron_factor_layouts", "kron_macs", "kron_materialize", "kron_order", "kron_rearrange",
     "gs_apply", "gs_channels", "gs_materialize", "shuffle_perm", "gs_discarded_sq",
     "project_kronecker", "project_kronecker_weighted", "project_gs", "project_gs_weighted",
-    "project_factors", "project_to_spec", "projection_error", "weighted_sq_error", "spd_solve",
+    "project_factors", "project_to_spec", "projection_error", "weighted_sq_error", "spd_solve", "torch_threads",
 ]

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-__all__ = ["weighted_sq_error", "projection_error", "spd_solve"]
+__all__ = ["weighted_sq_error", "projection_error", "spd_solve", "torch_threads"]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Temporarily run torch ops on n threads. On an oversubscribed machine the many small LAPACK
+    calls of the projections run up to 1000x faster on 1 thread than on 2 (a 48x48 weighted GS
+    projection: 2.9 s vs 3 ms at load 14 on 2 cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def weighted_sq_error(m: torch.Tensor, w: torch.Tensor, gram: torch.Tensor | None = None) -> float:

@@ -12,6 +12,15 @@ from hypothesis import strategies as st
 from procrustes_onnx.errors import UserError
 from procrustes_onnx.ops import DenseMatrix, GSMatrix, KroneckerSum
 from procrustes_onnx.ops.lowering import lower_structured, standalone_model
+from procrustes_onnx.ops.linalg import torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small float64 solves: 1 thread avoids OpenMP stalls on a shared machine (see torch_threads)."""
+    with torch_threads(1):
+        yield
+
 
 ALLOWED = {"Reshape", "Transpose", "MatMul"}
 

@@ -6,6 +6,15 @@ import torch
 from procrustes_onnx.errors import UserError
 from procrustes_onnx.ops import project_to_spec, structured_from_spec
 from procrustes_onnx.ops.planner import plan_gs, plan_kronecker, plan_matrix, spec_params
+from procrustes_onnx.ops.linalg import torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small float64 solves: 1 thread avoids OpenMP stalls on a shared machine (see torch_threads)."""
+    with torch_threads(1):
+        yield
+
 
 # method.md §3.3, Llama-2-7B GS configs (kl, bl1, bl2 | kr, br1, br2)
 PAPER_GS = [

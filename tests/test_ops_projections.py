@@ -7,6 +7,15 @@ from procrustes_onnx.errors import UserError
 from procrustes_onnx.ops import (GSMatrix, KroneckerSum, gs_discarded_sq, gs_materialize, kron_materialize,
                                  kron_rearrange, project_gs, project_gs_weighted, project_kronecker,
                                  project_kronecker_weighted, project_to_spec, projection_error, weighted_sq_error)
+from procrustes_onnx.ops.linalg import torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small float64 solves: 1 thread avoids OpenMP stalls on a shared machine (see torch_threads)."""
+    with torch_threads(1):
+        yield
+
 
 F64 = torch.float64
 # (rank, a_shape, b_shape): the paper's input-side (q x 1) and output-side (1 x q) splits, and general ones

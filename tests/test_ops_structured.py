@@ -6,6 +6,15 @@ import torch
 from procrustes_onnx.errors import UserError
 from procrustes_onnx.ops import (DenseMatrix, GSMatrix, KroneckerSum, StructuredLinear, gs_channels,
                                  kron_apply, shuffle_perm, structured_from_spec)
+from procrustes_onnx.ops.linalg import torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small float64 solves: 1 thread avoids OpenMP stalls on a shared machine (see torch_threads)."""
+    with torch_threads(1):
+        yield
+
 
 KRON_SHAPES = [(3, 4, 1, 16, 24), (3, 1, 4, 24, 16), (2, 3, 5, 4, 2), (1, 1, 1, 7, 9), (4, 2, 2, 3, 3)]
 GS_SHAPES = [(4, 16, 16, 2, 32, 32), (2, 8, 12, 4, 6, 5), (4, 6, 10, 8, 5, 3), (3, 4, 5, 5, 3, 2), (1, 5, 4, 1, 4, 3)]
