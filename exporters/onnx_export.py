@@ -8,6 +8,7 @@ the exporter's node metadata) that the structured rewrite pass consumes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -117,7 +118,7 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, with_past
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         ir.save(onnx_model, tmp / "model.onnx", external_data="model.onnx.data")
         write_json(tmp / MAP_FILE, mapping)
-        config = model.config
+        config = copy.deepcopy(model.config)  # never change the caller's model
         config.use_cache = with_past
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
