@@ -152,6 +152,7 @@ def main() -> None:
                     row["torch_vs_ideal"] = row["torch_speedup"] / ideal
                     rows.append(row)
                     print_row(row, header=len(rows) == 1)
+    summarize(rows)
     info["load_avg_end"] = os.getloadavg()
     info["shared"] = max(info["load_avg_start"][0], info["load_avg_end"][0]) > 1.5 * THREADS
     doc = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": info,
@@ -174,6 +175,17 @@ def print_row(r: dict, header: bool) -> None:
     print(f"{r['shape']:22} {r['kept']:4} {r['kind']:5} {r['tokens']:5d} {r['ideal']:6.2f} | {r['ort_ms']:8.3f} "
           f"{r['dense_ort_ms']:8.3f} {r['ort_speedup']:6.2f} {r['ort_vs_ideal']:6.2f} | {r['torch_ms']:8.3f} "
           f"{r['dense_torch_ms']:8.3f} {r['torch_speedup']:6.2f} {r['torch_vs_ideal']:6.2f}", flush=True)
+
+
+def summarize(rows: list[dict]) -> None:
+    """Median ORT speed-up / ideal per kind and T, and how many cells reach the 0.8 target."""
+    print("\nORT speed-up / ideal (target >= 0.8):")
+    for kind in ("kron", "gs"):
+        for t in sorted({r["tokens"] for r in rows}):
+            v = [r["ort_vs_ideal"] for r in rows if r["kind"] == kind and r["tokens"] == t]
+            if v:
+                print(f"  {kind:4} T={t:<5d} median {statistics.median(v):.2f}  min {min(v):.2f}  "
+                      f">= 0.8 in {sum(x >= 0.8 for x in v)}/{len(v)}")
 
 
 def profile(args) -> None:
