@@ -73,6 +73,21 @@ def worker(path: str, config: dict) -> None:
     print(json.dumps(result))
 
 
+def baseline_for(name: str, results: dict) -> str:
+    """The first model is the baseline; a fused variant is compared with the fused baseline."""
+    base = next(iter(results))
+    return f"{base}+fused" if name.endswith("+fused") and f"{base}+fused" in results else base
+
+
+def compare_all(results: dict) -> dict:
+    out = {}
+    for name, m in results.items():
+        base = baseline_for(name, results)
+        if name != base and "error" not in m and "error" not in results[base]:
+            out[name] = {"baseline": base, **compare(results[base], m)}
+    return out
+
+
 def compare(base: dict, other: dict) -> dict:
     """Speed-ups of `other` over `base` beside the ideal MAC ratio."""
     ideal = base["macs"]["macs_per_token"] / other["macs"]["macs_per_token"]
@@ -116,9 +131,9 @@ def plot(models: dict, comparisons: dict, out_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(ok)
     ax.bar(names, [ok[n]["decode"]["tokens_per_s"] for n in names], label="measured")
-    base = ok[names[0]]["decode"]["tokens_per_s"] if names else 0
-    ax.scatter(names, [base * comparisons.get(n, {}).get("ideal_mac_ratio", 1.0) for n in names], color="k",
-               marker="_", s=600, label="ideal (baseline x MAC ratio)", zorder=3)
+    ideal = [ok[c["baseline"]]["decode"]["tokens_per_s"] * c["ideal_mac_ratio"] if (c := comparisons.get(n))
+             and c["baseline"] in ok else ok[n]["decode"]["tokens_per_s"] for n in names]
+    ax.scatter(names, ideal, color="k", marker="_", s=600, label="ideal (baseline x MAC ratio)", zorder=3)
     ax.set_ylabel("decode tokens/s (128-token prompt, KV cache)")
     ax.set_title("ORT CPU decode")
     ax.legend()
@@ -169,6 +184,22 @@ def prepare_models(args: argparse.Namespace, work: Path) -> dict[str, str]:
     return models
 
 
+def rerender(src: Path, out: Path) -> None:
+    record = json.loads(src.read_text())
+    record["comparisons"] = compare_all(record["models"])
+    print_table(record["models"], record["comparisons"])
+    record["plots"] = plot(record["models"], record["comparisons"], out.parent)
+    _write_json(record, out)
+
+
+def _write_json(record: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(out)
+    print(f"wrote {out} and {', '.join(record['plots'])}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", help="name=artifact folder (or model.onnx); the first is the baseline")
@@ -182,6 +213,7 @@ def main() -> None:
     p.add_argument("--work", default=None, help="folder for exported/fused models (default: a temp folder)")
     p.add_argument("--out", default=str(ROOT / "docs/results/runtime.json"))
     p.add_argument("--timeout", type=int, default=1800, help="seconds per model subprocess")
+    p.add_argument("--from-json", help="re-render table, comparisons and plots from an earlier results file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-config", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -193,6 +225,8 @@ def main() -> None:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             print("skipping: --device cuda needs onnxruntime-gpu (no CUDAExecutionProvider here)")
             return None
+    if args.from_json:
+        return rerender(Path(args.from_json), Path(args.out))
     grid = QUICK if args.quick else FULL
     config = {**grid, "threads": args.threads, "device": args.device}
     work = Path(args.work or tempfile.mkdtemp(prefix="runtime-bench-"))
@@ -211,25 +245,19 @@ def main() -> None:
         results[name] = measure_in_subprocess(path, config, args.timeout)
         if "error" not in results[name]:
             results[name]["macs"] = matmul_macs_per_token(path)
-    base_name = next(iter(results))
-    base = results[base_name]
-    comparisons = {n: compare(base, m) for n, m in results.items()
-                   if n != base_name and "error" not in m and "error" not in base}
+    comparisons = compare_all(results)
     print_table(results, comparisons)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = plot(results, comparisons, out.parent)
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "versions": versions(), "mode": "quick" if args.quick else "full",
-              "config": config, "baseline": base_name, "models": results, "comparisons": comparisons,
+              "config": config, "baseline": next(iter(results)), "models": results, "comparisons": comparisons,
               "fusions": fusions, "plots": plots,
               "notes": "median of `repeats` after one warm-up; decode = greedy steps with the KV cache after a "
                        "128-token prefill; ideal = dense MACs / compressed MACs over linear layers; peak RSS per "
                        "model subprocess (python + onnxruntime + model)"}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out} and {', '.join(plots)}")
+    _write_json(record, out)
 
 
 if __name__ == "__main__":
