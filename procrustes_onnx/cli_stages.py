@@ -1,9 +1,151 @@
-"""CLI verbs for the pipeline stages (compress, export, rewrite, inspect, eval, generate, run)."""
+"""CLI verbs for the pipeline stages: each parses its arguments and calls one library function."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+
+_THREADS = os.cpu_count() or 2
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from procrustes_onnx.compiler.compress import compress_cli
+
+    overrides = {"structure": args.structure, "ratio": args.ratio, "preset": args.preset, "rotation": args.rotation,
+                 "method": args.method, "iterations": args.iterations, "calib_text": args.calib,
+                 "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
+                 "compress_embeddings": args.compress_embeddings or None}
+    if args.dense_roles is not None:
+        overrides["dense_roles"] = [r for r in args.dense_roles.split(",") if r]
+    if args.structures:
+        overrides["structures"] = dict(item.split("=", 1) for item in args.structures.split(","))
+    print(compress_cli(model=args.model, out=args.out, config=args.config, **overrides))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from procrustes_onnx.exporters.pipeline import export_compressed, export_model
+
+    if args.checkpoint:
+        out = export_compressed(args.checkpoint, args.out, with_past=not args.no_past)
+    else:
+        out = export_model(args.model, args.out, with_past=not args.no_past)
+    print(out)
+    return 0
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    from procrustes_onnx.exporters.pipeline import rewrite_model
+
+    print(rewrite_model(args.onnx, args.checkpoint, args.out))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from procrustes_onnx.exporters.inspect import format_inspection
+    from procrustes_onnx.exporters.pipeline import inspect_model
+
+    info = inspect_model(args.onnx)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from procrustes_onnx.runtime.lm_eval_adapter import run_eval
+
+    summary = run_eval(args.onnx, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot, threads=args.threads,
+                       device=args.device, output=args.output)
+    print(json.dumps(summary["results"], indent=2, default=str))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from procrustes_onnx.runtime.generate import generate
+
+    result = generate(args.onnx, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, threads=args.threads, device=args.device)
+    print(f"\n[{len(result.token_ids)} tokens, {result.decode_tokens_per_s:.1f} tok/s decode]")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from procrustes_onnx.pipeline import RunOptions, run_pipeline
+
+    run_pipeline(RunOptions.from_args(args))
+    return 0
+
+
+def _model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="alias smollm2-135m (embedded), a Hugging Face folder, a .gguf file, or a hub id (online)")
+
+
+def _runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=_THREADS)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Stage verbs are added here as their library functions land."""
+    p = sub.add_parser("compress", help="ProcrustesGPT (or SliceGPT) compression into a checkpoint folder")
+    _model(p)
+    p.add_argument("--out", required=True, help="checkpoint folder to write (resumes if it holds a partial run)")
+    p.add_argument("--config", help="a CompressionConfig JSON file; flags override it")
+    p.add_argument("--structure", choices=["kron", "gs"])
+    p.add_argument("--structures", help="per-role overrides, e.g. down=gs,q=kron")
+    p.add_argument("--ratio", type=float, help="fraction of all parameters removed, as the exported file stores them")
+    p.add_argument("--preset", choices=["3/4", "5/8", "1/2", "full"], help="the paper's kept fraction per matrix")
+    p.add_argument("--rotation", choices=["global", "per-position"])
+    p.add_argument("--method", choices=["frobenius", "weighted", "slicegpt"])
+    p.add_argument("--iterations", type=int, help="Frobenius ALS iterations (paper: 50)")
+    p.add_argument("--calib", help="calibration text: kjv (default), jargon, wikitext2 or a file")
+    p.add_argument("--calib-samples", type=int)
+    p.add_argument("--calib-seq-len", type=int)
+    p.add_argument("--dense-roles", help="roles kept dense, comma-separated (default: v)")
+    p.add_argument("--compress-embeddings", action="store_true")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="Hugging Face model or compressed checkpoint -> ONNX folder (KV cache)")
+    _model(p)
+    p.add_argument("--checkpoint", help="a compressed checkpoint folder: exports it and rewrites structured MatMuls")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-past", action="store_true", help="logits-only graph, no KV cache")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("rewrite", help="rewrite an exported dense-equivalent ONNX folder into structured MatMuls")
+    p.add_argument("--onnx", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("inspect", help="op counts, parameters by kind, bytes, structured vs dense MatMuls")
+    p.add_argument("onnx")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("eval", help="lm-eval tasks on an ONNX artifact (local tasks: procrustes_local)")
+    p.add_argument("--onnx", required=True)
+    p.add_argument("--tasks", default="procrustes_local")
+    p.add_argument("--limit", type=float)
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--output")
+    _runtime(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="stream text from an ONNX artifact with the KV cache")
+    p.add_argument("--onnx", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    _runtime(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("run", help="the main job: compress, export, rewrite, validate, evaluate, benchmark, report")
+    _model(p)
+    from procrustes_onnx.pipeline_options import add_run_arguments
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_run)

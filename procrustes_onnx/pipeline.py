@@ -1,0 +1,156 @@
+"""The main job (`procrustes-onnx run`): compress, export, rewrite, validate, evaluate, benchmark, report.
+
+Every stage can run alone through its CLI verb; here each is cached by the content hash of its inputs,
+so an interrupted run resumes where it stopped and a finished one is not redone."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from .pipeline_options import VARIANTS, RunOptions
+from .stages import cached_dir, cached_json, content_hash, folder_hash
+
+__all__ = ["run_pipeline"]
+
+
+class _Clock:
+    """Stage headers with elapsed time and a naive ETA from the stages done so far."""
+
+    def __init__(self, total: int) -> None:
+        self.start, self.total, self.done, self.times = time.perf_counter(), total, 0, {}
+        self._name, self._t = None, None
+
+    def stage(self, name: str) -> None:
+        self._close()
+        self._name, self._t = name, time.perf_counter()
+        elapsed = self._t - self.start
+        eta = f", ETA {elapsed / self.done * (self.total - self.done) / 60:.1f} min" if self.done else ""
+        print(f"[{self.done + 1}/{self.total}] {name}  (elapsed {elapsed / 60:.1f} min{eta})", flush=True)
+
+    def _close(self) -> None:
+        if self._name is not None:
+            self.times[self._name] = round(time.perf_counter() - self._t, 1)
+            self.done += 1
+            self._name = None
+
+    def finish(self) -> dict:
+        self._close()
+        return {"stages_s": self.times, "total_s": round(time.perf_counter() - self.start, 1)}
+
+
+def _slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model.rstrip("/")).name.removesuffix(".gguf")).strip("-") or "model"
+
+
+def _compression_config(opts: RunOptions, variant: str):
+    from procrustes_onnx.compiler.config import CompressionConfig
+
+    overrides = {"ratio": opts.ratio, "rotation": opts.rotation, "calib_samples": opts.calib_samples,
+                 "calib_seq_len": opts.calib_seq_len, "iterations": opts.iterations, "calib_text": opts.calib}
+    base = CompressionConfig().to_dict()
+    base.update(VARIANTS[variant])
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return CompressionConfig.from_dict(base)
+
+
+def _compress(model_dir: Path, config, out: Path) -> None:
+    from procrustes_onnx.compiler.compress import compress
+    from procrustes_onnx.sources import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    compress(model, tokenizer, config, out)
+
+
+def _write_artifact_readme(folder: Path, title: str, details: dict) -> None:
+    lines = [f"# {title}", "", "Made by `procrustes-onnx run`. Load it with plain ONNX Runtime:", "",
+             "```python", "import onnxruntime as ort",
+             f"session = ort.InferenceSession('{folder.name}/model.onnx')  # inputs: input_ids, attention_mask, "
+             "position_ids, past_key_values.{i}.key|value", "```", "", "or with optimum:", "", "```python",
+             "from optimum.onnxruntime import ORTModelForCausalLM",
+             f"model = ORTModelForCausalLM.from_pretrained('{folder.name}')", "```", ""]
+    lines += [f"- {k}: {v}" for k, v in details.items()]
+    (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def run_pipeline(opts: RunOptions) -> Path:
+    from procrustes_onnx.sources import resolve_model_dir
+    from procrustes_onnx.texts import load_text
+
+    from . import pipeline_measure as measure
+    from .report import write_report
+
+    unknown = [v for v in opts.variants if v not in VARIANTS]
+    if unknown:
+        from .errors import UserError
+        raise UserError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    clock = _Clock(total=4 + 2 * len(opts.variants) + (2 if opts.evaluate else 0) + (1 if opts.benchmark else 0))
+    out = Path(opts.out)
+    work = out / ".work"
+    clock.stage(f"model {opts.model}")
+    eval_text = load_text(opts.text)  # a missing corpus fails here, before any long stage
+    model_dir = resolve_model_dir(opts.model)
+    model_key = folder_hash(model_dir)
+    slug, pct = _slug(opts.model), f"{round(100 * opts.ratio)}"
+
+    entries: dict[str, dict] = {}
+    for variant in opts.variants:
+        clock.stage(f"compress {variant} at {opts.ratio:.0%} removed")
+        config = _compression_config(opts, variant)
+        key = {"model": model_key, "config": config.to_dict()}
+        ckpt = cached_dir(work / variant / "checkpoint", key, lambda d, c=config: _compress(model_dir, c, d))
+        entries[variant] = {"checkpoint": ckpt, "key": content_hash(key), "config": config.to_dict()}
+
+    from procrustes_onnx.exporters.pipeline import export_compressed, export_model
+
+    clock.stage("export dense (KV cache)")
+    dense_dir = out / f"{slug}-dense"
+    dense_key = {"model": model_key, "stage": "export-dense"}
+
+    def build_dense(d: Path) -> None:
+        export_model(str(model_dir), d)
+        _write_artifact_readme(d, f"{opts.model}, dense", {"source": opts.model})
+
+    cached_dir(dense_dir, dense_key, build_dense)
+    artifacts = {"dense": {"path": dense_dir, "key": content_hash(dense_key), "torch": ("dense", model_dir)}}
+    for variant, entry in entries.items():
+        clock.stage(f"export + rewrite {variant}")
+        folder = out / f"{slug}-{variant}-{pct}"
+        key = {"checkpoint": entry["key"], "stage": "export-rewrite"}
+
+        def build(d: Path, e=entry, v=variant) -> None:
+            export_compressed(e["checkpoint"], d)
+            _write_artifact_readme(d, f"{opts.model}, {v}, {opts.ratio:.0%} of parameters removed",
+                                   {"compression": e["config"]})
+        cached_dir(folder, key, build)
+        artifacts[variant] = {"path": folder, "key": content_hash(key), "torch": ("compressed", entry["checkpoint"])}
+
+    results: dict[str, dict] = {name: {"path": str(a["path"])} for name, a in artifacts.items()}
+    clock.stage("validate ONNX Runtime vs torch")
+    for name, a in artifacts.items():
+        results[name]["inspect"] = measure.inspect(a["path"])
+        results[name]["validation"] = cached_json(work / "results" / f"validate-{name}.json", {"a": a["key"]},
+                                                  lambda a=a: measure.validate(a, eval_text, opts))
+    if opts.evaluate:
+        clock.stage(f"perplexity on {opts.text} ({opts.eval_windows or 100} windows, ONNX Runtime)")
+        for name, a in artifacts.items():
+            key = {"a": a["key"], "text": opts.text, "windows": opts.eval_windows}
+            results[name]["perplexity"] = cached_json(work / "results" / f"ppl-{name}.json", key,
+                                                      lambda a=a: measure.perplexity(a, eval_text, opts))
+        clock.stage("zero-shot local tasks (lm-eval, ONNX Runtime)")
+        for name, a in artifacts.items():
+            key = {"a": a["key"], "limit": opts.task_limit}
+            results[name]["tasks"] = cached_json(work / "results" / f"tasks-{name}.json", key,
+                                                 lambda a=a: measure.tasks(a, opts))
+    if opts.benchmark:
+        clock.stage("benchmark prefill and decode (ONNX Runtime CPU)")
+        for name, a in artifacts.items():  # timings are never reused: they describe this run's machine
+            results[name]["benchmark"] = measure.benchmark(a, opts)
+    for name, entry in entries.items():
+        results[name]["compression"] = measure.compression_summary(entry["checkpoint"])
+    clock.stage("report")
+    timing = clock.finish()
+    report = write_report(out, results, opts, timing)
+    print(f"done in {timing['total_s'] / 60:.1f} min: {report}")
+    return report

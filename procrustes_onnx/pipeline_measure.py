@@ -1,0 +1,132 @@
+"""Measurements the main job takes on each ONNX artifact: validation, perplexity, tasks, speed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .pipeline_options import RunOptions
+
+__all__ = ["inspect", "validate", "perplexity", "tasks", "benchmark", "compression_summary", "weight_macs"]
+
+
+def inspect(folder: Path) -> dict:
+    from procrustes_onnx.exporters.pipeline import inspect_model
+
+    info = inspect_model(folder)
+    return {k: info[k] for k in ("nodes", "op_counts", "parameters_by_kind", "parameters", "total_bytes", "matmuls")}
+
+
+def weight_macs(info: dict) -> int:
+    """Multiply-accumulates per token of every weight MatMul, the tied head (the embedding) included."""
+    kinds = info["parameters_by_kind"]
+    return kinds.get("dense_matmul", 0) + kinds.get("structured_factors", 0) + kinds.get("embedding", 0)
+
+
+def _torch_model(artifact: dict):
+    from procrustes_onnx.compiler.checkpoint import load_compressed
+    from procrustes_onnx.sources import load_model
+
+    kind, path = artifact["torch"]
+    return (load_model(str(path))[0] if kind == "dense" else load_compressed(path)[0]).eval()
+
+
+def _tokens(onnx_dir: Path, text: str, n: int) -> torch.Tensor:
+    from procrustes_onnx.runtime.perplexity_ort import tokenizer_for_onnx
+    from procrustes_onnx.texts import tokenize_corpus
+
+    return tokenize_corpus(tokenizer_for_onnx(onnx_dir), text, n)
+
+
+def validate(artifact: dict, text: str, opts: RunOptions) -> dict:
+    """ONNX Runtime vs torch on real text: logits of 2 windows of 512 tokens, and 32 greedy tokens with the cache."""
+    from procrustes_onnx.runtime.generate import SamplingConfig, generate_ids
+    from procrustes_onnx.runtime.session import OnnxCausalLM
+
+    torch.set_num_threads(opts.threads)
+    model = _torch_model(artifact)
+    lm = OnnxCausalLM(artifact["path"], threads=opts.threads)
+    ids = _tokens(artifact["path"], text, 1024).view(2, 512)
+    with torch.inference_mode():
+        ref = model(input_ids=ids, use_cache=False).logits.double().numpy()
+    got = lm.logits(ids.numpy()).astype(np.float64)
+    diff = got - ref
+    prompt = ids[0, :64]
+    steps = 32
+    with torch.inference_mode():
+        torch_out = model.generate(prompt[None], max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
+                                   pad_token_id=0)[0, 64:].tolist()
+    ort_out = generate_ids(lm, prompt.tolist(), SamplingConfig(max_new_tokens=steps), eos_ids=[]).token_ids
+    return {
+        "max_abs_error": float(np.abs(diff).max()),
+        "relative_error": float(np.linalg.norm(diff) / np.linalg.norm(ref)),
+        "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+        "greedy_tokens": steps,
+        "greedy_identical": ort_out == torch_out,
+        "greedy_matching_prefix": next((i for i, (a, b) in enumerate(zip(ort_out, torch_out)) if a != b),
+                                       min(len(ort_out), len(torch_out))),
+    }
+
+
+def perplexity(artifact: dict, text: str, opts: RunOptions) -> dict:
+    from procrustes_onnx.runtime.perplexity import PROTOCOL_TOKENS, evaluate_perplexity, make_windows
+    from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn
+
+    windows = make_windows(_tokens(artifact["path"], text, PROTOCOL_TOKENS), max_windows=opts.eval_windows)
+    fn = ort_logits_fn(artifact["path"], threads=opts.threads, device="cpu")
+    return evaluate_perplexity(fn, windows, desc=f"ppl {Path(artifact['path']).name}").to_dict()
+
+
+def tasks(artifact: dict, opts: RunOptions) -> dict:
+    from procrustes_onnx.runtime.lm_eval_adapter import LOCAL_TASKS, run_eval
+
+    summary = run_eval(artifact["path"], list(LOCAL_TASKS), limit=opts.task_limit, threads=opts.threads)
+    scores = {}
+    for task, metrics in summary["results"].items():
+        for metric in ("acc,none", "acc_norm,none", "word_perplexity,none", "bits_per_byte,none"):
+            if metric in metrics:
+                scores[f"{task}/{metric.split(',')[0]}"] = metrics[metric]
+    return {"scores": scores, "limit": opts.task_limit}
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t))
+    return float(np.median(times))
+
+
+def benchmark(artifact: dict, opts: RunOptions) -> dict:
+    """Prefill latency (batch 1) per sequence length, decode tokens/s with the cache, session creation."""
+    from procrustes_onnx.runtime.session import OnnxCausalLM
+
+    lm = OnnxCausalLM(artifact["path"], threads=opts.threads)
+    rng = np.random.default_rng(0)
+    prefill = {}
+    for seq in opts.prefill_seqs:
+        ids = rng.integers(0, 1000, (1, seq))
+        prefill[seq] = _median_ms(lambda ids=ids: lm.prefill(ids), reps=3 if seq <= 512 else 2)
+    logits, cache = lm.prefill(rng.integers(0, 1000, (1, 128)))
+    token = logits.argmax(-1)
+    lm.decode_step(token, cache)  # warm-up
+    start = time.perf_counter()
+    for _ in range(opts.decode_tokens):
+        logits, cache = lm.decode_step(token, cache)
+        token = logits.argmax(-1)
+    seconds = time.perf_counter() - start
+    return {"prefill_ms": prefill, "decode_tokens_per_s": opts.decode_tokens / seconds,
+            "decode_prompt": 128, "decode_tokens": opts.decode_tokens,
+            "session_create_s": lm.create_seconds, "threads": opts.threads}
+
+
+def compression_summary(checkpoint: Path) -> dict:
+    config = json.loads((Path(checkpoint) / "config.json").read_text()).get("procrustes", {})
+    keep = ("promised_params", "original_params", "removed", "seconds")
+    return {k: config[k] for k in keep if k in config}

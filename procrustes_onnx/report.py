@@ -1,0 +1,130 @@
+"""artifacts/report.md, results.json and PNG plots: every number from the run that wrote them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .environment import environment
+from .pipeline_measure import weight_macs
+from .pipeline_options import RunOptions
+
+__all__ = ["write_report", "summary_rows"]
+
+
+def _fmt(value, spec: str = ".2f", missing: str = "–") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One flat row per artifact, ratios against the dense row."""
+    dense = results.get("dense", {})
+    dense_macs = weight_macs(dense["inspect"]) if "inspect" in dense else None
+    dense_params = dense.get("inspect", {}).get("parameters")
+    rows = []
+    for name, r in results.items():
+        ins, ppl, bench = r.get("inspect", {}), r.get("perplexity", {}), r.get("benchmark", {})
+        scores = r.get("tasks", {}).get("scores", {})
+        accs = [v for k, v in scores.items() if k.endswith("/acc")]
+        macs = weight_macs(ins) if ins else None
+        decode = bench.get("decode_tokens_per_s")
+        dense_decode = dense.get("benchmark", {}).get("decode_tokens_per_s")
+        rows.append({
+            "name": name,
+            "removed_pct": 100 * (1 - ins["parameters"] / dense_params) if ins and dense_params else None,
+            "parameters": ins.get("parameters"),
+            "bytes": ins.get("total_bytes"),
+            "ppl": ppl.get("ppl"),
+            "zero_shot_acc": sum(accs) / len(accs) if accs else None,
+            "prefill_ms": bench.get("prefill_ms", {}),
+            "decode_tokens_per_s": decode,
+            "decode_speedup": decode / dense_decode if decode and dense_decode else None,
+            "ideal_speedup": dense_macs / macs if dense_macs and macs else None,
+            "relative_error": r.get("validation", {}).get("relative_error"),
+            "argmax_agreement": r.get("validation", {}).get("argmax_agreement"),
+            "greedy_identical": r.get("validation", {}).get("greedy_identical"),
+        })
+    return rows
+
+
+def _plots(out: Path, rows: list[dict]) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    if any(r["ppl"] for r in rows):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for r in rows:
+            if r["ppl"] is not None:
+                ax.scatter(r["removed_pct"] or 0, r["ppl"], label=r["name"])
+                ax.annotate(r["name"], (r["removed_pct"] or 0, r["ppl"]), fontsize=8)
+        ax.set_yscale("log"), ax.set_xlabel("parameters removed (%)"), ax.set_ylabel("perplexity (log)")
+        ax.set_title("Perplexity vs parameters removed")
+        made.append(_save(fig, out / "ppl_vs_removed.png"))
+    if any(r["prefill_ms"] for r in rows):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for r in rows:
+            seqs = sorted(int(s) for s in r["prefill_ms"])
+            ax.plot(seqs, [r["prefill_ms"][s] if s in r["prefill_ms"] else r["prefill_ms"][str(s)] for s in seqs],
+                    marker="o", label=r["name"])
+        ax.set_xlabel("prompt tokens (batch 1)"), ax.set_ylabel("prefill latency (ms)"), ax.legend(fontsize=8)
+        ax.set_title("Prefill latency, ONNX Runtime CPU")
+        made.append(_save(fig, out / "latency_vs_seq.png"))
+    if any(r["decode_tokens_per_s"] for r in rows):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        names = [r["name"] for r in rows]
+        ax.bar(names, [r["decode_tokens_per_s"] or 0 for r in rows], label="measured")
+        base = rows[0]["decode_tokens_per_s"] or 0
+        ax.scatter(names, [base * (r["ideal_speedup"] or 1) for r in rows], color="k", marker="_", s=400,
+                   label="dense x ideal (MACs)")
+        ax.set_ylabel("decode tokens/s"), ax.legend(fontsize=8), ax.set_title("Decode with KV cache")
+        made.append(_save(fig, out / "tokens_per_s.png"))
+    return made
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path.name
+
+
+def write_report(out: Path, results: dict, opts: RunOptions, timing: dict) -> Path:
+    env = environment()
+    rows = summary_rows(results)
+    plots = _plots(out, rows)
+    seqs = list(opts.prefill_seqs) if opts.benchmark else []
+    head = ["artifact", "removed %", "params", "MB on disk", f"PPL {opts.text}", "zero-shot acc",
+            *[f"prefill {s} ms" for s in seqs], "decode tok/s", "decode speed-up", "ideal (MACs)",
+            "ORT vs torch rel err", "argmax agree", "greedy = torch"]
+    lines = [f"# procrustes-onnx report: {opts.model}", "",
+             f"Measured {env['date']} on {env['machine']['cpu']} ({env['machine']['cores']} cores), "
+             f"{opts.threads} threads; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v) + ".", "",
+             f"Ratio asked: {opts.ratio:.0%} of parameters removed (counted as the ONNX file stores them). "
+             f"Perplexity: {opts.eval_windows or 100} windows of 1024 tokens of `{opts.text}`"
+             + (" (**quick run: truncated evaluation**)" if opts.quick else "") + ".", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        prefill = [_fmt(r["prefill_ms"].get(s, r["prefill_ms"].get(str(s))), ".1f") for s in seqs]
+        lines.append("| " + " | ".join([
+            r["name"], _fmt(r["removed_pct"], ".1f"), _fmt(r["parameters"], ","),
+            _fmt(r["bytes"] / 1e6 if r["bytes"] else None, ".1f"), _fmt(r["ppl"], ".2f"),
+            _fmt(100 * r["zero_shot_acc"] if r["zero_shot_acc"] is not None else None, ".1f"), *prefill,
+            _fmt(r["decode_tokens_per_s"], ".1f"), _fmt(r["decode_speedup"], ".2f"), _fmt(r["ideal_speedup"], ".2f"),
+            _fmt(r["relative_error"], ".1e"), _fmt(r["argmax_agreement"], ".4f"),
+            "–" if r["greedy_identical"] is None else ("yes" if r["greedy_identical"] else "no")]) + " |")
+    lines += ["", "Zero-shot acc is the mean accuracy over the local multiple-choice tasks (docs/tasks.md). "
+              "Ideal = dense weight-MatMul MACs per token / this artifact's (tied head included).", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in timing["stages_s"].items()]
+    lines += [f"| **total** | {timing['total_s']} |", ""]
+    report = out / "report.md"
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(report)
+    (out / "results.json").write_text(json.dumps({**env, "options": vars(opts), "timing": timing,
+                                                  "summary": rows, "results": results}, indent=2, default=str))
+    return report

@@ -1,0 +1,78 @@
+"""The main job end to end on a tiny random model: artifacts load, numbers come from the run, resume works."""
+
+import json
+import random
+
+import onnxruntime as ort
+import pytest
+
+from procrustes_onnx import pipeline_measure
+from procrustes_onnx.pipeline import run_pipeline
+from procrustes_onnx.pipeline_options import RunOptions
+from procrustes_onnx.stages import folder_hash
+from procrustes_onnx.testing import save_tiny_model
+
+WORDS = "the a hacker file system kernel bug fix user program data net mail code time word byte".split()
+
+
+def _text(path, seed):
+    rng = random.Random(seed)
+    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) + "." for _ in range(60)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    model = save_tiny_model(root / "tiny")
+    opts = RunOptions(model=str(model), out=str(root / "artifacts"), variants=["w-kron"], ratio=0.2,
+                      text=_text(root / "eval.txt", 0), calib=_text(root / "calib.txt", 1), eval_windows=2,
+                      task_limit=3, prefill_seqs=(16,), decode_tokens=4, iterations=2, calib_samples=2,
+                      calib_seq_len=64, threads=1)
+    return root, opts
+
+
+def test_chain_resumes_after_interrupt_and_reports_measured_numbers(run, monkeypatch):
+    root, opts = run
+    real_benchmark = pipeline_measure.benchmark
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline_measure, "benchmark", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(opts)
+    artifact = root / "artifacts" / "tiny-w-kron-20"
+    before = folder_hash(artifact)
+    assert not (root / "artifacts" / "report.md").exists()
+
+    monkeypatch.setattr(pipeline_measure, "benchmark", real_benchmark)
+    report = run_pipeline(opts)  # resumes: every finished stage is reused
+    assert folder_hash(artifact) == before
+    results = json.loads((root / "artifacts" / "results.json").read_text())
+    rows = {r["name"]: r for r in results["summary"]}
+    assert set(rows) == {"dense", "w-kron"}
+    assert 15 < rows["w-kron"]["removed_pct"] < 25
+    for row in rows.values():
+        assert row["relative_error"] < 1e-4 and row["argmax_agreement"] == 1.0 and row["greedy_identical"]
+        assert row["ppl"] > 1 and row["decode_tokens_per_s"] > 0
+    assert "w-kron" in report.read_text() and f"{rows['w-kron']['ppl']:.2f}" in report.read_text()
+    session = ort.InferenceSession(str(artifact / "model.onnx"))
+    assert "past_key_values.0.key" in {i.name for i in session.get_inputs()}
+
+
+def test_changed_input_changes_the_number(run):
+    root, opts = run
+    first = json.loads((root / "artifacts" / "results.json").read_text())["results"]["w-kron"]["perplexity"]["ppl"]
+    opts.text = _text(root / "eval2.txt", 7)
+    opts.benchmark = False
+    run_pipeline(opts)
+    second = json.loads((root / "artifacts" / "results.json").read_text())["results"]["w-kron"]["perplexity"]["ppl"]
+    assert second != first
+
+
+def test_artifact_loads_in_optimum(run):
+    pytest.importorskip("optimum.onnxruntime")
+    from optimum.onnxruntime import ORTModelForCausalLM
+    root, _ = run
+    model = ORTModelForCausalLM.from_pretrained(root / "artifacts" / "tiny-w-kron-20")
+    assert model.generate(max_new_tokens=3, input_ids=__import__("torch").tensor([[1, 2, 3]])).shape[1] == 6
