@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -93,37 +92,17 @@ def tasks(artifact: dict, opts: RunOptions) -> dict:
     return {"scores": scores, "limit": opts.task_limit}
 
 
-def _median_ms(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t))
-    return float(np.median(times))
-
-
 def benchmark(artifact: dict, opts: RunOptions) -> dict:
     """Prefill latency (batch 1) per sequence length, decode tokens/s with the cache, session creation."""
+    from procrustes_onnx.runtime.benchmark import measure_decode, measure_prefill
     from procrustes_onnx.runtime.session import OnnxCausalLM
 
     lm = OnnxCausalLM(artifact["path"], threads=opts.threads)
-    rng = np.random.default_rng(0)
-    prefill = {}
-    for seq in opts.prefill_seqs:
-        ids = rng.integers(0, 1000, (1, seq))
-        prefill[seq] = _median_ms(lambda ids=ids: lm.prefill(ids), reps=3 if seq <= 512 else 2)
-    logits, cache = lm.prefill(rng.integers(0, 1000, (1, 128)))
-    token = logits.argmax(-1)
-    lm.decode_step(token, cache)  # warm-up
-    start = time.perf_counter()
-    for _ in range(opts.decode_tokens):
-        logits, cache = lm.decode_step(token, cache)
-        token = logits.argmax(-1)
-    seconds = time.perf_counter() - start
-    return {"prefill_ms": prefill, "decode_tokens_per_s": opts.decode_tokens / seconds,
-            "decode_prompt": 128, "decode_tokens": opts.decode_tokens,
-            "session_create_s": lm.create_seconds, "threads": opts.threads}
+    prefill = {seq: 1000 * measure_prefill(lm, 1, seq, repeats=3 if seq <= 512 else 2)["seconds"]
+               for seq in opts.prefill_seqs}
+    decode = measure_decode(lm, prompt=128, new_tokens=opts.decode_tokens)
+    return {"prefill_ms": prefill, "decode_tokens_per_s": decode["tokens_per_s"], "decode_prompt": 128,
+            "decode_tokens": opts.decode_tokens, "session_create_s": lm.create_seconds, "threads": opts.threads}
 
 
 def compression_summary(checkpoint: Path) -> dict:
