@@ -86,14 +86,28 @@ class OnnxLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_) -> list[tuple[float, bool]]:
-        """Sum of continuation log-probs and whether greedy decoding reproduces it, one request at a time."""
+        """Sum of continuation log-probs and whether greedy decoding reproduces it, one request at a time.
+
+        Consecutive requests with the same context (the choices of one multiple-choice item) prefill the
+        context once and score each continuation from its KV cache."""
         out: list[tuple[float, bool]] = []
+        last_context, prefix = None, None
         for _, context_enc, continuation_enc in tqdm(requests, disable=disable_tqdm, desc="loglikelihood"):
             if not continuation_enc:
                 raise UserError("an lm-eval request has an empty continuation: check the task's doc_to_choice")
-            full = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1):]
-            logprobs = _log_softmax(self.lm.logits(np.asarray([full[:-1]], np.int64))[0])[-len(continuation_enc):]
             target = np.asarray(continuation_enc)
+            fits = 0 < len(context_enc) and len(context_enc) + len(continuation_enc) <= self.max_length
+            if fits and self.lm.has_cache:
+                if list(context_enc) != last_context:
+                    last_context, prefix = list(context_enc), self.lm.prefill(np.asarray([context_enc], np.int64))
+                logits, cache = prefix  # [1, V]: predicts the first continuation token
+                if len(continuation_enc) > 1:
+                    rest = self.lm.forward(np.asarray([continuation_enc[:-1]], np.int64), cache)[0][0]
+                    logits = np.concatenate([logits, rest], axis=0)
+            else:
+                full = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1):]
+                logits = self.lm.logits(np.asarray([full[:-1]], np.int64))[0][-len(target):]
+            logprobs = _log_softmax(logits)
             out.append((float(logprobs[np.arange(len(target)), target].sum()),
                         bool((logprobs.argmax(-1) == target).all())))
         return out
