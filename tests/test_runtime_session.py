@@ -71,3 +71,19 @@ def test_left_padded_batch_matches_unpadded_rows(tiny):  # noqa: F811
         scale = np.abs(ref_last).max()
         assert np.abs(last[row] - ref_last[0]).max() / scale < 1e-4
         assert np.abs(step[row] - ref_step[0]).max() / scale < 1e-4
+
+
+@pytest.mark.gpu
+def test_cuda_iobinding_matches_cpu(tiny):  # noqa: F811
+    """On a GPU machine with onnxruntime-gpu: the IOBinding path (KV cache on the device) equals CPU."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider")
+    cpu, gpu = OnnxCausalLM(tiny.onnx), OnnxCausalLM(tiny.onnx, device="cuda")
+    assert gpu.device == "cuda"
+    ids = np.random.default_rng(2).integers(0, 256, size=(2, 6))
+    (a, ca), (b, cb) = cpu.prefill(ids), gpu.prefill(ids)
+    for _ in range(3):
+        a2, ca = cpu.decode_step(a.argmax(-1), ca)
+        b2, cb = gpu.decode_step(a.argmax(-1), cb)
+        assert np.abs(a2 - b2).max() / np.abs(a2).max() < 1e-3
+        a, b = a2, b2
