@@ -139,10 +139,13 @@ def plot(models: dict, comparisons: dict, out_dir: Path) -> list[str]:
     ax.legend()
     paths.append(_save(fig, out_dir / "runtime_decode.png"))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, m in ok.items():
-        for batch in sorted({p["batch"] for p in m["prefill"]}):
+    colors = plt.get_cmap("tab10")
+    for i, (name, m) in enumerate(ok.items()):
+        for j, batch in enumerate(sorted({p["batch"] for p in m["prefill"]})):
             pts = [(p["seq"], 1000 * p["seconds"]) for p in m["prefill"] if p["batch"] == batch]
-            ax.plot(*zip(*pts), marker="o", label=f"{name} b{batch}")
+            ax.plot(*zip(*pts), marker="o", color=colors(i % 10), linestyle=("-", "--", ":")[j % 3],
+                    label=f"{name} b{batch}")
+    ax.set_xscale("log", base=2)
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("prefill latency, ms (median)")
     ax.set_title("ORT CPU prefill")
