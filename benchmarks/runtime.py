@@ -187,6 +187,41 @@ def prepare_models(args: argparse.Namespace, work: Path) -> dict[str, str]:
     return models
 
 
+def agreement(folder: str, model_spec: str, windows: int, limit: int) -> dict:
+    """The dense ONNX artifact against torch: PPL on Jargon windows and the local cloze tasks vs lm-eval's hf."""
+    import time
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from procrustes_onnx.runtime.lm_eval_adapter import TASK_DIR, run_eval
+    from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
+    from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn
+    from procrustes_onnx.sources import load_model
+    from procrustes_onnx.texts import load_text, tokenize_corpus
+
+    model, tokenizer = load_model(model_spec)
+    size = min(1024, getattr(model.config, "max_position_embeddings", 1024))
+    wins = make_windows(tokenize_corpus(tokenizer, load_text("jargon"), windows * size), size, windows * size)
+    ref = evaluate_perplexity(torch_logits_fn(model), wins, progress=False)
+    got = evaluate_perplexity(ort_logits_fn(folder), wins, progress=False)
+    tasks = ["jargon_cloze", "kjv_cloze"]
+    start = time.perf_counter()
+    ours = run_eval(folder, tasks, limit=limit)["results"]
+    ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    theirs = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8), tasks=tasks,
+                                     limit=limit, bootstrap_iters=0, task_manager=TaskManager(
+                                         include_path=str(TASK_DIR), include_defaults=False))["results"]
+    metrics = ("acc,none", "acc_norm,none")
+    return {"onnx": folder, "ppl_windows": windows, "ppl_window": size, "torch_ppl": ref.ppl, "ort_ppl": got.ppl,
+            "ppl_rel_diff": abs(got.ppl - ref.ppl) / ref.ppl, "lm_eval_limit": limit,
+            "lm_eval": {t: {"onnx": {m: ours[t][m] for m in metrics}, "hf": {m: theirs[t][m] for m in metrics}}
+                        for t in tasks},
+            "lm_eval_seconds": {"onnx": ours_s, "hf": time.perf_counter() - start}}
+
+
 def rerender(src: Path, out: Path) -> None:
     record = json.loads(src.read_text())
     record["comparisons"] = compare_all(record["models"])
@@ -217,6 +252,9 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs/results/runtime.json"))
     p.add_argument("--timeout", type=int, default=1800, help="seconds per model subprocess")
     p.add_argument("--from-json", help="re-render table, comparisons and plots from an earlier results file")
+    p.add_argument("--agreement", metavar="FOLDER", help="only check this dense ONNX artifact against torch "
+                   "(--model): PPL on 8 Jargon windows and lm-eval cloze tasks vs the hf model; adds to --out")
+    p.add_argument("--agreement-limit", type=int, default=40)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-config", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -230,6 +268,13 @@ def main() -> None:
             return None
     if args.from_json:
         return rerender(Path(args.from_json), Path(args.out))
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    if args.agreement:
+        previous["agreement"] = agreement(args.agreement, args.model, 8, args.agreement_limit)
+        print(json.dumps(previous["agreement"], indent=2))
+        previous.setdefault("plots", [])
+        return _write_json(previous, out)
     grid = QUICK if args.quick else FULL
     config = {**grid, "threads": args.threads, "device": args.device}
     work = Path(args.work or tempfile.mkdtemp(prefix="runtime-bench-"))
@@ -250,13 +295,12 @@ def main() -> None:
             results[name]["macs"] = matmul_macs_per_token(path)
     comparisons = compare_all(results)
     print_table(results, comparisons)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = plot(results, comparisons, out.parent)
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "versions": versions(), "mode": "quick" if args.quick else "full",
               "config": config, "baseline": next(iter(results)), "models": results, "comparisons": comparisons,
-              "fusions": fusions, "plots": plots,
+              "fusions": fusions, "plots": plots, "agreement": previous.get("agreement"),
               "notes": "median of `repeats` after one warm-up; decode = greedy steps with the KV cache after a "
                        "128-token prefill; ideal = dense MACs / compressed MACs over linear layers; peak RSS per "
                        "model subprocess (python + onnxruntime + model)"}
