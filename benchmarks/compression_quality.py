@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        import logging
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.one} %(name)s: %(message)s")
         print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
         return
     rows = ALL_ROWS if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -109,10 +111,11 @@ def main() -> None:
         if row in done:
             continue
         cmd = [sys.executable, __file__, "--one", row] + _passthrough(args)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # progress and logs go to stderr
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        print("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("RESULT ")), file=sys.stderr)
         if proc.returncode != 0 or not lines:
-            print(f"{row}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            print(f"{row}: failed (exit {proc.returncode})", file=sys.stderr)
             continue
         results.append(json.loads(lines[-1][7:]))
         _write(args, results)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from procrustes_onnx.errors import UserError
 
-__all__ = ["calibration_windows", "collect_grams", "token_counts", "rotate_gram"]
+__all__ = ["calibration_windows", "collect_grams", "token_counts", "rotate_gram", "damp_gram"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,14 @@ def collect_grams(model: nn.Module, windows: torch.Tensor, paths: Iterable[str],
     if missing:
         raise RuntimeError(f"calibration hooks never fired for {missing[:3]}")
     return {p: grams[p] / counts[p] for p in paths}
+
+
+def damp_gram(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """C + damp * mean(diag C) I: keeps directions the calibration text never excites anchored to the
+    original weights (an undamped weighted fit may put anything there) and the solves well posed."""
+    if damp <= 0:
+        return gram
+    return gram + damp * torch.diagonal(gram).mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
 
 
 def rotate_gram(gram: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from procrustes_onnx.errors import UserError
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
 
 from .adapters import get_adapter, get_module
-from .calibration import calibration_windows, collect_grams
+from .calibration import calibration_windows, collect_grams, damp_gram
 from .config import CompressionConfig, Plan, build_plan
 from .positions import residual_positions, stream_matrix
 from .stages import gram_paths, load_group, save_group, solve_group
@@ -82,9 +82,7 @@ def _solve(model, positions, specs, config, work: Path, grams, progress: bool):
         if path.exists():
             r, fac = load_group(path)
         else:
-            r, fac, info = solve_group(model, sel, specs, config, grams)
-            if info:
-                log.info("%s %s", path.stem, {k: [round(x, 5) for x in v[:1] + v[-1:]] for k, v in info.items()})
+            r, fac, _ = solve_group(model, sel, specs, config, grams)
             save_group(path, r, fac)
         rs.extend([r] * len(sel))
         factors.update(fac)
@@ -142,6 +140,7 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
         grams = {}
         if config.method == "weighted":
             grams = _calibrate(model, tokenizer, config, gram_paths(positions, specs), progress, calib_tokens)
+            grams = {k: damp_gram(v, config.damp) for k, v in grams.items()}
         rs, factors = _solve(model, positions, specs, config, work, grams, progress)
         _apply(model, positions, specs, rs, factors, config.rotation)
     return plan

@@ -49,9 +49,12 @@ class CompressionConfig:
     calib_text: str = "kjv"
     calib_samples: int = 32
     calib_seq_len: int = 512
+    damp: float = 0.01                                          # Gram += damp * mean(diag) I (as SliceGPT)
     seed: int = 0
     kron_q: int | None = 8                                      # slabs of the hidden side (None: search)
     allocation: str = "middle"                                  # which layers shrink first to hit --ratio
+    kron_split: str = "input"                                   # slab side: "input" (weighting acts there) or
+                                                                # "hidden" (the paper: the rotated side)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -75,6 +78,7 @@ class CompressionConfig:
         _choice("method", self.method, METHODS)
         _choice("balance", self.balance, BALANCES)
         _choice("allocation", self.allocation, ("middle", "first", "last"))
+        _choice("kron split", self.kron_split, ("input", "hidden"))
         _choice("token weighting", self.token_weighting, ("sqrt", "log"))
         for name in ("iterations", "calib_samples", "calib_seq_len", "rotation_iters"):
             if int(getattr(self, name)) < (0 if name == "iterations" else 1):
@@ -246,7 +250,8 @@ def build_plan(candidates: list[tuple[str, str, int | None, tuple[int, int], str
         entries = []
         for path, role, layer, shape, side in candidates:
             kind = config.structure_of(role, layer)
-            spec = kron_spec(*shape, side, kept, config.kron_q) if kind == "kron" else gs_spec(*shape, kept)
+            split = side if config.kron_split == "hidden" else "in"
+            spec = kron_spec(*shape, split, kept, config.kron_q) if kind == "kron" else gs_spec(*shape, kept)
             entries.append(PlanEntry(path, role, layer, shape, side, spec, spec_params(spec)))
         return _finish(entries, kept)
 

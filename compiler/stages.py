@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -96,6 +97,7 @@ def solve_group(model: nn.Module, sel: list[Position], specs: dict[str, dict], c
     weights = {ref.path: stream_matrix(model, ref).detach().to(torch.float64) for _, ref in refs}
     proj = Projector()
     chosen: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
     if config.iterations > 0 or config.method == "frobenius":
         mats = [weights[ref.path] if ref.reads else weights[ref.path].T for _, ref in refs]
         projs = [proj.frobenius(ref.path, specs[ref.path], ref.reads) for _, ref in refs]
@@ -104,6 +106,9 @@ def solve_group(model: nn.Module, sel: list[Position], specs: dict[str, dict], c
         total = sum(float((m * m).sum()) for m in mats)
         info["frobenius_rel"] = [(x / total) ** 0.5 for x in res.objective]
         chosen = {ref.path: p for (_, ref), p in zip(refs, res.projections)}
+        info["frobenius_seconds"] = round(time.perf_counter() - t0, 1)
+        log.info("frobenius: %d matrices, rel error %.4f -> %.4f in %d iterations, %.0f s", len(mats),
+                 info["frobenius_rel"][0], info["frobenius_rel"][-1], res.iterations, info["frobenius_seconds"])
     if config.method == "weighted":
         terms = [WeightedTerm(weights[ref.path], _gram(pos, ref, grams), proj.weighted(ref.path, specs[ref.path]),
                               "in" if ref.reads else "out", name=ref.path) for pos, ref in refs]
@@ -112,6 +117,8 @@ def solve_group(model: nn.Module, sel: list[Position], specs: dict[str, dict], c
         r = res_w.r
         info["weighted_loss"] = res_w.loss
         chosen = {ref.path: a for (_, ref), a in zip(refs, res_w.approx)}
+        info["weighted_seconds"] = round(time.perf_counter() - t0, 1) - info.get("frobenius_seconds", 0.0)
+        log.info("weighted: loss %s, %.0f s", " -> ".join(f"{x:.4g}" for x in res_w.loss), info["weighted_seconds"])
     factors = {}
     for pos, ref in refs:
         fac = proj.factors_of(ref.path, chosen.get(ref.path))

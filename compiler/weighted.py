@@ -268,7 +268,7 @@ def _kron_out(m, c, a, b, sweeps):
     return best[1], best[2]
 
 
-def project_weighted(m: torch.Tensor, gram: torch.Tensor, spec: dict, *, sweeps: int = 4) -> dict[str, torch.Tensor]:
+def project_weighted(m: torch.Tensor, gram: torch.Tensor, spec: dict, *, sweeps: int = 3) -> dict[str, torch.Tensor]:
     """Factors of the structured W minimising ||C^{1/2}(M - W)||_F (M in x out, C in x in), started at
     the Frobenius projection; never worse than it. Fast path for the paper's Kronecker shapes."""
     from procrustes_onnx.ops import project_factors
