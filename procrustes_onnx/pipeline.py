@@ -99,7 +99,8 @@ def run_pipeline(opts: RunOptions) -> Path:
         clock.stage(f"compress {variant} at {opts.ratio:.0%} removed")
         config = _compression_config(opts, variant)
         key = {"model": model_key, "config": config.to_dict()}
-        ckpt = cached_dir(work / variant / "checkpoint", key, lambda d, c=config: _compress(model_dir, c, d))
+        # one folder per configuration: a partial run of other settings is never clobbered or mixed in
+        ckpt = cached_dir(work / f"{variant}-{content_hash(key)}", key, lambda d, c=config: _compress(model_dir, c, d))
         entries[variant] = {"checkpoint": ckpt, "key": content_hash(key), "config": config.to_dict()}
 
     from procrustes_onnx.exporters.pipeline import export_compressed, export_model
