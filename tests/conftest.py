@@ -5,16 +5,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
+import torch
+
+# Tiny-model tests are dominated by dispatch, not FLOPs: one thread avoids OpenMP stalls on shared cores.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
     """Real-model tests are opt-in (PROCRUSTES_SLOW=1); GPU tests skip cleanly without CUDA."""
     slow = os.environ.get("PROCRUSTES_SLOW") == "1"
-    try:
-        import torch
-        cuda = torch.cuda.is_available()
-    except Exception:
-        cuda = False
+    cuda = torch.cuda.is_available()
     for item in items:
         if "slow" in item.keywords and not slow:
             item.add_marker(pytest.mark.skip(reason="real-model test; set PROCRUSTES_SLOW=1"))
