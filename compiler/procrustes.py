@@ -44,9 +44,21 @@ class AlsResult:
 
 
 def polar(m: torch.Tensor) -> torch.Tensor:
-    """Orthogonal polar factor U V^T of ``m``: the orthogonal matrix maximising tr(Q^T m)."""
-    u, _, vh = torch.linalg.svd(m.double())
-    return u @ vh
+    """Orthogonal polar factor U V^T of ``m``: the orthogonal matrix maximising tr(Q^T m).
+
+    LAPACK's divide-and-conquer SVD (gesdd) has returned non-orthogonal factors for badly scaled
+    inputs here, so the result is checked and recomputed with the QR-iteration driver (gesvd) if needed.
+    """
+    m = m.double()
+    u, _, vh = torch.linalg.svd(m)
+    q = u @ vh
+    eye = torch.eye(q.shape[1], dtype=q.dtype)
+    if not bool(torch.isfinite(q).all()) or float((q.T @ q - eye).abs().max()) > 1e-8:
+        import numpy as np
+        import scipy.linalg
+        u, _, vh = scipy.linalg.svd(np.nan_to_num(m.numpy()), lapack_driver="gesvd")
+        q = torch.from_numpy(u @ vh)
+    return q
 
 
 def procrustes_rotation(cross: torch.Tensor) -> torch.Tensor:

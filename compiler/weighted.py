@@ -132,6 +132,7 @@ def solve_rotation(terms: Sequence[WeightedTerm], approx: Sequence[torch.Tensor]
             s, y = r - prev[0], a - prev[1]
             sy = abs(float((s * y).sum()))
             tau = float((s * s).sum()) / sy if sy > 0 else tau
+        tau = min(tau, 2.0 / max(gnorm2 ** 0.5, 1e-30))  # ||tau A / 2|| <= 1: a well-conditioned Cayley solve
         accepted = False
         for _ in range(30):
             r_new = _cayley(r, a, tau)
@@ -149,8 +150,8 @@ def solve_rotation(terms: Sequence[WeightedTerm], approx: Sequence[torch.Tensor]
         if decrease <= tol * max(abs(f), 1e-300):
             break
     # re-orthogonalise against drift from repeated solves
-    u, _, vh = torch.linalg.svd(r)
-    return u @ vh, trace
+    from .procrustes import polar
+    return polar(r), trace
 
 
 def weighted_stage(terms: Sequence[WeightedTerm], r0: torch.Tensor | None = None,
