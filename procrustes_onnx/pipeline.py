@@ -6,6 +6,7 @@ so an interrupted run resumes where it stopped and a finished one is not redone.
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -122,6 +123,7 @@ def run_pipeline(opts: RunOptions) -> Path:
 
         def build(d: Path, e=entry, v=variant) -> None:
             export_compressed(e["checkpoint"], d)
+            shutil.copy2(Path(e["checkpoint"]) / "structure.json", d / "structure.json")  # the structure manifest
             _write_artifact_readme(d, f"{opts.model}, {v}, {opts.ratio:.0%} of parameters removed",
                                    {"compression": e["config"]})
         cached_dir(folder, key, build)
