@@ -93,6 +93,7 @@ def run_pipeline(opts: RunOptions) -> Path:
     eval_text = load_text(opts.text)  # a missing corpus fails here, before any long stage
     model_dir = resolve_model_dir(opts.model)
     model_key = folder_hash(model_dir)
+    text_key = content_hash(eval_text)  # the text's content, not its name: an edited file is re-measured
     slug, pct = _slug(opts.model), f"{round(100 * opts.ratio)}"
 
     entries: dict[str, dict] = {}
@@ -133,12 +134,13 @@ def run_pipeline(opts: RunOptions) -> Path:
     clock.stage("validate ONNX Runtime vs torch")
     for name, a in artifacts.items():
         results[name]["inspect"] = measure.inspect(a["path"])
-        results[name]["validation"] = cached_json(work / "results" / f"validate-{name}.json", {"a": a["key"]},
+        key = {"a": a["key"], "text": text_key}
+        results[name]["validation"] = cached_json(work / "results" / f"validate-{name}.json", key,
                                                   lambda a=a: measure.validate(a, eval_text, opts))
     if opts.evaluate:
         clock.stage(f"perplexity on {opts.text} ({opts.eval_windows or 100} windows, ONNX Runtime)")
         for name, a in artifacts.items():
-            key = {"a": a["key"], "text": opts.text, "windows": opts.eval_windows}
+            key = {"a": a["key"], "text": text_key, "windows": opts.eval_windows}
             results[name]["perplexity"] = cached_json(work / "results" / f"ppl-{name}.json", key,
                                                       lambda a=a: measure.perplexity(a, eval_text, opts))
         clock.stage("zero-shot local tasks (lm-eval, ONNX Runtime)")
