@@ -21,7 +21,12 @@ class _Clock:
 
     def __init__(self, total: int) -> None:
         self.start, self.total, self.done, self.times = time.perf_counter(), total, 0, {}
-        self._name, self._t = None, None
+        self._name, self._t, self._reused = None, None, False
+
+    def note(self, message: str) -> None:
+        """Echo a cache message; a stage whose outputs were all reused is reported as such."""
+        print(message, flush=True)
+        self._reused = self._reused or message.lstrip().startswith("reuse")
 
     def stage(self, name: str) -> None:
         self._close()
@@ -32,9 +37,10 @@ class _Clock:
 
     def _close(self) -> None:
         if self._name is not None:
-            self.times[self._name] = round(time.perf_counter() - self._t, 1)
+            seconds = round(time.perf_counter() - self._t, 1)
+            self.times[self._name] = f"{seconds} (reused earlier output)" if self._reused else seconds
             self.done += 1
-            self._name = None
+            self._name, self._reused = None, False
 
     def finish(self) -> dict:
         self._close()
@@ -102,7 +108,8 @@ def run_pipeline(opts: RunOptions) -> Path:
         config = _compression_config(opts, variant)
         key = {"model": model_key, "config": config.to_dict()}
         # one folder per configuration: a partial run of other settings is never clobbered or mixed in
-        ckpt = cached_dir(work / f"{variant}-{content_hash(key)}", key, lambda d, c=config: _compress(model_dir, c, d))
+        ckpt = cached_dir(work / f"{variant}-{content_hash(key)}", key, lambda d, c=config: _compress(model_dir, c, d),
+                          clock.note)
         entries[variant] = {"checkpoint": ckpt, "key": content_hash(key), "config": config.to_dict()}
 
     from procrustes_onnx.exporters.pipeline import export_compressed, export_model
@@ -115,7 +122,7 @@ def run_pipeline(opts: RunOptions) -> Path:
         export_model(str(model_dir), d)
         _write_artifact_readme(d, f"{opts.model}, dense", {"source": opts.model})
 
-    cached_dir(dense_dir, dense_key, build_dense)
+    cached_dir(dense_dir, dense_key, build_dense, clock.note)
     artifacts = {"dense": {"path": dense_dir, "key": content_hash(dense_key), "torch": ("dense", model_dir)}}
     for variant, entry in entries.items():
         clock.stage(f"export + rewrite {variant}")
@@ -127,7 +134,7 @@ def run_pipeline(opts: RunOptions) -> Path:
             shutil.copy2(Path(e["checkpoint"]) / "structure.json", d / "structure.json")  # the structure manifest
             _write_artifact_readme(d, f"{opts.model}, {v}, {opts.ratio:.0%} of parameters removed",
                                    {"compression": e["config"]})
-        cached_dir(folder, key, build)
+        cached_dir(folder, key, build, clock.note)
         artifacts[variant] = {"path": folder, "key": content_hash(key), "torch": ("compressed", entry["checkpoint"])}
 
     results: dict[str, dict] = {name: {"path": str(a["path"])} for name, a in artifacts.items()}
@@ -136,18 +143,18 @@ def run_pipeline(opts: RunOptions) -> Path:
         results[name]["inspect"] = measure.inspect(a["path"])
         key = {"a": a["key"], "text": text_key}
         results[name]["validation"] = cached_json(work / "results" / f"validate-{name}.json", key,
-                                                  lambda a=a: measure.validate(a, eval_text, opts))
+                                                  lambda a=a: measure.validate(a, eval_text, opts), clock.note)
     if opts.evaluate:
         clock.stage(f"perplexity on {opts.text} ({opts.eval_windows or 100} windows, ONNX Runtime)")
         for name, a in artifacts.items():
             key = {"a": a["key"], "text": text_key, "windows": opts.eval_windows}
             results[name]["perplexity"] = cached_json(work / "results" / f"ppl-{name}.json", key,
-                                                      lambda a=a: measure.perplexity(a, eval_text, opts))
+                                                      lambda a=a: measure.perplexity(a, eval_text, opts), clock.note)
         clock.stage("zero-shot local tasks (lm-eval, ONNX Runtime)")
         for name, a in artifacts.items():
             key = {"a": a["key"], "limit": opts.task_limit}
             results[name]["tasks"] = cached_json(work / "results" / f"tasks-{name}.json", key,
-                                                 lambda a=a: measure.tasks(a, opts))
+                                                 lambda a=a: measure.tasks(a, opts), clock.note)
     if opts.benchmark:
         clock.stage("benchmark prefill and decode (ONNX Runtime CPU)")
         for name, a in artifacts.items():  # timings are never reused: they describe this run's machine

@@ -56,6 +56,8 @@ def test_chain_resumes_after_interrupt_and_reports_measured_numbers(run, monkeyp
     for row in rows.values():
         assert row["relative_error"] < 1e-4 and row["argmax_agreement"] == 1.0 and row["greedy_identical"]
         assert row["ppl"] > 1 and row["decode_tokens_per_s"] > 0
+    stage_times = results["timing"]["stages_s"]
+    assert "reused" in str(stage_times["compress w-kron at 20% removed"])  # resumed, not recomputed
     assert "w-kron" in report.read_text() and f"{rows['w-kron']['ppl']:.2f}" in report.read_text()
     assert (artifact / "structure.json").is_file() and (artifact / "README.md").is_file()
     session = ort.InferenceSession(str(artifact / "model.onnx"))
