@@ -28,7 +28,7 @@ from .fusion import install_fused_modules
 from .positions import position_dims
 from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
 
-__all__ = ["save_compressed", "load_compressed", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
+__all__ = ["save_compressed", "save_compressed_into", "load_compressed", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -137,6 +137,23 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> nn.Parameter:
         module.num_embeddings, module.embedding_dim = tensor.shape
     return param
 
+
+
+def save_compressed_into(model: nn.Module, out_dir: str | Path, tokenizer=None, extra_config: dict | None = None) -> Path:
+    """`save_compressed` into a folder that already holds other state (a resumable `work/`): the files are
+    written to a staging folder beside it, then moved in one by one."""
+    out_dir = Path(out_dir)
+    staging = out_dir.parent / f".{out_dir.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_compressed(model, staging, tokenizer=tokenizer, extra_config=extra_config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        target = out_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
+    return out_dir
 
 def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
     """Rebuild the torch model (StructuredLinears, exact orthogonal skips) and the tokenizer (None if absent)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -190,19 +189,11 @@ def _calibrate(model, tokenizer, config: CompressionConfig, paths: list[str], pr
 
 
 def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float) -> None:
-    """Save through the checkpoint module into a staging folder, then move the files into out_dir."""
-    from .checkpoint import save_compressed
-    staging = out_dir.parent / f".{out_dir.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
+    """Save through the checkpoint module beside the resumable work/ folder."""
+    from .checkpoint import save_compressed_into
     extra = {"compression": config.to_dict(), "promised_params": plan.promised_params,
              "original_params": plan.original_params, "removed": plan.removed, "seconds": round(seconds, 1)}
-    save_compressed(model, staging, tokenizer=tokenizer, extra_config=extra)
-    for item in staging.iterdir():
-        target = out_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    staging.rmdir()
+    save_compressed_into(model, out_dir, tokenizer=tokenizer, extra_config=extra)
 
 
 def _slicegpt(model, tokenizer, config, out_dir, original, echo) -> Path:

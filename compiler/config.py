@@ -4,11 +4,11 @@ checkpoint so a run can be reproduced and resumed)."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from procrustes_onnx.errors import UserError
+from procrustes_onnx.ops.planner import spec_params
 
 __all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES", "Plan", "PlanEntry", "build_plan", "kron_spec",
            "gs_spec", "spec_params", "shrink_spec"]
@@ -228,15 +228,6 @@ def gs_spec(n_in: int, n_out: int, kept: float) -> dict:
     else:
         m = max(k * k, round(kept * n_in * n_out / per / (k * k)) * k * k)
     return {"kind": "gs", "left": [k, n_in // k, m // k], "right": [k, m // k, n_out // k], "in": n_in, "out": n_out}
-
-
-def spec_params(spec: dict) -> int:
-    if spec["kind"] == "kron":
-        (m1, n1), (m2, n2) = spec["a_shape"], spec["b_shape"]
-        return spec["rank"] * (m1 * n1 + m2 * n2)
-    if spec["kind"] == "gs":
-        return math.prod(spec["left"]) + math.prod(spec["right"])
-    return spec["in"] * spec["out"]
 
 
 def build_plan(candidates: list[tuple[str, str, int | None, tuple[int, int], str]], config: CompressionConfig,

@@ -12,8 +12,6 @@ the tied head's pre-matrix d' x d') reaches the requested ratio.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 from .adapters import get_adapter, get_module, surgery_state
-from .checkpoint import save_compressed
+from .checkpoint import save_compressed_into
 from .fusion import fuse_norms
 from .positions import residual_positions
 from .rotation import rotate_position
@@ -191,15 +189,6 @@ def slicegpt_compress(model: nn.Module, tokenizer, config, out_dir: str | Path, 
          f"{report['removed']:.2%} removed")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_compressed(model, staging, tokenizer=tokenizer,
-                    extra_config={"compression": config.to_dict(), "slicegpt": report,
-                                  "original_params": original_params, "removed": report["removed"]})
-    for item in staging.iterdir():
-        target = out_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    staging.rmdir()
-    return out_dir
+    return save_compressed_into(model, out_dir, tokenizer=tokenizer,
+                                extra_config={"compression": config.to_dict(), "slicegpt": report,
+                                              "original_params": original_params, "removed": report["removed"]})
