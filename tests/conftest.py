@@ -7,8 +7,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 import torch
 
-# Tiny-model tests are dominated by dispatch, not FLOPs: one thread avoids OpenMP stalls on shared cores.
-torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,3 +25,13 @@ def _cache_dir(tmp_path_factory, monkeypatch):
     """Keep every test's model cache out of the user's home."""
     if "PROCRUSTES_ONNX_CACHE" not in os.environ:
         monkeypatch.setenv("PROCRUSTES_ONNX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny-model tests are dominated by dispatch, not FLOPs: one thread avoids OpenMP stalls on shared
+    cores. Restored after each test, since code under test may change it (e.g. the pipeline's --threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -55,13 +55,6 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops, which are many times slower with 2 threads on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("arch,mode", [("llama", "per-position"), ("qwen2", "global"), ("opt", "per-position")])

@@ -20,13 +20,6 @@ ARCHS = ("llama", "qwen2", "opt")
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops, which are many times slower with 2 threads on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ids(seed: int = 0) -> torch.Tensor:

@@ -18,13 +18,6 @@ IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
 CALIB = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids oversubscription on shared 2-core machines."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def cfg(**kw) -> CompressionConfig:

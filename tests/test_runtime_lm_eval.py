@@ -20,14 +20,9 @@ def _hf_results(tiny, tasks):  # noqa: F811
 
     from procrustes_onnx.runtime.lm_eval_adapter import TASK_DIR
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: more threads only oversubscribe it
-    try:
-        hf = HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=4, max_length=512)
-        return lm_eval.simple_evaluate(model=hf, tasks=tasks, limit=LIMIT, bootstrap_iters=0, log_samples=True,
-                                       task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False))
-    finally:
-        torch.set_num_threads(threads)
+    hf = HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, batch_size=4, max_length=512)
+    return lm_eval.simple_evaluate(model=hf, tasks=tasks, limit=LIMIT, bootstrap_iters=0, log_samples=True,
+                                   task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False))
 
 
 def test_adapter_agrees_with_hf_model(tiny, tmp_path):  # noqa: F811

@@ -15,13 +15,6 @@ from procrustes_onnx.testing import tiny_model
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops, which are many times slower with 2 threads on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
