@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from procrustes_onnx.errors import UserError
 
-__all__ = ["calibration_windows", "collect_grams", "token_counts", "rotate_gram", "damp_gram"]
+__all__ = ["calibration_windows", "collect_grams", "capture_layer_inputs", "StopForward", "token_counts", "rotate_gram", "damp_gram"]
 
 log = logging.getLogger(__name__)
 
@@ -92,3 +92,32 @@ def rotate_gram(gram: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Gram of x R given the Gram of x: R^T C R (symmetrised against round-off)."""
     g = r.T.to(gram.dtype) @ gram @ r.to(gram.dtype)
     return 0.5 * (g + g.T)
+
+
+class StopForward(Exception):
+    """Raised by a capture hook to end a forward pass once the tensors it needs are known."""
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states entering decoder layer 0, the layer's keyword arguments) per calibration batch, so
+    later passes can run the model one layer at a time."""
+    from .adapters import get_adapter
+    layer0 = get_adapter(model).layers()[0]
+    cached: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        cached.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise StopForward
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            try:
+                model(input_ids=windows[i: i + batch_size], use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    return cached

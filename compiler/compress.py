@@ -5,6 +5,7 @@ save the checkpoint. Per-position results are checkpointed in ``out_dir/work`` s
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import shutil
@@ -90,19 +91,22 @@ def _solve(model, positions, specs, config, work: Path, grams, progress: bool):
     return rs, factors
 
 
-def _apply(model, positions, specs, rs, factors, rotation: str) -> None:
-    """Rotate the dense model, then replace each planned linear by a StructuredLinear from its factors."""
+def _apply(model, positions, specs, rs, factors, rotation: str, keep_reference: bool = False) -> nn.Module | None:
+    """Rotate the dense model, then replace each planned linear by a StructuredLinear from its factors.
+    With ``keep_reference``, returns a copy of the rotated model taken before the swap (else None)."""
     from .rotation import rotate_global, rotate_per_position
     if rotation == "global":
         rotate_global(model, rs[0].to(torch.float64))
     else:
         rotate_per_position(model, [r.to(torch.float64) for r in rs])
+    reference = copy.deepcopy(model) if keep_reference else None
     for path, spec in specs.items():
         linear = get_module(model, path)
         dtype = linear.weight.dtype
         matrix = structured_from_spec(spec, {k: v.to(dtype) for k, v in factors[path].items()}, dtype=dtype)
         bias = None if linear.bias is None else linear.bias.detach()
         _replace(model, path, StructuredLinear(matrix, bias))
+    return reference
 
 
 def _replace(model, path, module) -> None:
@@ -136,12 +140,23 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
     specs = {e.path: e.spec for e in plan.entries}
     positions = residual_positions(model)
     with torch.no_grad():
-        grams = {}
+        grams, windows = {}, None
         if config.method == "weighted":
-            grams = _calibrate(model, tokenizer, config, gram_paths(positions, specs), progress, calib_tokens)
+            windows = _calibration_windows(tokenizer, config, calib_tokens)
+            grams = collect_grams(model, windows, gram_paths(positions, specs), progress=progress)
             grams = {k: damp_gram(v, config.damp) for k, v in grams.items()}
         rs, factors = _solve(model, positions, specs, config, work, grams, progress)
-        _apply(model, positions, specs, rs, factors, config.rotation)
+        reference = _apply(model, positions, specs, rs, factors, config.rotation, keep_reference=config.refine != "none")
+        if reference is not None:
+            from .refine import refine_sequential
+            records = refine_sequential(model, reference, specs, windows, damp=config.damp,
+                                        correct=config.refine == "corrected", work=work, progress=progress)
+            if records:
+                before = sum(r["rel_before"] for r in records) / len(records)
+                after = sum(r["rel_after"] for r in records) / len(records)
+                echo(f"refine ({config.refine}): {len(records)} linears re-fitted on the compressed model's inputs, "
+                     f"mean relative error {before:.4f} -> {after:.4f}")
+            del reference
     return plan
 
 
@@ -173,19 +188,17 @@ def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: st
     return out_dir
 
 
-def _calibrate(model, tokenizer, config: CompressionConfig, paths: list[str], progress: bool,
-               tokens: torch.Tensor | None = None):
+def _calibration_windows(tokenizer, config: CompressionConfig, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The seeded calibration windows: from ``tokens`` if given, else from the config's text."""
     from procrustes_onnx.texts import load_text, tokenize_corpus
     need = config.calib_samples * config.calib_seq_len
     if tokens is not None:
-        windows = calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
-        return collect_grams(model, windows, paths, progress=progress)
+        return calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
     if tokenizer is None:
         raise UserError("the weighted stage needs the model's tokenizer for calibration text: pass it, or use "
                         "--method frobenius")
     tokens = tokenize_corpus(tokenizer, load_text(config.calib_text), max_tokens=max(4 * need, need + 1))
-    windows = calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
-    return collect_grams(model, windows, paths, progress=progress)
+    return calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
 
 
 def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float) -> None:

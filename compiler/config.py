@@ -55,6 +55,9 @@ class CompressionConfig:
     allocation: str = "middle"                                  # which layers shrink first to hit --ratio
     kron_split: str = "input"                                   # slab side: "input" (weighting acts there) or
                                                                 # "hidden" (the paper: the rotated side)
+    refine: str = "none"                                        # after the solve: "sequential" re-fits each
+                                                                # linear on the compressed model's inputs,
+                                                                # "corrected" also targets the dense output
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +82,12 @@ class CompressionConfig:
         _choice("balance", self.balance, BALANCES)
         _choice("allocation", self.allocation, ("middle", "first", "last"))
         _choice("kron split", self.kron_split, ("input", "hidden"))
+        if self.compress_embeddings:
+            raise UserError("embedding/head compression is not implemented in this version: drop "
+                            "--compress-embeddings (the embedding and the tied head stay dense)")
+        _choice("refine", self.refine, ("none", "sequential", "corrected"))
+        if self.refine != "none" and self.method != "weighted":
+            raise UserError(f"--refine {self.refine} needs calibration: use it with --method weighted")
         _choice("token weighting", self.token_weighting, ("sqrt", "log"))
         for name in ("iterations", "calib_samples", "calib_seq_len", "rotation_iters"):
             if int(getattr(self, name)) < (0 if name == "iterations" else 1):

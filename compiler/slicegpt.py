@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 from .adapters import get_adapter, get_module, surgery_state
+from .calibration import capture_layer_inputs
 from .checkpoint import save_compressed_into
 from .fusion import fuse_norms
 from .positions import residual_positions
@@ -29,10 +30,6 @@ from .skips import Shortcut, install_shortcuts, shortcut_paths, stored_parameter
 __all__ = ["pca_basis", "sliced_parameter_count", "slicegpt_dim", "slice_model", "slicegpt_compress"]
 
 log = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    """Raised by the capture hook to end a forward pass once layer 0's input is known."""
 
 
 def pca_basis(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -91,28 +88,6 @@ def slicegpt_dim(model: nn.Module, ratio: float, original_params: int, round_to:
     raise UserError(f"slicing cannot remove {ratio:.1%} of the parameters; ask for a smaller --ratio")
 
 
-def _capture_layer0(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden states entering layer 0, the layer's keyword arguments) per calibration batch."""
-    layer0 = get_adapter(model).layers()[0]
-    cached: list[tuple[torch.Tensor, dict]] = []
-
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        cached.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
-
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for i in range(0, windows.shape[0], batch_size):
-            try:
-                model(input_ids=windows[i: i + batch_size], use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return cached
-
-
 def _gram(xs: list[torch.Tensor]) -> torch.Tensor:
     """Sum of X^T X over batches, in float64, one batch at a time (bounded memory)."""
     gram = None
@@ -141,7 +116,7 @@ def slice_model(model: nn.Module, windows: torch.Tensor, *, ratio: float | None 
         dim = slicegpt_dim(model, ratio, original, round_to)
     if not 0 < dim <= adapter.hidden_size:
         raise UserError(f"slicing width {dim} is outside 1..{adapter.hidden_size}")
-    xs = _capture_layer0(model, windows, batch_size)
+    xs = capture_layer_inputs(model, windows, batch_size)
     q = pca_basis(_gram([x for x, _ in xs]), damp)[:, :dim]
     rotate_position(model, 0, q)
     xs = [((x.double() @ q).to(x.dtype), kw) for x, kw in xs]

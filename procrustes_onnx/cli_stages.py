@@ -15,7 +15,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     overrides = {"structure": args.structure, "ratio": args.ratio, "preset": args.preset, "rotation": args.rotation,
                  "method": args.method, "iterations": args.iterations, "calib_text": args.calib,
                  "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
-                 "compress_embeddings": args.compress_embeddings or None}
+                 "compress_embeddings": args.compress_embeddings or None, "refine": args.refine}
+    if args.dense_layers is not None:
+        overrides["dense_layers"] = [int(x) for x in args.dense_layers.split(",") if x.strip()]
     if args.dense_roles is not None:
         overrides["dense_roles"] = [r for r in args.dense_roles.split(",") if r]
     if args.structures:
@@ -102,6 +104,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-samples", type=int)
     p.add_argument("--calib-seq-len", type=int)
     p.add_argument("--dense-roles", help="roles kept dense, comma-separated (default: v)")
+    p.add_argument("--dense-layers", help="layer indices kept dense, comma-separated, e.g. 0,29")
+    p.add_argument("--refine", choices=["none", "sequential", "corrected"],
+                   help="after the solve, re-fit each linear on the compressed model's own inputs, layer by layer; "
+                        "'corrected' also steers it back to the dense model's outputs")
     p.add_argument("--compress-embeddings", action="store_true")
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_compress)
