@@ -60,11 +60,9 @@ def run_one(row: str, args: argparse.Namespace) -> dict:
         cfg = CompressionConfig(**row_config(row, args))
         result["config"] = cfg.to_dict()
         if cfg.method == "slicegpt":
-            from procrustes_onnx.compiler.calibration import calibration_windows
+            from procrustes_onnx.compiler.calibration import calibration_windows_for
             from procrustes_onnx.compiler.slicegpt import slice_model
-            need = cfg.calib_samples * cfg.calib_seq_len
-            tokens = tokenize_corpus(tokenizer, load_text(cfg.calib_text), max(4 * need, need + 1))
-            calib = calibration_windows(tokens, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
+            calib = calibration_windows_for(tokenizer, cfg)
             result["slicegpt"] = slice_model(model, calib, ratio=cfg.ratio, original_params=original)
         else:
             work = Path(args.work) / row

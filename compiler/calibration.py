@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from procrustes_onnx.errors import UserError
 
-__all__ = ["calibration_windows", "collect_grams", "capture_layer_inputs", "StopForward", "token_counts", "rotate_gram", "damp_gram"]
+__all__ = ["calibration_windows", "calibration_windows_for", "collect_grams", "capture_layer_inputs", "StopForward", "token_counts", "rotate_gram", "damp_gram"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,30 @@ def calibration_windows(tokens: torch.Tensor, n_samples: int = 32, seq_len: int 
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seq_len + 1, (n_samples,), generator=gen)
     return torch.stack([tokens[s: s + seq_len] for s in starts.tolist()])
+
+
+def calibration_windows_for(tokenizer, config, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The seeded calibration windows of a CompressionConfig: from ``tokens`` if given, else from its
+    ``calib_text`` ('kjv', a file, or 'name@N' to skip the text's first N tokens)."""
+    from procrustes_onnx.texts import load_text, tokenize_corpus
+    need = config.calib_samples * config.calib_seq_len
+    if tokens is not None:
+        return calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
+    if tokenizer is None:
+        raise UserError(f"--method {config.method} needs the model's tokenizer for calibration text: pass it"
+                        + (", or use --method frobenius" if config.method == "weighted" else ""))
+    name, skip = _split_offset(config.calib_text)
+    tokens = tokenize_corpus(tokenizer, load_text(name), max_tokens=skip + max(4 * need, need + 1))[skip:]
+    return calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
+
+
+def _split_offset(calib_text: str) -> tuple[str, int]:
+    """'jargon@102400' -> ('jargon', 102400): calibrate on the text after its first N tokens, e.g. held out
+    from an evaluation that reads those first N tokens."""
+    name, sep, offset = calib_text.rpartition("@")
+    if not sep or not offset.isdigit():
+        return calib_text, 0
+    return name, int(offset)
 
 
 def token_counts(windows: torch.Tensor, vocab_size: int) -> torch.Tensor:

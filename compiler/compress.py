@@ -22,7 +22,7 @@ from procrustes_onnx.errors import UserError
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
 
 from .adapters import get_adapter, get_module
-from .calibration import calibration_windows, collect_grams, damp_gram
+from .calibration import calibration_windows_for, collect_grams, damp_gram
 from .config import CompressionConfig, Plan, build_plan
 from .positions import residual_positions, stream_matrix
 from .stages import gram_paths, load_group, save_group, solve_group
@@ -142,7 +142,7 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
     with torch.no_grad():
         grams, windows = {}, None
         if config.method == "weighted":
-            windows = _calibration_windows(tokenizer, config, calib_tokens)
+            windows = calibration_windows_for(tokenizer, config, calib_tokens)
             grams = collect_grams(model, windows, gram_paths(positions, specs), progress=progress)
             grams = {k: damp_gram(v, config.damp) for k, v in grams.items()}
         rs, factors = _solve(model, positions, specs, config, work, grams, progress)
@@ -186,19 +186,6 @@ def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: st
     echo(f"saved {out_dir}: {saved:,} parameters stored, {100 * (1 - saved / original):.2f}% removed, "
          f"{time.perf_counter() - start:.0f} s")
     return out_dir
-
-
-def _calibration_windows(tokenizer, config: CompressionConfig, tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """The seeded calibration windows: from ``tokens`` if given, else from the config's text."""
-    from procrustes_onnx.texts import load_text, tokenize_corpus
-    need = config.calib_samples * config.calib_seq_len
-    if tokens is not None:
-        return calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
-    if tokenizer is None:
-        raise UserError("the weighted stage needs the model's tokenizer for calibration text: pass it, or use "
-                        "--method frobenius")
-    tokens = tokenize_corpus(tokenizer, load_text(config.calib_text), max_tokens=max(4 * need, need + 1))
-    return calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
 
 
 def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float) -> None:

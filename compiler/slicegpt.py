@@ -146,17 +146,12 @@ def slice_model(model: nn.Module, windows: torch.Tensor, *, ratio: float | None 
 def slicegpt_compress(model: nn.Module, tokenizer, config, out_dir: str | Path, *, original_params: int,
                       echo: Callable[[str], None] = print) -> Path:
     """The `--method slicegpt` path of `compress`: calibrate on config's text, slice to config.ratio, save."""
-    from procrustes_onnx.texts import load_text, tokenize_corpus
 
-    from .calibration import calibration_windows
+    from .calibration import calibration_windows_for
 
     if config.ratio is None:
         raise UserError("--method slicegpt needs --ratio (fraction of parameters removed), not a --preset")
-    if tokenizer is None:
-        raise UserError("--method slicegpt needs the model's tokenizer for calibration text")
-    need = config.calib_samples * config.calib_seq_len
-    tokens = tokenize_corpus(tokenizer, load_text(config.calib_text), max_tokens=max(4 * need, need + 1))
-    windows = calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
+    windows = calibration_windows_for(tokenizer, config)
     torch.manual_seed(config.seed)
     report = slice_model(model, windows, ratio=float(config.ratio), original_params=original_params,
                          progress=lambda s: log.info(s))

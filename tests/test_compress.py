@@ -112,3 +112,20 @@ def test_config_round_trip_and_errors(tmp_path):
             cfg(**bad)
     with pytest.raises(UserError):
         CompressionConfig.from_dict({"ratio": 0.2, "colour": "red"})
+
+
+def test_calibration_text_can_skip_a_held_out_prefix(tmp_path):
+    from procrustes_onnx.compiler.calibration import calibration_windows_for
+    from procrustes_onnx.testing import tiny_tokenizer
+    tok = tiny_tokenizer()
+    text = tmp_path / "t.txt"
+    text.write_text("a" * 3000 + "b" * 3000)
+    n_a = len(tok("a" * 3000, add_special_tokens=False)["input_ids"])
+    windows = calibration_windows_for(tok, cfg(calib_text=f"{text}@{n_a}", calib_samples=6, calib_seq_len=64))
+    assert windows.shape == (6, 64)
+    b_id = tok("b", add_special_tokens=False)["input_ids"][0]
+    assert bool((windows == b_id).all())  # nothing from the held-out prefix
+    whole = calibration_windows_for(tok, cfg(calib_text=str(text), calib_samples=6, calib_seq_len=64))
+    assert not bool((whole == b_id).all())
+    with pytest.raises(UserError, match="fewer than one"):
+        calibration_windows_for(tok, cfg(calib_text=f"{text}@{n_a + 2990}", calib_samples=2, calib_seq_len=64))
