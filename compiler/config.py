@@ -37,6 +37,8 @@ class CompressionConfig:
     structures: dict[str, str] = field(default_factory=dict)   # per-role overrides, e.g. {"down": "gs"}
     dense_roles: list[str] = field(default_factory=lambda: ["v"])
     dense_layers: list[int] = field(default_factory=list)      # layers whose linears stay dense
+    kept: dict[str, float] = field(default_factory=dict)       # per-role fixed kept fraction, e.g. {"q": 0.375};
+                                                                # --ratio is then met by the other roles
     compress_embeddings: bool = False
     rotation: str = "global"
     method: str = "weighted"
@@ -77,6 +79,11 @@ class CompressionConfig:
             _choice(f"structure of {role}", s, STRUCTURES)
         for role in self.dense_roles:
             _choice("dense role", role, ROLES)
+        for role, frac in self.kept.items():
+            _choice("kept role", role, ROLES)
+            if not 0.0 < float(frac) <= 1.0:
+                raise UserError(f"kept fraction {frac} for {role} is outside (0, 1]: it is the share of the "
+                                "matrix's parameters kept")
         _choice("rotation", self.rotation, ROTATIONS)
         _choice("method", self.method, METHODS)
         _choice("balance", self.balance, BALANCES)
@@ -251,7 +258,8 @@ def build_plan(candidates: list[tuple[str, str, int | None, tuple[int, int], str
         for path, role, layer, shape, side in candidates:
             kind = config.structure_of(role, layer)
             split = side if config.kron_split == "hidden" else "in"
-            spec = kron_spec(*shape, split, kept, config.kron_q) if kind == "kron" else gs_spec(*shape, kept)
+            share = config.kept.get(role, kept)
+            spec = kron_spec(*shape, split, share, config.kron_q) if kind == "kron" else gs_spec(*shape, share)
             entries.append(PlanEntry(path, role, layer, shape, side, spec, spec_params(spec)))
         return _finish(entries, kept)
 
@@ -266,7 +274,8 @@ def build_plan(candidates: list[tuple[str, str, int | None, tuple[int, int], str
     plans = [make(i / 200) for i in range(200, 9, -1)]
     start = max((p for p in plans if p.removed <= target), key=lambda p: p.removed, default=plans[0])
     entries = list(start.entries)
-    order = sorted(range(len(entries)), key=lambda i: _priority(entries[i], config.allocation, candidates))
+    order = sorted((i for i in range(len(entries)) if entries[i].role not in config.kept),
+                   key=lambda i: _priority(entries[i], config.allocation, candidates))
     best = _finish(list(entries), start.kept)
     while best.removed < target:
         changed = False

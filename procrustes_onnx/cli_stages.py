@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from procrustes_onnx.errors import UserError
+
 _THREADS = os.cpu_count() or 2
 
 
@@ -16,6 +18,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
                  "method": args.method, "iterations": args.iterations, "calib_text": args.calib,
                  "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
                  "compress_embeddings": args.compress_embeddings or None, "refine": args.refine}
+    if args.kept:
+        try:
+            overrides["kept"] = {k: float(v) for k, v in (item.split("=", 1) for item in args.kept.split(","))}
+        except ValueError:
+            raise UserError(f"--kept {args.kept!r} is not role=fraction pairs: write e.g. --kept q=0.375,k=0.375") from None
     if args.dense_layers is not None:
         overrides["dense_layers"] = [int(x) for x in args.dense_layers.split(",") if x.strip()]
     if args.dense_roles is not None:
@@ -104,6 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-samples", type=int)
     p.add_argument("--calib-seq-len", type=int)
     p.add_argument("--dense-roles", help="roles kept dense, comma-separated (default: v)")
+    p.add_argument("--kept", help="fixed kept share per role, e.g. q=0.375,k=0.375,o=0.5; --ratio is met by the rest")
     p.add_argument("--dense-layers", help="layer indices kept dense, comma-separated, e.g. 0,29")
     p.add_argument("--refine", choices=["none", "sequential", "corrected"],
                    help="after the solve, re-fit each linear on the compressed model's own inputs, layer by layer; "

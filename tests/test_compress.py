@@ -129,3 +129,22 @@ def test_calibration_text_can_skip_a_held_out_prefix(tmp_path):
     assert not bool((whole == b_id).all())
     with pytest.raises(UserError, match="fewer than one"):
         calibration_windows_for(tok, cfg(calib_text=f"{text}@{n_a + 2990}", calib_samples=2, calib_seq_len=64))
+
+
+def test_fixed_kept_roles_and_ratio(tmp_path):
+    from procrustes_onnx.compiler.compress import plan_for_model
+    from procrustes_onnx.compiler.fusion import fuse_norms
+    model = tiny_model("llama")
+    from procrustes_onnx.compiler.compress import count_params
+    original = count_params(model)
+    fuse_norms(model)
+    plan = plan_for_model(model, cfg(ratio=0.2, preset=None, kept={"q": 0.5, "k": 0.5}), original)
+    assert abs(plan.removed - 0.2) < 0.02
+    uniform = plan_for_model(model, cfg(ratio=0.2, preset=None), original)
+
+    def shares(p, fixed: bool) -> list[float]:
+        return [e.params / e.dense_params for e in p.entries if (e.role in ("q", "k")) == fixed]
+    assert max(shares(plan, True)) < 0.55 and min(shares(uniform, True)) > 0.6
+    assert sum(shares(plan, False)) > sum(shares(uniform, False))       # the rest keeps more
+    with pytest.raises(UserError, match="kept fraction"):
+        cfg(kept={"q": 1.5})
