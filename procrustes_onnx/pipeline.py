@@ -58,6 +58,8 @@ def _compression_config(opts: RunOptions, variant: str):
                  "calib_seq_len": opts.calib_seq_len, "iterations": opts.iterations, "calib_text": opts.calib}
     base = CompressionConfig().to_dict()
     base.update(VARIANTS[variant])
+    if VARIANTS[variant].get("method") != "slicegpt":
+        base.update(opts.solver)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return CompressionConfig.from_dict(base)
 

@@ -17,6 +17,7 @@ VARIANTS = {
     "slicegpt": {"method": "slicegpt"},
 }
 DEFAULT_VARIANTS = ("w-kron", "w-gs", "slicegpt")
+QUICK_VARIANTS = ("w-kron", "slicegpt")  # --quick: the product's default and its baseline
 
 
 @dataclass
@@ -39,10 +40,12 @@ class RunOptions:
     evaluate: bool = True
     benchmark: bool = True
     threads: int = os.cpu_count() or 2
+    solver: dict = field(default_factory=dict)  # further CompressionConfig fields, e.g. {"rotation_iters": 20}
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunOptions":
-        variants = [v for v in args.variants.split(",") if v] if args.variants else list(DEFAULT_VARIANTS)
+        default = QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS
+        variants = [v for v in args.variants.split(",") if v] if args.variants else list(default)
         if args.no_baselines:
             variants = variants[:1]
         opts = cls(model=args.model, out=args.out, ratio=args.ratio, variants=variants, rotation=args.rotation,
@@ -55,7 +58,9 @@ class RunOptions:
             opts.prefill_seqs = (128, 512)
             opts.decode_tokens = 32
             opts.calib_samples = opts.calib_samples or 8
-            opts.iterations = opts.iterations or 10
+            opts.calib_seq_len = opts.calib_seq_len or 256
+            opts.iterations = opts.iterations or 5
+            opts.solver = {"rotation_iters": 20}
         return opts
 
 
