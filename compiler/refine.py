@@ -47,25 +47,29 @@ def _layer_output(out) -> torch.Tensor:
 
 
 def _groups(layer: nn.Module, names: list[str], x: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """``names`` in call order, consecutive modules that receive the same input tensor grouped together."""
-    calls: list[tuple[str, int]] = []
+    """``names`` in call order, consecutive modules that receive the same input tensor grouped together.
+    The inputs are held (not just their addresses), so a freed buffer reused at the same address cannot
+    merge two groups."""
+    calls: list[tuple[str, torch.Tensor]] = []
     handles = [layer.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: calls.append((n, args[0].data_ptr()))) for n in names]
+        lambda _m, args, n=n: calls.append((n, args[0]))) for n in names]
     try:
         layer(x, **kwargs)
     finally:
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
+    seen: set[str] = set()
     last = None
-    for name, ptr in calls:
-        if name in (g for grp in groups for g in grp):
+    for name, tensor in calls:
+        if name in seen:
             continue
-        if groups and ptr == last:
+        seen.add(name)
+        if groups and tensor is last:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last = ptr
+        last = tensor
     return groups
 
 
