@@ -69,3 +69,17 @@ def save_tiny_model(path, arch: str = "llama", **kw):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: how tests compare a result with its dense reference."""
+    return float((a - b).norm() / b.norm())
+
+
+def tiny_compression_config(**overrides):
+    """A CompressionConfig cheap enough for tiny models in tests (weighted, 3/4 kept, short solves)."""
+    from procrustes_onnx.compiler.config import CompressionConfig
+    base = dict(ratio=None, preset="3/4", method="weighted", iterations=5, rotation_iters=20, calib_samples=4,
+                calib_seq_len=32)
+    base.update(overrides)
+    return CompressionConfig(**base)

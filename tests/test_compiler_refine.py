@@ -8,23 +8,19 @@ import torch
 
 import procrustes_onnx.compiler.refine as refine_mod
 from procrustes_onnx.compiler.compress import compress_model
-from procrustes_onnx.compiler.config import CompressionConfig
 from procrustes_onnx.errors import UserError
-from procrustes_onnx.testing import tiny_model
+from procrustes_onnx.testing import relative_error, tiny_compression_config, tiny_model
 
 CALIB = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2))
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-def cfg(**kw) -> CompressionConfig:
-    base = dict(ratio=None, preset="5/8", method="weighted", iterations=3, rotation_iters=10, calib_samples=8,
-                calib_seq_len=64)
-    base.update(kw)
-    return CompressionConfig(**base)
+def cfg(**kw):
+    return tiny_compression_config(**{"preset": "5/8", "iterations": 3, "rotation_iters": 10, "calib_samples": 8,
+                                      "calib_seq_len": 64, **kw})
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+rel = relative_error
 
 
 def _compress(arch: str, tmp_path, name: str, records: list | None = None, **kw):

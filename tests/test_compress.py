@@ -12,7 +12,7 @@ from procrustes_onnx.compiler.compress import compress, compress_model, saved_pa
 from procrustes_onnx.compiler.config import CompressionConfig
 from procrustes_onnx.errors import UserError
 from procrustes_onnx.ops import StructuredLinear
-from procrustes_onnx.testing import tiny_model
+from procrustes_onnx.testing import relative_error, tiny_compression_config, tiny_model
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
 CALIB = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2))
@@ -20,15 +20,8 @@ CALIB = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2
 
 
 
-def cfg(**kw) -> CompressionConfig:
-    base = dict(ratio=None, preset="3/4", method="weighted", iterations=5, rotation_iters=20, calib_samples=4,
-                calib_seq_len=32)
-    base.update(kw)
-    return CompressionConfig(**base)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+cfg = tiny_compression_config
+rel = relative_error
 
 
 @torch.no_grad()
