@@ -26,7 +26,8 @@ from .artifacts import atomic_output_dir, write_json
 from .matmul_map import record_matmul_map
 from .wrappers import KVCacheWrapper, LogitsWrapper, example_inputs, io_spec
 
-__all__ = ["DEFAULT_OPSET", "MAP_FILE", "export_onnx", "export_ir", "dedupe_transposed_initializers"]
+__all__ = ["DEFAULT_OPSET", "MAP_FILE", "export_onnx", "export_ir", "dedupe_transposed_initializers",
+           "optimize_exported"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,42 @@ def dedupe_transposed_initializers(model: ir.Model, min_elements: int = 1024) ->
     return count
 
 
+def _cleanup_rules() -> list:
+    """The few onnxscript rewrite rules that change a decoder graph: no-op Slices/Expands/Casts and chains."""
+    from onnxscript.rewriter.rules import common as rules
+
+    return [rules.collapse_slice_rule, rules.collapse_slice2_rule, rules.no_op_expand_rule, rules.no_op_transpose_rule,
+            rules.no_op_cast_rule, rules.cast_cast_rule, rules.reshape_reshape_rule, rules.transpose_transpose_rule,
+            rules.unsqueeze_unsqueeze_rule, rules.add_0_rule, rules.sub_0_rule, rules.mul_by_1_rule,
+            rules.div_by_1_rule]
+
+
+def optimize_exported(model: ir.Model) -> None:
+    """Inline, fold constants, apply the cleanup rules, lift constants and deduplicate, in place.
+
+    This is onnxscript's ``optimize_ir`` with a small rule set: its default set (what ``torch.onnx.export(
+    optimize=True)`` runs) spent over half of a 30-layer export matching rules that never fire on a
+    decoder, and the graph it left was the same but for two Reshapes (docs/export.md)."""
+    import onnx_ir.passes.common as common
+    from onnxscript import optimizer, rewriter
+
+    optimizer.inline(model)
+    for _ in range(2):  # a rewrite can expose new constants, as in optimize_ir's two rounds
+        folded = optimizer.fold_constants_ir(model, onnx_shape_inference=True)
+        rewriter.rewrite(model, _cleanup_rules())
+        if not folded.modified:
+            break
+    ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )(model)
+
+
 def export_ir(model: torch.nn.Module, *, with_past: bool = True, opset: int = DEFAULT_OPSET) -> tuple[ir.Model, dict]:
     """Trace ``model`` with the dynamo exporter; returns the onnx_ir model and its matmul map."""
     config = getattr(model, "config", None)
@@ -89,10 +126,11 @@ def export_ir(model: torch.nn.Module, *, with_past: bool = True, opset: int = DE
     dtype = next(model.parameters()).dtype
     args = example_inputs(config, spec, dtype=dtype)
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, optimize=True,
+        program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, optimize=False,
                                     input_names=spec.input_names, output_names=spec.output_names,
                                     dynamic_shapes=spec.dynamic_shapes, verbose=False)
     onnx_model = program.model
+    optimize_exported(onnx_model)
     for v in list(onnx_model.graph.initializers.values()):
         if v.name.startswith(_PREFIX) and v.name[len(_PREFIX):] not in onnx_model.graph.initializers:
             v.name = v.name[len(_PREFIX):]

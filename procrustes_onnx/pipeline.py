@@ -154,7 +154,7 @@ def run_pipeline(opts: RunOptions) -> Path:
                                                       lambda a=a: measure.perplexity(a, eval_text, opts), clock.note)
         clock.stage("zero-shot local tasks (lm-eval, ONNX Runtime)")
         for name, a in artifacts.items():
-            key = {"a": a["key"], "limit": opts.task_limit}
+            key = {"a": a["key"], "limit": opts.task_limit, "tasks": list(opts.tasks)}
             results[name]["tasks"] = cached_json(work / "results" / f"tasks-{name}.json", key,
                                                  lambda a=a: measure.tasks(a, opts), clock.note)
     if opts.benchmark:

@@ -81,15 +81,15 @@ def perplexity(artifact: dict, text: str, opts: RunOptions) -> dict:
 
 
 def tasks(artifact: dict, opts: RunOptions) -> dict:
-    from procrustes_onnx.runtime.lm_eval_adapter import LOCAL_TASKS, run_eval
+    from procrustes_onnx.runtime.lm_eval_adapter import run_eval
 
-    summary = run_eval(artifact["path"], list(LOCAL_TASKS), limit=opts.task_limit, threads=opts.threads)
+    summary = run_eval(artifact["path"], list(opts.tasks), limit=opts.task_limit, threads=opts.threads)
     scores = {}
     for task, metrics in summary["results"].items():
         for metric in ("acc,none", "acc_norm,none", "word_perplexity,none", "bits_per_byte,none"):
             if metric in metrics:
                 scores[f"{task}/{metric.split(',')[0]}"] = metrics[metric]
-    return {"scores": scores, "limit": opts.task_limit}
+    return {"scores": scores, "limit": opts.task_limit, "tasks": list(opts.tasks)}
 
 
 def benchmark(artifact: dict, opts: RunOptions) -> dict:

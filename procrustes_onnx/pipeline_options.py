@@ -6,7 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["VARIANTS", "RunOptions", "add_run_arguments"]
+__all__ = ["VARIANTS", "RUN_TASKS", "RunOptions", "add_run_arguments"]
 
 #: variant name -> CompressionConfig overrides
 VARIANTS = {
@@ -18,6 +18,13 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ("w-kron", "w-gs", "slicegpt")
 QUICK_VARIANTS = ("w-kron", "slicegpt")  # --quick: the product's default and its baseline
+#: the run's zero-shot tasks: the multiple-choice ones (the *_ppl tasks repeat the perplexity stage at
+#: about 2 s a passage; `procrustes-onnx eval --tasks` runs them)
+RUN_TASKS = ("jargon_cloze", "kjv_cloze")
+#: solver settings of the main job, lighter than the paper's (50 ALS iterations, 100 rotation steps,
+#: 32 x 512 calibration tokens) so that the whole run fits an hour on 2 cores; flags override them
+RUN_SOLVER = {"iterations": 10, "rotation_iters": 50, "calib_samples": 16, "calib_seq_len": 512}
+QUICK_SOLVER = {"iterations": 5, "rotation_iters": 10, "calib_samples": 8, "calib_seq_len": 256}
 
 
 @dataclass
@@ -33,7 +40,8 @@ class RunOptions:
     text: str = "jargon"
     calib: str | None = None            # None: the compressor's default (kjv)
     eval_windows: int | None = None      # None: the whole protocol (100 windows)
-    task_limit: int | None = None        # None: every item of the local tasks
+    task_limit: int | None = 100         # items per task (None: all 400)
+    tasks: tuple[str, ...] = RUN_TASKS
     prefill_seqs: tuple[int, ...] = (128, 512, 1024)
     decode_tokens: int = 128
     quick: bool = False
@@ -48,19 +56,21 @@ class RunOptions:
         variants = [v for v in args.variants.split(",") if v] if args.variants else list(default)
         if args.no_baselines:
             variants = variants[:1]
+        solver = dict(QUICK_SOLVER if args.quick else RUN_SOLVER)
+        given = {"iterations": args.iterations, "calib_samples": args.calib_samples,
+                 "calib_seq_len": args.calib_seq_len}
+        solver.update({k: v for k, v in given.items() if v is not None})
+        tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks else RUN_TASKS
         opts = cls(model=args.model, out=args.out, ratio=args.ratio, variants=variants, rotation=args.rotation,
-                   calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, iterations=args.iterations,
-                   text=args.text, calib=args.calib, quick=args.quick, evaluate=not args.no_eval, benchmark=not args.no_bench,
-                   threads=args.threads, eval_windows=args.eval_windows, task_limit=args.task_limit)
+                   calib_samples=solver.pop("calib_samples"), calib_seq_len=solver.pop("calib_seq_len"),
+                   iterations=solver.pop("iterations"), text=args.text, calib=args.calib, quick=args.quick,
+                   evaluate=not args.no_eval, benchmark=not args.no_bench, threads=args.threads,
+                   eval_windows=args.eval_windows, tasks=tasks, solver=solver,
+                   task_limit=None if args.task_limit == 0 else (args.task_limit or (20 if args.quick else 100)))
         if args.quick:  # the whole chain, truncated: a few windows, a few items, short benchmarks
             opts.eval_windows = opts.eval_windows or 4
-            opts.task_limit = opts.task_limit or 40
             opts.prefill_seqs = (128, 512)
             opts.decode_tokens = 32
-            opts.calib_samples = opts.calib_samples or 8
-            opts.calib_seq_len = opts.calib_seq_len or 256
-            opts.iterations = opts.iterations or 5
-            opts.solver = {"rotation_iters": 20}
         return opts
 
 
@@ -77,7 +87,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default="jargon", help="evaluation text (default jargon)")
     p.add_argument("--calib", help="calibration text (default kjv)")
     p.add_argument("--eval-windows", type=int, help="perplexity windows (default: the whole protocol, 100)")
-    p.add_argument("--task-limit", type=int, help="items per local zero-shot task (default: all)")
+    p.add_argument("--tasks", help=f"comma-separated lm-eval tasks (default {','.join(RUN_TASKS)})")
+    p.add_argument("--task-limit", type=int, help="items per task (default 100, --quick 20; 0: all)")
     p.add_argument("--quick", action="store_true", help="whole chain on a truncated evaluation (< 10 minutes)")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity and zero-shot tasks")
     p.add_argument("--no-bench", action="store_true", help="skip the prefill/decode benchmark")

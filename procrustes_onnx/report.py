@@ -115,8 +115,12 @@ def write_report(out: Path, results: dict, opts: RunOptions, timing: dict) -> Pa
             _fmt(r["decode_tokens_per_s"], ".1f"), _fmt(r["decode_speedup"], ".2f"), _fmt(r["ideal_speedup"], ".2f"),
             _fmt(r["relative_error"], ".1e"), _fmt(r["argmax_agreement"], ".4f"),
             "–" if r["greedy_identical"] is None else ("yes" if r["greedy_identical"] else "no")]) + " |")
-    lines += ["", "Zero-shot acc is the mean accuracy over the local multiple-choice tasks (docs/tasks.md). "
-              "Ideal = dense weight-MatMul MACs per token / this artifact's (tied head included).", ""]
+    limit = f"the first {opts.task_limit} items of each" if opts.task_limit else "all items of"
+    solver = {"calib": f"{opts.calib or 'kjv'} {opts.calib_samples or 32}x{opts.calib_seq_len or 512}",
+              "ALS iterations": opts.iterations or 50, **opts.solver}
+    lines += ["", f"Zero-shot acc is the mean accuracy over {limit} {', '.join(opts.tasks)} (lm-eval, docs/tasks.md). "
+              "Ideal = dense weight-MatMul MACs per token / this artifact's (tied head included). "
+              "Solver: " + ", ".join(f"{k} {v}" for k, v in solver.items()) + ".", ""]
     lines += [f"![{p}]({p})" for p in plots]
     lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in timing["stages_s"].items()]

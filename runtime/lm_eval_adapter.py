@@ -30,10 +30,14 @@ __all__ = ["OnnxLM", "run_eval", "LOCAL_TASKS", "TASK_DIR"]
 logger = logging.getLogger(__name__)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+def _score(logits: np.ndarray, target: np.ndarray) -> tuple[float, bool]:
+    """(sum of log p(target) in float64, whether argmax reproduces every target) from logits [T, V].
+
+    Only the normaliser needs the whole row, so the [T, V] log-softmax is never materialised."""
+    m = logits.max(axis=-1, keepdims=True)
+    log_z = m[:, 0].astype(np.float64) + np.log(np.exp(logits - m).sum(axis=-1, dtype=np.float64))
+    picked = logits[np.arange(len(target)), target].astype(np.float64)
+    return float((picked - log_z).sum()), bool((logits.argmax(-1) == target).all())
 
 
 @register_model("procrustes-onnx")
@@ -107,9 +111,7 @@ class OnnxLM(TemplateLM):
             else:
                 full = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1):]
                 logits = self.lm.logits(np.asarray([full[:-1]], np.int64))[0][-len(target):]
-            logprobs = _log_softmax(logits)
-            out.append((float(logprobs[np.arange(len(target)), target].sum()),
-                        bool((logprobs.argmax(-1) == target).all())))
+            out.append(_score(logits, target))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

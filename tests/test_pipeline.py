@@ -80,3 +80,18 @@ def test_artifact_loads_in_optimum(run):
     root, _ = run
     model = ORTModelForCausalLM.from_pretrained(root / "artifacts" / "tiny-w-kron-20")
     assert model.generate(max_new_tokens=3, input_ids=__import__("torch").tensor([[1, 2, 3]])).shape[1] == 6
+
+
+def _options(*argv: str) -> RunOptions:
+    from procrustes_onnx.cli import build_parser
+    return RunOptions.from_args(build_parser().parse_args(["run", *argv]))
+
+
+def test_run_defaults_fit_the_time_budget_and_flags_override_them():
+    full, quick = _options(), _options("--quick")
+    assert full.tasks == quick.tasks == ("jargon_cloze", "kjv_cloze")
+    assert (full.task_limit, quick.task_limit) == (100, 20)
+    assert (full.iterations, full.calib_samples, full.solver["rotation_iters"]) == (10, 16, 50)
+    assert (quick.iterations, quick.calib_seq_len, quick.eval_windows) == (5, 256, 4)
+    given = _options("--quick", "--iterations", "7", "--task-limit", "0", "--tasks", "kjv_ppl")
+    assert (given.iterations, given.task_limit, given.tasks) == (7, None, ("kjv_ppl",))
