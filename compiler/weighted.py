@@ -169,20 +169,24 @@ def weighted_stage(terms: Sequence[WeightedTerm], r0: torch.Tensor | None = None
     approx = [None] * len(terms) if approx0 is None else [a.detach().to(torch.float64) for a in approx0]
     trace: list[float] = []
 
+    losses = [None if a is None else term_loss(t, r, a) for t, a in zip(terms, approx)]
+
     def project_all() -> None:
         for i, t in enumerate(terms):
             m, c = t.target(r)
             cand = t.project(m, c).to(torch.float64)
-            if approx[i] is None or term_loss(t, r, cand) <= term_loss(t, r, approx[i]):
-                approx[i] = cand
-        trace.append(weighted_loss(terms, r, approx))
+            cand_loss = term_loss(t, r, cand)
+            if losses[i] is None or cand_loss <= losses[i]:
+                approx[i], losses[i] = cand, cand_loss
+        trace.append(sum(losses))
 
     if approx0 is not None:
-        trace.append(weighted_loss(terms, r, approx))
+        trace.append(sum(losses))
     for _ in range(outer_iters):
         project_all()
         r, inner = solve_rotation(terms, approx, r, iters=rotation_iters, tol=tol)
-        trace.append(weighted_loss(terms, r, approx))
+        losses = [term_loss(t, r, a) for t, a in zip(terms, approx)]  # at the new R (the solver's f, per term)
+        trace.append(sum(losses))
         log.debug("weighted rotation: %d steps, %.6g -> %.6g", len(inner) - 1, inner[0], inner[-1])
     project_all()
     return WeightedResult(r=r, approx=list(approx), loss=trace)

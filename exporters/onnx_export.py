@@ -148,11 +148,14 @@ def export_ir(model: torch.nn.Module, *, with_past: bool = True, opset: int = DE
 
 
 def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, with_past: bool = True,
-                opset: int = DEFAULT_OPSET, tokenizer: Any = None, overwrite: bool = True) -> Path:
-    """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``), atomically; returns the .onnx path."""
+                opset: int = DEFAULT_OPSET, tokenizer: Any = None, overwrite: bool = True,
+                traced: tuple[ir.Model, dict] | None = None) -> Path:
+    """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``), atomically; returns the .onnx path.
+
+    ``traced`` (graph, matmul map) skips tracing, e.g. a template graph carrying this model's weights."""
     start = time.perf_counter()
     model = model.eval()
-    onnx_model, mapping = export_ir(model, with_past=with_past, opset=opset)
+    onnx_model, mapping = traced if traced is not None else export_ir(model, with_past=with_past, opset=opset)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         ir.save(onnx_model, tmp / "model.onnx", external_data="model.onnx.data")
         write_json(tmp / MAP_FILE, mapping)
@@ -168,7 +171,7 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, with_past
             "with_past": with_past, "opset": opset, "dtype": str(next(model.parameters()).dtype),
             "inputs": [v.name for v in onnx_model.graph.inputs],
             "outputs": [v.name for v in onnx_model.graph.outputs],
-            "seconds": round(time.perf_counter() - start, 2),
+            "seconds": round(time.perf_counter() - start, 2), "traced": traced is None,
             "versions": {"torch": torch.__version__, "onnx_ir": ir.__version__},
         })
     return Path(out_dir).resolve() / "model.onnx"

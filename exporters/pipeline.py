@@ -26,24 +26,52 @@ def export_model(model: str, out_dir: str | os.PathLike, *, with_past: bool = Tr
 
 
 def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, with_past: bool = True,
-                      opset: int | None = None, dense_dir: str | os.PathLike | None = None) -> Path:
+                      opset: int | None = None, dense_dir: str | os.PathLike | None = None,
+                      template: str | os.PathLike | list | None = None) -> Path:
     """Compressed checkpoint -> structured ONNX folder: export its dense twin (kept in ``dense_dir`` if
-    given, e.g. as the materialized baseline), then rewrite the structured MatMuls."""
+    given, e.g. as the materialized baseline), then rewrite the structured MatMuls.
+
+    ``template``: exported folders (one or a list) that may share this model's architecture (the dense
+    model, or another globally rotated model's dense twin); the first whose graph takes every parameter
+    is reused with this model's weights instead of tracing again, if ONNX Runtime then agrees with torch;
+    otherwise the model is traced as usual."""
     from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense
     from procrustes_onnx.compiler.passes import rewrite_structured_matmuls
 
     from .onnx_export import DEFAULT_OPSET, export_onnx
+    from .weight_swap import swap_weights
 
     torch_model, tokenizer = load_compressed(checkpoint)
     manifest = materialize_dense(torch_model)
     scratch = None if dense_dir else Path(tempfile.mkdtemp(prefix=".dense-", dir=Path(out_dir).resolve().parent))
+    target = Path(dense_dir) if dense_dir else scratch / "onnx"
     try:
-        dense = export_onnx(torch_model, dense_dir or scratch / "onnx", with_past=with_past,
-                            opset=opset or DEFAULT_OPSET, tokenizer=tokenizer)
+        templates = [] if not template or not with_past else template if isinstance(template, list) else [template]
+        swapped = next((t for t in (swap_weights(torch_model, f) for f in templates) if t is not None), None)
+        dense = export_onnx(torch_model, target, with_past=with_past, opset=opset or DEFAULT_OPSET,
+                            tokenizer=tokenizer, traced=swapped)
+        if swapped is not None and not _agrees_with_torch(torch_model, dense):
+            logger.warning("the reused graph of %s disagrees with the model: tracing it instead", template)
+            dense = export_onnx(torch_model, target, with_past=with_past, opset=opset or DEFAULT_OPSET,
+                                tokenizer=tokenizer)
         return rewrite_structured_matmuls(dense.parent, out_dir, manifest=manifest)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _agrees_with_torch(model, onnx_path: Path, tol: float = 1e-4) -> bool:
+    """Logits of a short fixed input from ONNX Runtime and torch agree to ``tol`` (relative)."""
+    import numpy as np
+    import torch
+
+    from procrustes_onnx.runtime.session import OnnxCausalLM
+
+    ids = torch.arange(1, 17).remainder(model.config.vocab_size)[None]
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits.double().numpy()
+    got = OnnxCausalLM(onnx_path, threads=None).logits(ids.numpy()).astype(np.float64)
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) < tol
 
 
 def rewrite_model(onnx_in: str | os.PathLike, checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

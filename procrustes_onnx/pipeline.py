@@ -126,17 +126,23 @@ def run_pipeline(opts: RunOptions) -> Path:
 
     cached_dir(dense_dir, dense_key, build_dense, clock.note)
     artifacts = {"dense": {"path": dense_dir, "key": content_hash(dense_key), "torch": ("dense", model_dir)}}
+    twins: list[Path] = []  # dense twins of globally rotated variants: same graph, other weights
     for variant, entry in entries.items():
         clock.stage(f"export + rewrite {variant}")
         folder = out / f"{slug}-{variant}-{pct}"
         key = {"checkpoint": entry["key"], "stage": "export-rewrite"}
 
-        def build(d: Path, e=entry, v=variant) -> None:
-            export_compressed(e["checkpoint"], d)
+        same_shape = entry["config"]["rotation"] == "global" and entry["config"]["method"] != "slicegpt"
+        twin = work / f"{variant}-{entry['key']}-twin" if same_shape else None  # kept: a template for the next
+
+        def build(d: Path, e=entry, v=variant, twin=twin) -> None:
+            export_compressed(e["checkpoint"], d, dense_dir=twin, template=[dense_dir, *twins] if twin else None)
             shutil.copy2(Path(e["checkpoint"]) / "structure.json", d / "structure.json")  # the structure manifest
             _write_artifact_readme(d, f"{opts.model}, {v}, {opts.ratio:.0%} of parameters removed",
                                    {"compression": e["config"]})
         cached_dir(folder, key, build, clock.note)
+        if twin is not None and (twin / "model.onnx").is_file():
+            twins.append(twin)
         artifacts[variant] = {"path": folder, "key": content_hash(key), "torch": ("compressed", entry["checkpoint"])}
 
     results: dict[str, dict] = {name: {"path": str(a["path"])} for name, a in artifacts.items()}

@@ -17,7 +17,7 @@ VARIANTS = {
     "slicegpt": {"method": "slicegpt"},
 }
 DEFAULT_VARIANTS = ("w-kron", "w-gs", "slicegpt")
-QUICK_VARIANTS = ("w-kron", "slicegpt")  # --quick: the product's default and its baseline
+QUICK_VARIANTS = ("w-kron",)  # --quick: the product's default only (add baselines with --variants)
 #: the run's zero-shot tasks: the multiple-choice ones (the *_ppl tasks repeat the perplexity stage at
 #: about 2 s a passage; `procrustes-onnx eval --tasks` runs them)
 RUN_TASKS = ("jargon_cloze", "kjv_cloze")
