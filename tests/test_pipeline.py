@@ -95,3 +95,13 @@ def test_run_defaults_fit_the_time_budget_and_flags_override_them():
     assert (quick.iterations, quick.calib_seq_len, quick.eval_windows) == (5, 256, 4)
     given = _options("--quick", "--iterations", "7", "--task-limit", "0", "--tasks", "kjv_ppl")
     assert (given.iterations, given.task_limit, given.tasks) == (7, None, ("kjv_ppl",))
+
+
+def test_second_global_variant_reuses_a_graph_instead_of_tracing(run):
+    root, opts = run
+    opts.variants, opts.evaluate, opts.benchmark = ["w-kron", "f-kron"], False, False
+    run_pipeline(opts)
+    twins = {p.name.split("-")[0] + "-" + p.name.split("-")[1]: p for p in (root / "artifacts" / ".work").glob("*-twin")}
+    assert json.loads((twins["f-kron"] / "export.json").read_text())["traced"] is False
+    results = json.loads((root / "artifacts" / "results.json").read_text())
+    assert results["results"]["f-kron"]["validation"]["relative_error"] < 1e-4
