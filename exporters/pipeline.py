@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 __all__ = ["export_model", "export_compressed", "rewrite_model", "inspect_model"]
 
@@ -27,11 +27,11 @@ def export_model(model: str, out_dir: str | os.PathLike, *, with_past: bool = Tr
 
 def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, with_past: bool = True,
                       opset: int | None = None, dense_dir: str | os.PathLike | None = None,
-                      template: str | os.PathLike | list | None = None) -> Path:
+                      templates: Sequence[str | os.PathLike] = ()) -> Path:
     """Compressed checkpoint -> structured ONNX folder: export its dense twin (kept in ``dense_dir`` if
     given, e.g. as the materialized baseline), then rewrite the structured MatMuls.
 
-    ``template``: exported folders (one or a list) that may share this model's architecture (the dense
+    ``templates``: exported folders that may share this model's architecture (the dense
     model, or another globally rotated model's dense twin); the first whose graph takes every parameter
     is reused with this model's weights instead of tracing again, if ONNX Runtime then agrees with torch;
     otherwise the model is traced as usual."""
@@ -46,12 +46,12 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     scratch = None if dense_dir else Path(tempfile.mkdtemp(prefix=".dense-", dir=Path(out_dir).resolve().parent))
     target = Path(dense_dir) if dense_dir else scratch / "onnx"
     try:
-        templates = [] if not template or not with_past else template if isinstance(template, list) else [template]
-        swapped = next((t for t in (swap_weights(torch_model, f) for f in templates) if t is not None), None)
+        tries = (swap_weights(torch_model, f) for f in (templates if with_past else ()))
+        swapped = next((t for t in tries if t is not None), None)
         dense = export_onnx(torch_model, target, with_past=with_past, opset=opset or DEFAULT_OPSET,
                             tokenizer=tokenizer, traced=swapped)
         if swapped is not None and not _agrees_with_torch(torch_model, dense):
-            logger.warning("the reused graph of %s disagrees with the model: tracing it instead", template)
+            logger.warning("a reused graph from %s disagrees with the model: tracing it instead", templates)
             dense = export_onnx(torch_model, target, with_past=with_past, opset=opset or DEFAULT_OPSET,
                                 tokenizer=tokenizer)
         return rewrite_structured_matmuls(dense.parent, out_dir, manifest=manifest)
@@ -60,17 +60,32 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def ort_logits(onnx_path: str | os.PathLike, ids):
+    """Logits [B, T, V] of ``ids`` [B, T] (int64) from a fresh ONNX Runtime session, empty past if it has one.
+
+    The exporter's own check; it drives ORT directly, since runtime/ builds on exporters/ and not back."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    batch, seq = ids.shape
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feeds[i.name] = np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
+    return session.run(["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[0]
+
+
 def _agrees_with_torch(model, onnx_path: Path, tol: float = 1e-4) -> bool:
     """Logits of a short fixed input from ONNX Runtime and torch agree to ``tol`` (relative)."""
     import numpy as np
     import torch
 
-    from procrustes_onnx.runtime.session import OnnxCausalLM
-
     ids = torch.arange(1, 17).remainder(model.config.vocab_size)[None]
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits.double().numpy()
-    got = OnnxCausalLM(onnx_path, threads=None).logits(ids.numpy()).astype(np.float64)
+    got = ort_logits(onnx_path, ids.numpy()).astype(np.float64)
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) < tol
 
 

@@ -45,18 +45,16 @@ def swap_weights(model: torch.nn.Module, template_dir: str | Path) -> tuple[ir.M
     mapping = json.loads((folder / MAP_FILE).read_text())
     modules = dict(model.named_modules())
     new: dict[str, np.ndarray] = {}
-    covered: set[int] = set()  # ids of parameters placed (a tied parameter counts once)
-    placed: list[torch.Tensor] = []
+    placed: list[torch.Tensor] = []  # parameters already given an initializer (a tied one counts once)
     for name, entry in mapping.items():
         module = modules.get(name)
         if module is None or not hasattr(module, "weight") or getattr(module, "bias", None) is not None:
             return None
         w = module.weight.detach().to(torch.float32).numpy()
         new[entry["weight"]] = w.T if entry["transposed"] else w
-        covered.add(id(module.weight))
         placed.append(module.weight)
     for key, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in covered:
+        if any(tensor is p for p in placed):
             continue
         if key not in inits:
             if isinstance(tensor, torch.nn.Parameter) and not any(
@@ -64,7 +62,6 @@ def swap_weights(model: torch.nn.Module, template_dir: str | Path) -> tuple[ir.M
                 return None  # neither in the graph nor a (loaded untied) copy of a placed one: trace instead
             continue  # a buffer (e.g. rotary inv_freq) the exporter turned into constants of its own
         new[key] = tensor.detach().to(torch.float32).numpy()
-        covered.add(id(tensor))
         placed.append(tensor)
     for name, value in new.items():
         old = inits.get(name)

@@ -136,7 +136,7 @@ def run_pipeline(opts: RunOptions) -> Path:
         twin = work / f"{variant}-{entry['key']}-twin" if same_shape else None  # kept: a template for the next
 
         def build(d: Path, e=entry, v=variant, twin=twin) -> None:
-            export_compressed(e["checkpoint"], d, dense_dir=twin, template=[dense_dir, *twins] if twin else None)
+            export_compressed(e["checkpoint"], d, dense_dir=twin, templates=[dense_dir, *twins] if twin else ())
             shutil.copy2(Path(e["checkpoint"]) / "structure.json", d / "structure.json")  # the structure manifest
             _write_artifact_readme(d, f"{opts.model}, {v}, {opts.ratio:.0%} of parameters removed",
                                    {"compression": e["config"]})

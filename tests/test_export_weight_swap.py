@@ -2,40 +2,28 @@
 
 import json
 
-import numpy as np
-import onnxruntime as ort
 import torch
 
 from procrustes_onnx.compiler.checkpoint import load_compressed, save_compressed
 from procrustes_onnx.exporters.onnx_export import export_onnx
-from procrustes_onnx.exporters.pipeline import export_compressed
+from procrustes_onnx.exporters.pipeline import export_compressed, ort_logits
 from procrustes_onnx.exporters.weight_swap import swap_weights
 from procrustes_onnx.testing import tiny_model
 from test_export_helpers import add_random_shortcuts, rel_err, structured_tiny
-
-
-def _logits(onnx_dir, ids):
-    session = ort.InferenceSession(str(onnx_dir / "model.onnx"))
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-             "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
-    for i in session.get_inputs():
-        if i.name.startswith("past_key_values"):
-            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-    return session.run(["logits"], feeds)[0]
 
 
 def test_same_shaped_model_reuses_the_template_graph_and_matches_torch(tmp_path):
     template = export_onnx(tiny_model("llama", seed=5), tmp_path / "dense").parent
     structured, _, _ = structured_tiny("llama")
     save_compressed(structured, tmp_path / "ckpt")
-    export_compressed(tmp_path / "ckpt", tmp_path / "out", dense_dir=tmp_path / "twin", template=template)
+    export_compressed(tmp_path / "ckpt", tmp_path / "out", dense_dir=tmp_path / "twin", templates=[template])
     assert json.loads((tmp_path / "twin" / "export.json").read_text())["traced"] is False
     model, _ = load_compressed(tmp_path / "ckpt")
     ids = torch.arange(3, 27)[None]
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits.numpy()
-    assert rel_err(_logits(tmp_path / "out", ids.numpy()), ref) < 1e-4
-    assert rel_err(_logits(template, ids.numpy()), ref) > 1e-2  # the template's own weights would be wrong
+    assert rel_err(ort_logits(tmp_path / "out" / "model.onnx", ids.numpy()), ref) < 1e-4
+    assert rel_err(ort_logits(template / "model.onnx", ids.numpy()), ref) > 1e-2  # the template's own weights would be wrong
 
 
 def test_model_with_extra_parameters_is_refused(tmp_path):
