@@ -21,9 +21,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
+from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead
 
 from ..errors import UserError
 from .adapters import get_adapter, get_module, set_module, surgery_state
+from .embeddings import install_factored_embedding
 from .fusion import install_fused_modules
 from .positions import position_dims
 from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
@@ -77,6 +79,14 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"{path}.weight"] = w
                 entry = {"shape": [d_in, d_out], "storage": "dense", "tensors": [f"{path}.weight"]}
             manifest["shortcuts"][path] = entry
+        elif isinstance(module, FactoredEmbedding) and "embedding" not in manifest:
+            manifest["embedding"] = {"path": path, "shape": [module.num_embeddings, module.embedding_dim],
+                                     "rank": module.rank, "tied": False, "head": None,
+                                     "tensors": {"a": f"{path}.a", "b": f"{path}.b"}}
+            tensors[f"{path}.a"], tensors[f"{path}.b"] = module.a, module.b
+            handled.update((id(module.a), id(module.b)))
+        elif isinstance(module, FactoredHead) and "embedding" in manifest:
+            manifest["embedding"].update(tied=True, head=path)
     for name, p in model.named_parameters():           # dense remainder; tied parameters appear once
         if id(p) not in handled:
             tensors[name] = p
@@ -177,6 +187,11 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple
         state["shortcuts"] = False
         install_shortcuts(model, manifest["dims"])
     loaded: set[int] = set()
+    if manifest.get("embedding"):
+        entry = manifest["embedding"]
+        a, b = (tensors.pop(entry["tensors"][k]).to(dtype) for k in ("a", "b"))
+        emb = install_factored_embedding(model, entry, a, b)
+        loaded.update(id(p) for p in emb.parameters())
     for name, entry in manifest["structured"].items():
         factors = {k: tensors.pop(v).to(dtype) for k, v in entry["tensors"].items()}
         bias = tensors.pop(entry["bias"]).to(dtype) if entry["bias"] else None
@@ -192,7 +207,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     for name, t in tensors.items():
         loaded.add(id(_assign(model, name, t.to(dtype))))
     adapter = get_adapter(model)
-    if manifest.get("tied"):
+    if manifest.get("tied") and not (manifest.get("embedding") or {}).get("tied"):
         head = get_module(model, adapter.lm_head_path)
         head.weight = get_module(model, adapter.embed_path).weight
         head.out_features, head.in_features = head.weight.shape

@@ -20,10 +20,12 @@ from tqdm.auto import tqdm
 
 from procrustes_onnx.errors import UserError
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
+from procrustes_onnx.ops.embedding import embedding_rank
 
 from .adapters import get_adapter, get_module
 from .calibration import calibration_windows_for, collect_grams, damp_gram
-from .config import CompressionConfig, Plan, build_plan
+from .config import EMBED_KEPT, CompressionConfig, Plan, build_plan
+from .embeddings import factor_embedding
 from .positions import residual_positions, stream_matrix
 from .stages import gram_paths, load_group, save_group, solve_group
 
@@ -66,7 +68,23 @@ def plan_for_model(model: nn.Module, config: CompressionConfig, original_params:
             candidates.append((ref.path, ref.role, ref.layer, tuple(w.shape), side))
             compressed_numel += w.numel()
     fixed = count_params(model) - compressed_numel
-    return build_plan(candidates, config, original_params, fixed, _skip_params(model, config))
+    embedding = _embedding_plan(model, config)
+    if embedding is not None:
+        fixed -= math.prod(embedding["shape"]) - embedding["params"]
+    plan = build_plan(candidates, config, original_params, fixed, _skip_params(model, config))
+    plan.embedding = embedding
+    return plan
+
+
+def _embedding_plan(model: nn.Module, config: CompressionConfig) -> dict | None:
+    """The low-rank token embedding `--compress-embeddings` asks for (None without it)."""
+    if not config.compress_embeddings:
+        return None
+    adapter = get_adapter(model)
+    vocab, dim = get_module(model, adapter.embed_path).weight.shape
+    rank = embedding_rank(vocab, dim, float(config.kept.get("embed", EMBED_KEPT)))
+    return {"path": adapter.embed_path, "head": adapter.lm_head_path, "shape": [vocab, dim], "rank": rank,
+            "params": rank * (vocab + dim), "tied": adapter.tied}
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -157,6 +175,12 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
                 echo(f"refine ({config.refine}): {len(records)} linears re-fitted on the compressed model's inputs, "
                      f"mean relative error {before:.4f} -> {after:.4f}")
             del reference
+        if plan.embedding is not None:
+            if windows is None:
+                windows = calibration_windows_for(tokenizer, config, calib_tokens)
+            err = factor_embedding(model, plan.embedding, windows, config.token_weighting)
+            echo(f"embedding: rank {plan.embedding['rank']} factors, weighted relative error {err:.4f}"
+                 + (" (the tied head reads the same factors)" if plan.embedding["tied"] else " (head stays dense)"))
     return plan
 
 

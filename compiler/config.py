@@ -15,6 +15,7 @@ __all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES", "Plan", "PlanE
 
 #: the paper's fixed configurations: name -> fraction of each compressed matrix KEPT
 PRESETS = {"3/4": 0.75, "5/8": 0.625, "1/2": 0.5, "full": 1.0}  # "full": exact (lossless), for checks
+EMBED_KEPT = 0.75    # default kept share of the token embedding with --compress-embeddings
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "embed", "head")
 STRUCTURES = ("kron", "gs", "dense")
 ROTATIONS = ("global", "per-position")
@@ -39,7 +40,8 @@ class CompressionConfig:
     dense_layers: list[int] = field(default_factory=list)      # layers whose linears stay dense
     kept: dict[str, float] = field(default_factory=dict)       # per-role fixed kept fraction, e.g. {"q": 0.375};
                                                                 # --ratio is then met by the other roles
-    compress_embeddings: bool = False
+    compress_embeddings: bool = False                           # low-rank token embedding (and tied head),
+                                                                # kept share kept["embed"] or EMBED_KEPT
     rotation: str = "global"
     method: str = "weighted"
     iterations: int = 50                                        # Frobenius ALS iterations (paper: 50)
@@ -89,9 +91,11 @@ class CompressionConfig:
         _choice("balance", self.balance, BALANCES)
         _choice("allocation", self.allocation, ("middle", "first", "last"))
         _choice("kron split", self.kron_split, ("input", "hidden"))
-        if self.compress_embeddings:
-            raise UserError("embedding/head compression is not implemented in this version: drop "
-                            "--compress-embeddings (the embedding and the tied head stay dense)")
+        if "embed" in self.kept and not self.compress_embeddings:
+            raise UserError("--kept embed=... needs --compress-embeddings (the embedding is dense otherwise)")
+        if "head" in self.kept:
+            raise UserError("--kept head=... is not supported: a tied head shares the embedding's factors, an "
+                            "untied head stays dense; set embed=... with --compress-embeddings")
         _choice("refine", self.refine, ("none", "sequential", "corrected"))
         if self.refine != "none" and self.method != "weighted":
             raise UserError(f"--refine {self.refine} needs calibration: use it with --method weighted")
@@ -165,6 +169,7 @@ class Plan:
     original_params: int        # the model before any surgery (tied weights once)
     promised_params: int        # what the saved checkpoint will store
     skip_params: int = 0
+    embedding: dict | None = None   # low-rank token embedding: path, shape [V, d], rank, params, tied
 
     @property
     def removed(self) -> float:
@@ -181,6 +186,12 @@ class Plan:
             p = es[0].params
             lines.append(f"{role:6} {kind:5} {f'{shape[0]}x{shape[1]}':>10} {shapes:34} {len(es):5d} {p:9d} "
                          f"{p / es[0].dense_params:6.3f}")
+        if self.embedding is not None:
+            e = self.embedding
+            v, d = e["shape"]
+            what = "embed+head" if e["tied"] else "embed"
+            lines.append(f"{what:6} {'lowrk':5} {f'{v}x{d}':>10} {'rank ' + str(e['rank']):34} {1:5d} "
+                         f"{e['params']:9d} {e['params'] / (v * d):6.3f}")
         lines.append(f"skip matrices: {self.skip_params} params; stored {self.promised_params:,} of "
                      f"{self.original_params:,} -> {100 * self.removed:.2f}% removed")
         return "\n".join(lines)

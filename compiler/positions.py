@@ -70,5 +70,5 @@ def position_dims(model: nn.Module) -> list[int]:
     dims = []
     for pos in residual_positions(model):
         module = get_module(model, pos.writers[0].path)
-        dims.append(module.weight.shape[1] if isinstance(module, nn.Embedding) else int(module.out_features))
+        dims.append(int(getattr(module, "embedding_dim", None) or module.out_features))  # embeddings: V x d
     return dims

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import re
 from typing import Any
 
 import onnx_ir as ir
@@ -29,10 +30,23 @@ def module_scope(node: ir.Node, prefix: str = "") -> str | None:
     scopes = [s for s in ast.literal_eval(raw) if s]
     if len(scopes) < 2:
         return None
-    name = scopes[-2]
+    name = _unslice(scopes[-2])
     if prefix and name.startswith(prefix):
         name = name[len(prefix):]
     return name
+
+
+_SLICE = re.compile(r"\.slice\((None|-?\d+), (None|-?\d+), (None|-?\d+)\)\.(\d+)")
+
+
+def _unslice(name: str) -> str:
+    """``layers.slice(None, 2, None).1`` -> ``layers.1``: a module reached through a sliced ModuleList
+    (``self.layers[:n]``) is sometimes scoped by the slice; map it back to its own path."""
+    def repl(m: re.Match) -> str:
+        start = 0 if m[1] == "None" else int(m[1])
+        step = 1 if m[3] == "None" else int(m[3])
+        return f".{start + step * int(m[4])}"
+    return _SLICE.sub(repl, name)
 
 
 def constant_weight(value: ir.Value) -> tuple[ir.Value, ir.Node | None] | None:

@@ -86,7 +86,10 @@ class ModelAdapter(ABC):
     @property
     def tied(self) -> bool:
         """True when the LM head shares its weight with the token embedding."""
-        return get_module(self.model, self.lm_head_path).weight is get_module(self.model, self.embed_path).weight
+        head, embed = get_module(self.model, self.lm_head_path), get_module(self.model, self.embed_path)
+        if getattr(head, "embedding", None) is embed:          # FactoredHead on a FactoredEmbedding
+            return True
+        return getattr(head, "weight", None) is not None and head.weight is getattr(embed, "weight", None)
 
     def validate(self) -> None:
         """Raise UserError for variants of the family the surgery does not support."""
