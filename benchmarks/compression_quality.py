@@ -3,7 +3,8 @@ parameters removed, global and per-position rotation: exact removed %, PPL, comp
 
 Each row runs in its own subprocess (clean peak-memory numbers, no state shared between rows) and is
 appended to the JSON as soon as it finishes, so a long run can be stopped and continued with --resume.
-Row ids: ``dense``, ``slicegpt-20``, ``wkron-20-global``, ``fgs-14-per-position``, ... (``--rows all``).
+Row ids: ``dense``, ``slicegpt-20``, ``wkron-20-global``, ``fgs-14-per-position``, ... (``--rows all``);
+a ProcrustesGPT id + ``-emb`` also factors the token embedding (``--compress-embeddings``, 3/4 kept).
 Full PPL is 100 windows x ~2.8 s on 2 cores: use ``--windows N`` for quick comparisons.
 """
 
@@ -26,6 +27,12 @@ ROTATIONS = ("global", "per-position")
 METHODS = {"f": "frobenius", "w": "weighted"}
 ALL_ROWS = (["dense"] + [f"slicegpt-{r}" for r in RATIOS]
             + [f"{m}{s}-{r}-{rot}" for s in ("kron", "gs") for m in ("f", "w") for r in RATIOS for rot in ROTATIONS])
+EMB_SUFFIX = "-emb"   # a ProcrustesGPT row id + "-emb": the same with --compress-embeddings (embedding kept 3/4)
+
+
+def known_row(row: str) -> bool:
+    base = row[: -len(EMB_SUFFIX)] if row.endswith(EMB_SUFFIX) else row
+    return base in ALL_ROWS and (base == row or base[0] in METHODS)
 
 
 def row_config(row: str, args: argparse.Namespace) -> dict:
@@ -35,6 +42,9 @@ def row_config(row: str, args: argparse.Namespace) -> dict:
     common.update(json.loads(args.extra))
     if row.startswith("slicegpt-"):
         return {**common, "method": "slicegpt", "ratio": int(row.split("-")[1]) / 100}
+    if row.endswith(EMB_SUFFIX):
+        common["compress_embeddings"] = True
+        row = row[: -len(EMB_SUFFIX)]
     head, ratio, rotation = row.split("-", 2)
     return {**common, "method": METHODS[head[0]], "structure": head[1:], "ratio": int(ratio) / 100,
             "rotation": rotation}
@@ -100,7 +110,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
         return
     rows = ALL_ROWS if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ALL_ROWS]
+    unknown = [r for r in rows if not known_row(r)]
     if unknown:
         sys.exit(f"unknown rows {unknown}; known: {', '.join(ALL_ROWS)}")
     results = _load(args) if args.resume else []

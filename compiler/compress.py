@@ -178,7 +178,7 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
         if plan.embedding is not None:
             if windows is None:
                 windows = calibration_windows_for(tokenizer, config, calib_tokens)
-            err = factor_embedding(model, plan.embedding, windows, config.token_weighting)
+            err = factor_embedding(model, plan.embedding, windows, config.token_weighting, config.damp)
             echo(f"embedding: rank {plan.embedding['rank']} factors, weighted relative error {err:.4f}"
                  + (" (the tied head reads the same factors)" if plan.embedding["tied"] else " (head stays dense)"))
     return plan

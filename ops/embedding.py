@@ -63,10 +63,11 @@ def embedding_rank(vocab: int, dim: int, kept: float) -> int:
 
 
 def project_embedding(table: torch.Tensor, rank: int, row_weights: torch.Tensor | None = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (a, b) minimizing ||D (E - a b)||_F for D = diag(row_weights) (plain SVD without weights).
+                      col_gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (a, b) minimizing ||D (E - a b) C^(1/2)||_F, D = diag(row_weights), C = col_gram (the Gram of
+    the tied head's input: directions the head never reads cost nothing). Either weighting may be omitted.
 
-    Closed form: the rank-r truncated SVD of D E, with D undone on the left factor.
+    Closed form: the rank-r truncated SVD of D E C^(1/2), with D and C^(1/2) undone on the factors.
     """
     if table.dim() != 2 or not 1 <= rank <= min(table.shape):
         raise UserError(f"embedding rank {rank} is outside 1..{min(table.shape)} for a table of shape "
@@ -75,6 +76,22 @@ def project_embedding(table: torch.Tensor, rank: int, row_weights: torch.Tensor 
     w = torch.ones(e.shape[0], dtype=torch.float64) if row_weights is None else row_weights.to(torch.float64)
     if w.shape != (e.shape[0],) or not bool((w > 0).all()):
         raise UserError(f"embedding row weights must be {e.shape[0]} positive numbers, got shape {tuple(w.shape)}")
-    u, s, vh = torch.linalg.svd(w[:, None] * e, full_matrices=False)
-    a = u[:, :rank] * (s[:rank] / w[:, None])
-    return a.to(table.dtype), vh[:rank].to(table.dtype)
+    x = w[:, None] * e
+    if col_gram is not None:
+        root, inv_root = _sqrt_and_inverse_sqrt(col_gram, e.shape[1])
+        x = x @ root
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    a, b = u[:, :rank] * (s[:rank] / w[:, None]), vh[:rank]
+    if col_gram is not None:
+        b = b @ inv_root
+    return a.to(table.dtype), b.to(table.dtype)
+
+
+def _sqrt_and_inverse_sqrt(gram: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    c = gram.to(torch.float64)
+    if tuple(c.shape) != (dim, dim):
+        raise UserError(f"embedding column Gram must be {dim}x{dim}, got {tuple(c.shape)}")
+    evals, evecs = torch.linalg.eigh((c + c.T) / 2)
+    if not bool(evals.min() > 1e-12 * evals.max().clamp(min=1e-300)):
+        raise UserError("embedding column Gram is not positive definite: damp it (calibration.damp_gram)")
+    return (evecs * evals.sqrt()) @ evecs.T, (evecs / evals.sqrt()) @ evecs.T

@@ -94,3 +94,20 @@ def test_sliced_module_list_scopes_map_back():
     assert _unslice("model.model.layers.slice(None, 2, None).1.mlp.up_proj") == "model.model.layers.1.mlp.up_proj"
     assert _unslice("model.layers.slice(2, None, 2).1.self_attn") == "model.layers.4.self_attn"
     assert _unslice("model.layers.3.mlp") == "model.layers.3.mlp"
+
+
+def test_head_gram_weighting_is_optimal_in_its_norm():
+    g = torch.Generator().manual_seed(3)
+    e = torch.randn(200, 16, dtype=torch.float64, generator=g)
+    x = torch.randn(500, 16, dtype=torch.float64, generator=g) * torch.logspace(0, -2, 16, dtype=torch.float64)
+    c = x.T @ x / 500
+    w = torch.rand(200, dtype=torch.float64, generator=g) + 0.5
+    a, b = project_embedding(e, 6, w, c)
+    err = lambda approx: float(((w[:, None] * (e - approx)) @ c * (w[:, None] * (e - approx))).sum())
+    root = torch.linalg.cholesky(c)                     # C = L L^T: the norm is ||D (E - A B) L||
+    optimum = float((torch.linalg.svdvals(w[:, None] * e @ root)[6:] ** 2).sum())
+    assert err(a @ b) == pytest.approx(optimum, rel=1e-9)
+    pa, pb = project_embedding(e, 6, w)
+    assert err(a @ b) < err(pa @ pb)
+    with pytest.raises(UserError, match="positive definite"):
+        project_embedding(e, 6, w, torch.zeros(16, 16, dtype=torch.float64))
