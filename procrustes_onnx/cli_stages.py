@@ -116,7 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine", choices=["none", "sequential", "corrected"],
                    help="after the solve, re-fit each linear on the compressed model's own inputs, layer by layer; "
                         "'corrected' also steers it back to the dense model's outputs")
-    p.add_argument("--compress-embeddings", action="store_true")
+    p.add_argument("--compress-embeddings", action="store_true",
+                   help="low-rank token embedding (a tied head reads the same factors); kept share --kept embed=F, "
+                        "default 0.75")
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_compress)
 
