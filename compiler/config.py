@@ -93,6 +93,9 @@ class CompressionConfig:
         _choice("kron split", self.kron_split, ("input", "hidden"))
         if "embed" in self.kept and not self.compress_embeddings:
             raise UserError("--kept embed=... needs --compress-embeddings (the embedding is dense otherwise)")
+        if self.compress_embeddings and self.method == "slicegpt":
+            raise UserError("--compress-embeddings does not apply to --method slicegpt (slicing already narrows the "
+                            "table); drop one of them")
         if "head" in self.kept:
             raise UserError("--kept head=... is not supported: a tied head shares the embedding's factors, an "
                             "untied head stays dense; set embed=... with --compress-embeddings")

@@ -46,6 +46,8 @@ def test_rank_and_bad_inputs():
         project_embedding(torch.randn(10, 4), 5)
     with pytest.raises(UserError, match="needs --compress-embeddings"):
         tiny_compression_config(kept={"embed": 0.5})
+    with pytest.raises(UserError, match="slicegpt"):
+        tiny_compression_config(compress_embeddings=True, method="slicegpt", ratio=0.2, preset=None)
     with pytest.raises(UserError, match="head"):
         tiny_compression_config(compress_embeddings=True, kept={"head": 0.5})
 
