@@ -124,9 +124,11 @@ def solve_group(model: nn.Module, sel: list[Position], specs: dict[str, dict], c
         fac = proj.factors_of(ref.path, chosen.get(ref.path))
         if fac is None:  # the solver kept an earlier iterate: project again at the final rotation
             w = r.T @ weights[ref.path] if ref.reads else weights[ref.path] @ r
-            gram = rotate_gram(_gram(pos, ref, grams), r) if ref.reads else _gram(pos, ref, grams)
-            fac = project_weighted(w, gram, specs[ref.path]) if config.method == "weighted" \
-                else project_factors(w, specs[ref.path])
+            if config.method == "weighted":      # Frobenius runs have no Grams
+                gram = rotate_gram(_gram(pos, ref, grams), r) if ref.reads else _gram(pos, ref, grams)
+                fac = project_weighted(w, gram, specs[ref.path])
+            else:
+                fac = project_factors(w, specs[ref.path])
         factors[ref.path] = {k: v.detach().to(torch.float32).contiguous() for k, v in fac.items()}
     return r, factors, info
 

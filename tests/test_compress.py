@@ -141,3 +141,14 @@ def test_fixed_kept_roles_and_ratio(tmp_path):
     assert sum(shares(plan, False)) > sum(shares(uniform, False))       # the rest keeps more
     with pytest.raises(UserError, match="kept fraction"):
         cfg(kept={"q": 1.5})
+
+
+@torch.no_grad()
+def test_frobenius_per_position_kron_runs_without_grams(tmp_path):
+    # the last position holds one matrix; when ALS keeps its first iterate the solver re-projects it,
+    # which once looked up a calibration Gram that Frobenius runs never collect (KeyError)
+    model = tiny_model("llama")
+    plan = compress_model(model, None, cfg(ratio=0.2, preset=None, rotation="per-position", structure="kron",
+                                           method="frobenius"), tmp_path, progress=False, echo=lambda s: None,
+                          calib_tokens=CALIB)
+    assert sum(isinstance(m, StructuredLinear) for m in model.modules()) == len(plan.entries)
