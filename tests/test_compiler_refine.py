@@ -93,4 +93,4 @@ def test_refine_needs_calibration():
     with pytest.raises(UserError, match="--method weighted"):
         cfg(method="frobenius", refine="sequential")
     with pytest.raises(UserError, match="compress-embeddings"):
-        cfg(compress_embeddings=True)
+        cfg(kept={"embed": 0.5})          # the embedding's kept share needs the option itself
