@@ -25,6 +25,7 @@ def main() -> None:
     from procrustes_onnx.compiler.weighted import project_weighted
     from procrustes_onnx.environment import write_results
     from procrustes_onnx.ops import gs_materialize, kron_materialize, project_gs_weighted
+    from procrustes_onnx.ops import projection_error as rel
     from procrustes_onnx.ops.planner import spec_params
     from procrustes_onnx.sources import load_model
     from procrustes_onnx.texts import load_text, tokenize_corpus
@@ -44,10 +45,6 @@ def main() -> None:
     paths = [f"model.layers.{i}.{p}" for i in layers for p in ROLES.values()]
     with torch.no_grad():
         grams = collect_grams(model, windows, paths, progress=False)
-
-    def rel(m, w, c):
-        d = m - w
-        return float(torch.sqrt(torch.trace(d.T @ c @ d) / torch.trace(m.T @ c @ m)))
 
     rows = []
     for layer in layers:

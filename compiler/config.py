@@ -184,17 +184,17 @@ class Plan:
         for e in self.entries:
             key = (e.role, e.spec["kind"], e.shape, _spec_shapes(e.spec))
             rows.setdefault(key, []).append(e)
+        def line(role, kind, shape, shapes, count, params) -> str:
+            return (f"{role:6} {kind:5} {f'{shape[0]}x{shape[1]}':>10} {shapes:34} {count:5d} {params:9d} "
+                    f"{params / (shape[0] * shape[1]):6.3f}")
+
         lines = [f"{'role':6} {'kind':5} {'shape':>10} {'factors':34} {'count':>5} {'params':>9} {'kept':>6}"]
-        for (role, kind, shape, shapes), es in rows.items():
-            p = es[0].params
-            lines.append(f"{role:6} {kind:5} {f'{shape[0]}x{shape[1]}':>10} {shapes:34} {len(es):5d} {p:9d} "
-                         f"{p / es[0].dense_params:6.3f}")
+        lines += [line(role, kind, shape, shapes, len(es), es[0].params)
+                  for (role, kind, shape, shapes), es in rows.items()]
         if self.embedding is not None:
             e = self.embedding
-            v, d = e["shape"]
-            what = "embed+head" if e["tied"] else "embed"
-            lines.append(f"{what:6} {'lowrk':5} {f'{v}x{d}':>10} {'rank ' + str(e['rank']):34} {1:5d} "
-                         f"{e['params']:9d} {e['params'] / (v * d):6.3f}")
+            lines.append(line("embed+head" if e["tied"] else "embed", "lowrk", e["shape"], f"rank {e['rank']}", 1,
+                              e["params"]))
         lines.append(f"skip matrices: {self.skip_params} params; stored {self.promised_params:,} of "
                      f"{self.original_params:,} -> {100 * self.removed:.2f}% removed")
         return "\n".join(lines)

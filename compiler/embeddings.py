@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from procrustes_onnx.ops import projection_error
 from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead, project_embedding
 
 from .adapters import get_module, set_module
@@ -46,8 +47,6 @@ def factor_embedding(model: nn.Module, entry: dict, windows: torch.Tensor, weigh
         gram = damp_gram(collect_grams(model, windows, [entry["head"]], progress=False)[entry["head"]], damp)
     a, b = project_embedding(table, int(entry["rank"]), w, gram)
     install_factored_embedding(model, entry, a, b)
-    diff = w[:, None] * (table.to(torch.float64) - a.to(torch.float64) @ b.to(torch.float64))
     full = w[:, None] * table.to(torch.float64)
-    if gram is None:
-        return float(diff.norm() / full.norm())
-    return float(torch.sqrt(((diff @ gram) * diff).sum() / ((full @ gram) * full).sum()))
+    approx = w[:, None] * (a.to(torch.float64) @ b.to(torch.float64))
+    return projection_error(full.T, approx.T, gram)          # the Gram acts on the d side: transpose
