@@ -30,7 +30,7 @@ from .fusion import install_fused_modules
 from .positions import position_dims
 from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
 
-__all__ = ["save_compressed", "save_compressed_into", "load_compressed", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
+__all__ = ["save_compressed", "save_compressed_into", "load_compressed", "require_checkpoint", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -165,12 +165,18 @@ def save_compressed_into(model: nn.Module, out_dir: str | Path, tokenizer=None, 
     staging.rmdir()
     return out_dir
 
-def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
-    """Rebuild the torch model (StructuredLinears, exact orthogonal skips) and the tokenizer (None if absent)."""
+def require_checkpoint(path: str | Path) -> Path:
+    """``path`` if it is a compressed checkpoint folder, else a one-line user error (before any slow work)."""
     path = Path(path)
     if not (path / "structure.json").is_file() or not (path / "model.safetensors").is_file():
         raise UserError(f"{path} is not a compressed checkpoint (needs structure.json and model.safetensors); "
                         f"pass a folder written by `procrustes-onnx compress`")
+    return path
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
+    """Rebuild the torch model (StructuredLinears, exact orthogonal skips) and the tokenizer (None if absent)."""
+    path = require_checkpoint(path)
     manifest = json.loads((path / "structure.json").read_text())
     if manifest.get("format") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {manifest.get('format')}; this build reads {FORMAT_VERSION}")

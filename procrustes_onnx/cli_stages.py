@@ -78,6 +78,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def heal_config_from_args(args: argparse.Namespace, prefix: str = "heal_"):
+    """A HealConfig from the `--heal-*` flags (on heal, compress and run); unset flags keep the defaults."""
+    from procrustes_onnx.compiler.heal import HealConfig
+
+    fields = HealConfig.__dataclass_fields__
+    given = {k[len(prefix):]: v for k, v in vars(args).items()
+             if k.startswith(prefix) and k[len(prefix):] in fields and v is not None}
+    if getattr(args, "device", None):
+        given["device"] = args.device
+    if getattr(args, "threads", None):
+        given["threads"] = args.threads
+    return HealConfig(**given)
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    from procrustes_onnx.compiler.heal import heal_checkpoint
+    from procrustes_onnx.sources import cache_root, load_model
+
+    from procrustes_onnx.compiler.checkpoint import require_checkpoint
+
+    config = heal_config_from_args(args)
+    config.validate()  # bad values fail before the models load
+    require_checkpoint(args.checkpoint)
+    teacher, tokenizer = load_model(args.model)
+    print(heal_checkpoint(args.checkpoint, args.out, teacher, tokenizer, config,
+                          teacher_cache=cache_root() / "heal-teacher"))
+    return 0
+
+
+def add_heal_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
+    """The healing flags; on `heal` the budget is --heal-tokens as well, so one spelling works everywhere."""
+    from procrustes_onnx.compiler.heal import DEFAULT_LR, HEAL_MODES, HealConfig
+
+    d = HealConfig()
+    tokens_help = ("training tokens (0: no healing)" if verb == "heal" else
+                   "after compression, heal with this many training tokens against the dense model (default 0: none)")
+    p.add_argument("--heal-tokens", type=int, default=d.tokens if verb == "heal" else None, help=tokens_help)
+    p.add_argument("--heal-mode", choices=HEAL_MODES, help=f"default {d.mode}: layer by layer against the dense "
+                   "layer's output; e2e: KL to the dense model's (cached top-k) next-token distribution")
+    p.add_argument("--heal-text", help=f"training text (default {d.text}; kjv, a file, or jargon@102400: the "
+                   "Jargon File after the evaluation's tokens)")
+    p.add_argument("--heal-lr", type=float, help=f"peak learning rate (default {DEFAULT_LR})")
+    p.add_argument("--heal-seq-len", type=int, help=f"tokens per training sequence (default {d.seq_len})")
+    p.add_argument("--heal-batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
+    p.add_argument("--heal-epochs", type=int, help=f"passes over the training tokens (default {d.epochs})")
+    p.add_argument("--heal-heldout-tokens", type=int, help=f"held-out tokens for early stopping "
+                   f"(default {d.heldout_tokens})")
+    p.add_argument("--heal-seed", type=int, help="data order seed (default 0)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from procrustes_onnx.pipeline import RunOptions, run_pipeline
 
@@ -159,6 +209,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     _runtime(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("heal", help="train a compressed checkpoint against its dense model, keeping its structure")
+    p.add_argument("--checkpoint", required=True, help="a compressed checkpoint folder (from compress)")
+    p.add_argument("--model", default="smollm2-135m", help="the dense model it was compressed from (the teacher)")
+    p.add_argument("--out", required=True, help="healed checkpoint folder to write (resumes a partial run)")
+    add_heal_arguments(p, verb="heal")
+    _runtime(p)
+    p.set_defaults(func=cmd_heal)
 
     p = sub.add_parser("run", help="the main job: compress, export, rewrite, validate, evaluate, benchmark, report")
     _model(p)

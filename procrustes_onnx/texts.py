@@ -15,12 +15,20 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["TEXT_SOURCES", "JARGON_PATH", "load_text", "clean_paragraphs", "tokenize_corpus"]
+__all__ = ["TEXT_SOURCES", "JARGON_PATH", "MIX_SOURCES", "load_text", "clean_paragraphs", "tokenize_corpus"]
 
 JARGON_PATH = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 KJV_RANGE = "gen1:1-rev22:21"
-TEXT_SOURCES = ("jargon", "kjv", "wikitext2")
-_RULE_LINE = re.compile(r"^[\s\u2500-\u257f\-=_*~.]*$")
+TEXT_SOURCES = ("jargon", "kjv", "mix", "wikitext2")
+#: the modern technical prose of `mix` (Debian package -> its plain-text files); KJV is added at one chapter in 4
+MIX_SOURCES = {
+    "debian-reference-en": ("/usr/share/debian-reference/debian-reference.en.txt.gz",),
+    "gnu-standards": ("/usr/share/doc/gnu-standards/standards.text.gz", "/usr/share/doc/gnu-standards/maintain.text.gz"),
+    "python3-doc": tuple(f"/usr/share/doc/python3/html/_sources/{part}" for part in
+                         ("tutorial", "howto", "faq", "reference", "using", "extending")),
+}
+_RULE_LINE = re.compile(r"^[\s\u2500-\u257f\-=_*~.^#+|]*$")
+_RST_MARKUP = re.compile(r"^\s*(\.\. |:[a-z-]+:\s)")  # reST directives and field lists: markup, not prose
 _VERSE_NUMBER = re.compile(r"^\s*\d+\s+")
 _CHAPTER_HEADING = re.compile(r"^[1-3]?\s?[A-Z][A-Za-z ]+ \d+$")
 
@@ -70,6 +78,52 @@ def _kjv() -> str:
     return "\n\n".join(chapters)
 
 
+def _read_maybe_gzip(path: Path) -> str:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _mix() -> str:
+    """Modern technical prose (Debian Reference, GNU coding standards, the Python tutorial/HOWTOs/FAQ/
+    language reference) plus every fourth KJV chapter: a calibration and healing text that is neither
+    archaic nor the evaluation text. Sources are interleaved in blocks of a few thousand characters, so that a
+    window of text reads one passage and the whole is evenly mixed."""
+    missing = [pkg for pkg, paths in MIX_SOURCES.items() if not any(Path(p).exists() for p in paths)]
+    if missing:
+        raise UserError(f"the mix text needs Debian packages {', '.join(missing)}: `apt-get install "
+                        f"{' '.join(missing)}` (or `make run`, which installs them), or pass a text file")
+    streams: list[list[str]] = []
+    for paths in MIX_SOURCES.values():
+        files: list[Path] = []
+        for p in map(Path, paths):
+            files.extend(sorted(p.rglob("*.rst.txt")) if p.is_dir() else [p] if p.is_file() else [])
+        lines = [line for f in files for line in _read_maybe_gzip(f).splitlines() if not _RST_MARKUP.match(line)]
+        streams.append(_blocks([p for p in clean_paragraphs(lines).split("\n\n") if len(p) > 40]))
+    streams.append(_blocks(_kjv().split("\n\n")[1::2][::4]))  # chapter bodies (headings dropped), one in four
+    mixed, longest = [], max(map(len, streams))
+    for i in range(longest):  # round-robin, each stream stretched to the longest one's length
+        for stream in streams:
+            mixed.extend(stream[i * len(stream) // longest: (i + 1) * len(stream) // longest])
+    return "\n\n".join(mixed)
+
+
+def _blocks(paragraphs: list[str], size: int = 4000) -> list[str]:
+    """Consecutive paragraphs joined into blocks of about ``size`` characters: the unit `mix` interleaves,
+    long enough that a training window mostly reads one coherent passage."""
+    blocks, current, n = [], [], 0
+    for p in paragraphs:
+        current.append(p)
+        n += len(p)
+        if n >= size:
+            blocks.append("\n\n".join(current))
+            current, n = [], 0
+    if current:
+        blocks.append("\n\n".join(current))
+    return blocks
+
+
 def _wikitext2() -> str:
     try:
         from datasets import load_dataset
@@ -81,8 +135,8 @@ def _wikitext2() -> str:
 
 
 def load_text(name: str) -> str:
-    """`jargon`, `kjv`, `wikitext2`, or the path of a UTF-8 text file (used as is)."""
-    loaders = {"jargon": _jargon, "kjv": _kjv, "wikitext2": _wikitext2}
+    """`jargon`, `kjv`, `mix`, `wikitext2`, or the path of a UTF-8 text file (used as is)."""
+    loaders = {"jargon": _jargon, "kjv": _kjv, "mix": _mix, "wikitext2": _wikitext2}
     if name in loaders:
         return loaders[name]()
     path = Path(name).expanduser()

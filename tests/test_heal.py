@@ -1,0 +1,172 @@
+"""Healing on tiny random models: it lowers the KL to the teacher on held-out tokens, keeps the structure
+(names, shapes, count, Cayley skips), exports exactly, resumes to the same weights, and refuses bad values."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from procrustes_onnx.cli import main as cli
+from procrustes_onnx.compiler.checkpoint import load_compressed, save_compressed
+from procrustes_onnx.compiler.compress import compress, saved_param_count
+from procrustes_onnx.compiler.heal import HealConfig, heal_checkpoint, heal_model, stream_bases, topk_kl
+from procrustes_onnx.compiler.slicegpt import slice_model
+from procrustes_onnx.testing import relative_error, tiny_compression_config, tiny_model, tiny_tokenizer
+
+GEN = torch.Generator().manual_seed(3)
+CALIB = torch.randint(0, 256, (6000,), generator=GEN)
+TRAIN = torch.randint(0, 256, (48, 32), generator=GEN)
+HELD = torch.randint(0, 256, (8, 32), generator=GEN)
+TEST = torch.randint(0, 256, (8, 32), generator=GEN)
+quiet = dict(progress=False, echo=lambda s: None)
+
+
+def _teacher_student(tmp_path, **overrides):
+    """A tiny Llama (the teacher) and its compressed checkpoint folder."""
+    teacher = tiny_model("llama", vocab=264)
+    with torch.no_grad():  # a final norm 30x larger: sharper next-token laws than a random model's near-uniform ones
+        teacher.model.norm.weight.mul_(30)
+    student = copy.deepcopy(teacher)
+    kw = dict(ratio=0.3, preset=None, structure="gs") | overrides
+    if kw.get("method") == "slicegpt":
+        slice_model(student, CALIB[:4096].view(-1, 32)[:16], ratio=0.2,
+                    original_params=sum(p.numel() for p in student.parameters()))
+        save_compressed(student, tmp_path / "ck", tokenizer=tiny_tokenizer())
+    else:
+        compress(student, tiny_tokenizer(), tiny_compression_config(**kw), tmp_path / "ck", calib_tokens=CALIB,
+                 **quiet)
+    return teacher, tmp_path / "ck"
+
+
+def _kl(student, teacher, ids=TEST) -> float:
+    with torch.no_grad():
+        logp, idx = torch.log_softmax(teacher(ids).logits, -1).topk(64, -1)
+        return float(topk_kl(student(ids).logits, logp, idx))
+
+
+def _config(mode: str, **kw) -> HealConfig:
+    base = dict(tokens=TRAIN.numel(), mode=mode, seq_len=32, batch_size=4, epochs=3, heldout_tokens=HELD.numel(),
+                lr=1e-3, threads=1, eval_every=4)
+    return HealConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("mode", ["blockwise", "e2e"])
+@pytest.mark.parametrize("variant", [{"rotation": "global"}, {"rotation": "per-position", "structure": "kron", "ratio": 0.5},
+                                     {"method": "slicegpt"}])
+def test_healing_lowers_kl_on_unseen_tokens(tmp_path, mode, variant):
+    teacher, ck = _teacher_student(tmp_path, **variant)
+    student, _ = load_compressed(ck)
+    before = _kl(student, teacher)
+    report = heal_model(student, teacher, None, _config(mode, lr=1e-3 if mode == "blockwise" else 3e-4),
+                        tmp_path / "work", windows=(TRAIN, HELD), **quiet)
+    assert report.heldout_after < report.heldout_before
+    assert _kl(student, teacher) < 0.9 * before  # on tokens neither training nor early stopping saw
+
+
+@pytest.mark.parametrize("variant", [{"rotation": "global", "preset": "full", "ratio": None},
+                                     {"rotation": "per-position", "preset": "full", "ratio": None}])
+def test_basis_map_is_exact_for_a_lossless_compression(tmp_path, variant):
+    """At full rank the compressed model is the dense one rotated: every layer's blockwise loss starts at 0,
+    which holds only if the recovered stream bases are the true rotations."""
+    teacher, ck = _teacher_student(tmp_path, **variant)
+    student, _ = load_compressed(ck)
+    bases = stream_bases(student, teacher)
+    assert all(q is not None for q in bases)
+    report = heal_model(student, teacher, None, _config("blockwise", epochs=1), tmp_path / "w", windows=(TRAIN, HELD),
+                        **quiet)
+    assert max(r["heldout_before"] for r in report.history) < 1e-8
+
+
+def test_healed_checkpoint_keeps_structure_and_exports_exactly(tmp_path):
+    from procrustes_onnx.exporters.pipeline import export_compressed, ort_logits
+
+    teacher, ck = _teacher_student(tmp_path, rotation="per-position")
+    out = heal_checkpoint(ck, tmp_path / "healed", teacher, tiny_tokenizer(), _config("blockwise", epochs=1, tokens=512,
+                          heldout_tokens=256, text=str(_text_file(tmp_path))), **quiet)
+    a, b = load_file(str(ck / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert saved_param_count(out) == saved_param_count(ck)
+    assert any("cayley" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a if "embed_tokens" in k or "signs" in k)    # frozen by design
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if "cayley_upper" in k)     # (re-encoded, same skip)
+    assert any(not torch.equal(a[k], b[k]) for k in a if ".matrix." in k)                   # the factors trained
+    assert not (out / "heal-work").exists()
+    healing = json.loads((out / "config.json").read_text())["procrustes"]["healing"]
+    assert healing[-1]["report"]["tokens"] == 512
+    healed, _ = load_compressed(out)
+    onnx = export_compressed(out, tmp_path / "onnx")
+    onnx = onnx if onnx.suffix == ".onnx" else onnx / "model.onnx"
+    ids = TEST[:2, :12]
+    with torch.no_grad():
+        ref = healed(ids).logits
+    got = torch.from_numpy(ort_logits(onnx, ids.numpy()))
+    assert relative_error(got, ref) < 1e-5
+
+
+def _text_file(tmp_path):
+    path = tmp_path / "train.txt"
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly boxing frogs".split()
+    g = torch.Generator().manual_seed(0)
+    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (4000,), generator=g).tolist()))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["blockwise", "e2e"])
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path, mode, monkeypatch):
+    teacher, ck = _teacher_student(tmp_path, rotation="global")
+    config = _config(mode, patience=100)
+    whole, _ = load_compressed(ck)
+    heal_model(whole, teacher, None, config, tmp_path / "w1", windows=(TRAIN, HELD), **quiet)
+
+    resumed, _ = load_compressed(ck)
+    optimizer = torch.optim.Adam if mode == "blockwise" else torch.optim.AdamW
+    real_step, calls = optimizer.step, {"n": 0}
+    kill_at = 50 if mode == "blockwise" else 22  # inside layer 1 / between two saved states
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(optimizer, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        heal_model(resumed, teacher, None, config, tmp_path / "w2", windows=(TRAIN, HELD), **quiet)
+    monkeypatch.setattr(optimizer, "step", real_step)
+    resumed, _ = load_compressed(ck)
+    heal_model(resumed, teacher, None, config, tmp_path / "w2", windows=(TRAIN, HELD), **quiet)
+    for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_zero_tokens_is_a_no_op(tmp_path):
+    teacher, ck = _teacher_student(tmp_path)
+    out = heal_checkpoint(ck, tmp_path / "same", teacher, tiny_tokenizer(), _config("e2e", tokens=0), **quiet)
+    a, b = load_file(str(ck / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_values_are_one_line_errors(tmp_path, capsys):
+    from procrustes_onnx.testing import save_tiny_model
+
+    dense = save_tiny_model(tmp_path / "dense")
+    capsys.readouterr()
+    cases = [
+        (["heal", "--checkpoint", str(dense), "--model", str(dense), "--out", str(tmp_path / "o"), "--heal-tokens", "-5"],
+         "--heal-tokens -5 is negative"),
+        (["heal", "--checkpoint", str(dense), "--model", str(dense), "--out", str(tmp_path / "o")],
+         "is not a compressed checkpoint"),
+        (["heal", "--checkpoint", str(dense), "--model", str(dense), "--out", str(tmp_path / "o"),
+          "--heal-text", "jargon"], "first 102,400 tokens"),
+        (["heal", "--checkpoint", str(dense), "--model", str(dense), "--out", str(tmp_path / "o"),
+          "--heal-batch-size", "0"], "--heal-batch-size 0 must be at least 1"),
+    ]
+    for argv, fragment in cases:
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and fragment in err and "\n" not in err, err
+        assert not (tmp_path / "o").exists()
