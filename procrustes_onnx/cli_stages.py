@@ -29,7 +29,25 @@ def cmd_compress(args: argparse.Namespace) -> int:
         overrides["dense_roles"] = [r for r in args.dense_roles.split(",") if r]
     if args.structures:
         overrides["structures"] = dict(item.split("=", 1) for item in args.structures.split(","))
-    print(compress_cli(model=args.model, out=args.out, config=args.config, **overrides))
+    from procrustes_onnx.pipeline_options import heal_config_from_args
+
+    heal = heal_config_from_args(args, default_tokens=0)
+    heal.validate()  # before minutes of compression
+    if not heal.tokens:
+        print(compress_cli(model=args.model, out=args.out, config=args.config, **overrides))
+        return 0
+    import shutil
+    from pathlib import Path
+
+    from procrustes_onnx.compiler.heal import heal_checkpoint
+    from procrustes_onnx.sources import cache_root, load_model
+
+    out = Path(args.out)
+    unhealed = out.parent / f".{out.name}.unhealed"  # the training-free checkpoint, until the healed one is written
+    compress_cli(model=args.model, out=str(unhealed), config=args.config, **overrides)
+    teacher, tokenizer = load_model(args.model)
+    print(heal_checkpoint(unhealed, out, teacher, tokenizer, heal, teacher_cache=cache_root() / "heal-teacher"))
+    shutil.rmtree(unhealed, ignore_errors=True)
     return 0
 
 
@@ -78,22 +96,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def heal_config_from_args(args: argparse.Namespace, prefix: str = "heal_"):
-    """A HealConfig from the `--heal-*` flags (on heal, compress and run); unset flags keep the defaults."""
-    from procrustes_onnx.compiler.heal import HealConfig
-
-    fields = HealConfig.__dataclass_fields__
-    given = {k[len(prefix):]: v for k, v in vars(args).items()
-             if k.startswith(prefix) and k[len(prefix):] in fields and v is not None}
-    if getattr(args, "device", None):
-        given["device"] = args.device
-    if getattr(args, "threads", None):
-        given["threads"] = args.threads
-    return HealConfig(**given)
-
-
 def cmd_heal(args: argparse.Namespace) -> int:
     from procrustes_onnx.compiler.heal import heal_checkpoint
+    from procrustes_onnx.pipeline_options import heal_config_from_args
     from procrustes_onnx.sources import cache_root, load_model
 
     from procrustes_onnx.compiler.checkpoint import require_checkpoint
@@ -112,8 +117,12 @@ def add_heal_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
     from procrustes_onnx.compiler.heal import DEFAULT_LR, HEAL_MODES, HealConfig
 
     d = HealConfig()
-    tokens_help = ("training tokens (0: no healing)" if verb == "heal" else
-                   "after compression, heal with this many training tokens against the dense model (default 0: none)")
+    from procrustes_onnx.pipeline_options import QUICK_HEAL_TOKENS, RUN_HEAL_TOKENS
+
+    tokens_help = {"heal": f"training tokens (default {d.tokens}; 0: no healing)",
+                   "compress": "after compression, heal with this many training tokens against the dense model "
+                               "(default 0: none)",
+                   "run": f"healing tokens per variant (default {RUN_HEAL_TOKENS}, --quick {QUICK_HEAL_TOKENS}; 0: none)"}[verb]
     p.add_argument("--heal-tokens", type=int, default=d.tokens if verb == "heal" else None, help=tokens_help)
     p.add_argument("--heal-mode", choices=HEAL_MODES, help=f"default {d.mode}: layer by layer against the dense "
                    "layer's output; e2e: KL to the dense model's (cached top-k) next-token distribution")
@@ -170,6 +179,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="low-rank token embedding (a tied head reads the same factors); kept share --kept embed=F, "
                         "default 0.75")
     p.add_argument("--seed", type=int)
+    add_heal_arguments(p, verb="compress")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("export", help="Hugging Face model or compressed checkpoint -> ONNX folder (KV cache)")
@@ -222,4 +232,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     _model(p)
     from procrustes_onnx.pipeline_options import add_run_arguments
     add_run_arguments(p)
+    add_heal_arguments(p, verb="run")
     p.set_defaults(func=cmd_run)

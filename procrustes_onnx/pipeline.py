@@ -72,6 +72,14 @@ def _compress(model_dir: Path, config, out: Path) -> None:
     compress(model, tokenizer, config, out)
 
 
+def _heal(checkpoint: Path, model_dir: Path, config, out: Path) -> None:
+    from procrustes_onnx.compiler.heal import heal_checkpoint
+    from procrustes_onnx.sources import cache_root, load_model
+
+    teacher, tokenizer = load_model(str(model_dir))
+    heal_checkpoint(checkpoint, out, teacher, tokenizer, config, teacher_cache=cache_root() / "heal-teacher")
+
+
 def _write_artifact_readme(folder: Path, title: str, details: dict) -> None:
     lines = [f"# {title}", "", "Made by `procrustes-onnx run`. Load it with plain ONNX Runtime:", "",
              "```python", "import onnxruntime as ort",
@@ -94,7 +102,9 @@ def run_pipeline(opts: RunOptions) -> Path:
     if unknown:
         from .errors import UserError
         raise UserError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
-    clock = _Clock(total=4 + 2 * len(opts.variants) + (2 if opts.evaluate else 0) + (1 if opts.benchmark else 0))
+    healing = opts.heal is not None and opts.heal.tokens > 0
+    clock = _Clock(total=4 + (3 if healing else 2) * len(opts.variants) + (2 if opts.evaluate else 0)
+                   + (1 if opts.benchmark else 0))
     out = Path(opts.out)
     work = out / ".work"
     clock.stage(f"model {opts.model}")
@@ -113,6 +123,17 @@ def run_pipeline(opts: RunOptions) -> Path:
         ckpt = cached_dir(work / f"{variant}-{content_hash(key)}", key, lambda d, c=config: _compress(model_dir, c, d),
                           clock.note)
         entries[variant] = {"checkpoint": ckpt, "key": content_hash(key), "config": config.to_dict()}
+    heal_scores: dict[str, dict] = {}
+    for variant, entry in entries.items() if healing else ():
+        clock.stage(f"heal {variant} ({opts.heal.tokens:,} {opts.heal.text} tokens, {opts.heal.mode})")
+        settings = {k: v for k, v in opts.heal.to_dict().items() if k not in ("threads", "device")}
+        key = {"checkpoint": entry["key"], "heal": settings}
+        healed = cached_dir(work / f"{variant}-{content_hash(key)}-healed", key,
+                            lambda d, e=entry: _heal(e["checkpoint"], model_dir, opts.heal, d), clock.note)
+        heal_scores[variant] = cached_json(work / "results" / f"heal-{variant}.json", {**key, "text": text_key},
+                                           lambda e=entry, h=healed: measure.heal_scores(e["checkpoint"], h, eval_text,
+                                                                                         opts), clock.note)
+        entry.update(unhealed=entry["checkpoint"], checkpoint=healed, key=content_hash(key))
 
     from procrustes_onnx.exporters.pipeline import export_compressed, export_model
 
@@ -168,7 +189,9 @@ def run_pipeline(opts: RunOptions) -> Path:
         for name, a in artifacts.items():  # timings are never reused: they describe this run's machine
             results[name]["benchmark"] = measure.benchmark(a, opts)
     for name, entry in entries.items():
-        results[name]["compression"] = measure.compression_summary(entry["checkpoint"])
+        results[name]["compression"] = measure.compression_summary(entry.get("unhealed", entry["checkpoint"]))
+        if name in heal_scores:
+            results[name]["healing"] = heal_scores[name]
     clock.stage("report")
     timing = clock.finish()
     report = write_report(out, results, opts, timing)

@@ -10,7 +10,8 @@ import torch
 
 from .pipeline_options import RunOptions
 
-__all__ = ["inspect", "validate", "perplexity", "tasks", "benchmark", "compression_summary", "weight_macs"]
+__all__ = ["inspect", "validate", "perplexity", "tasks", "benchmark", "compression_summary", "weight_macs",
+           "heal_scores"]
 
 
 def inspect(folder: Path) -> dict:
@@ -103,6 +104,27 @@ def benchmark(artifact: dict, opts: RunOptions) -> dict:
     decode = measure_decode(lm, prompt=128, new_tokens=opts.decode_tokens)
     return {"prefill_ms": prefill, "decode_tokens_per_s": decode["tokens_per_s"], "decode_prompt": 128,
             "decode_tokens": opts.decode_tokens, "session_create_s": lm.create_seconds, "threads": opts.threads}
+
+
+def heal_scores(unhealed: Path, healed: Path, text: str, opts: RunOptions) -> dict:
+    """PPL (torch) of a checkpoint before and after healing on the evaluation's first few windows, and what
+    the heal stage reports (tokens used, held-out loss, seconds)."""
+    from procrustes_onnx.compiler.checkpoint import load_compressed
+    from procrustes_onnx.runtime.perplexity import PROTOCOL_TOKENS, evaluate_perplexity, make_windows, torch_logits_fn
+    from procrustes_onnx.texts import tokenize_corpus
+
+    from .pipeline_options import HEAL_SCORE_WINDOWS
+
+    torch.set_num_threads(opts.threads)
+    out = {"windows": HEAL_SCORE_WINDOWS}
+    for name, folder in (("before", unhealed), ("after", healed)):
+        model, tokenizer = load_compressed(folder)
+        windows = make_windows(tokenize_corpus(tokenizer, text, PROTOCOL_TOKENS), max_windows=HEAL_SCORE_WINDOWS)
+        out[f"ppl_{name}"] = evaluate_perplexity(torch_logits_fn(model), windows).ppl
+    record = json.loads((Path(healed) / "healing.json").read_text())
+    out["report"] = {k: v for k, v in record["report"].items() if k != "history"}
+    out["config"] = record["config"]
+    return out
 
 
 def compression_summary(checkpoint: Path) -> dict:

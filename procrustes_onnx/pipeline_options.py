@@ -6,7 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["VARIANTS", "RUN_TASKS", "RunOptions", "add_run_arguments"]
+__all__ = ["VARIANTS", "RUN_TASKS", "RUN_HEAL_TOKENS", "RunOptions", "add_run_arguments", "heal_config_from_args"]
 
 #: variant name -> CompressionConfig overrides
 VARIANTS = {
@@ -25,6 +25,25 @@ RUN_TASKS = ("jargon_cloze", "kjv_cloze")
 #: 32 x 512 calibration tokens) so that the whole run fits an hour on 2 cores; flags override them
 RUN_SOLVER = {"iterations": 10, "rotation_iters": 50, "calib_samples": 16, "calib_seq_len": 512}
 QUICK_SOLVER = {"iterations": 5, "rotation_iters": 10, "calib_samples": 8, "calib_seq_len": 256}
+#: healing budget of the main job per variant (every variant, SliceGPT included, gets the same), and of --quick
+RUN_HEAL_TOKENS = 16_384
+QUICK_HEAL_TOKENS = 4_096
+#: Jargon windows (torch) on which the heal stage scores each checkpoint before and after healing
+HEAL_SCORE_WINDOWS = 8
+
+
+def heal_config_from_args(args: argparse.Namespace, default_tokens: int | None = None):
+    """A HealConfig from the `--heal-*` flags (on heal, compress and run); unset flags keep its defaults."""
+    from procrustes_onnx.compiler.heal import HealConfig
+
+    fields = HealConfig.__dataclass_fields__
+    given = {k[len("heal_"):]: v for k, v in vars(args).items()
+             if k.startswith("heal_") and k[len("heal_"):] in fields and v is not None}
+    given.setdefault("tokens", default_tokens if default_tokens is not None else HealConfig().tokens)
+    for name in ("device", "threads"):
+        if getattr(args, name, None):
+            given[name] = getattr(args, name)
+    return HealConfig(**given)
 
 
 @dataclass
@@ -49,6 +68,7 @@ class RunOptions:
     benchmark: bool = True
     threads: int = os.cpu_count() or 2
     solver: dict = field(default_factory=dict)  # further CompressionConfig fields, e.g. {"rotation_iters": 20}
+    heal: object = None                          # a HealConfig; None or tokens == 0: no healing
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunOptions":
@@ -66,7 +86,9 @@ class RunOptions:
                    iterations=solver.pop("iterations"), text=args.text, calib=args.calib, quick=args.quick,
                    evaluate=not args.no_eval, benchmark=not args.no_bench, threads=args.threads,
                    eval_windows=args.eval_windows, tasks=tasks, solver=solver,
-                   task_limit=None if args.task_limit == 0 else (args.task_limit or (20 if args.quick else 100)))
+                   task_limit=None if args.task_limit == 0 else (args.task_limit or (20 if args.quick else 100)),
+                   heal=heal_config_from_args(args, QUICK_HEAL_TOKENS if args.quick else RUN_HEAL_TOKENS))
+        opts.heal.validate()
         if args.quick:  # the whole chain, truncated: a few windows, a few items, short benchmarks
             opts.eval_windows = opts.eval_windows or 4
             opts.prefill_seqs = (128, 512)

@@ -91,6 +91,27 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+def _healing_lines(results: dict) -> list[str]:
+    """The healing table: PPL before and after on the first windows, tokens used, held-out loss, time."""
+    healed = {name: r["healing"] for name, r in results.items() if "healing" in r}
+    if not healed:
+        return []
+    first = next(iter(healed.values()))
+    lines = ["## Healing", "", f"Each variant was trained against the dense model with the same budget "
+             f"({first['config']['tokens']:,} {first['config']['text']} tokens, {first['config']['mode']}); the "
+             f"structure is unchanged. PPL here: torch, the first {first['windows']} windows of the evaluation text "
+             "(the table above: the ONNX artifact, after healing).", "",
+             "| variant | mode | tokens used | PPL before | PPL after | held-out before | held-out after | "
+             "stopped early | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, h in healed.items():
+        rep = h["report"]
+        lines.append(f"| {name} | {rep['mode']} | {rep['tokens']:,} | {h['ppl_before']:,.1f} | {h['ppl_after']:,.1f} | "
+                     f"{rep['heldout_before']:.4f} | {rep['heldout_after']:.4f} | "
+                     f"{'yes' if rep['stopped_early'] else 'no'} | {rep['seconds']:.0f} |")
+    return lines + ["", "Held-out: blockwise, the mean over layers of the normalised MSE of a layer's output; e2e, "
+                    "the top-k KL to the dense model in nats per token.", ""]
+
+
 def write_report(out: Path, results: dict, opts: RunOptions, timing: dict) -> Path:
     env = environment()
     rows = summary_rows(results)
@@ -121,6 +142,7 @@ def write_report(out: Path, results: dict, opts: RunOptions, timing: dict) -> Pa
     lines += ["", f"Zero-shot acc is the mean accuracy over {limit} {', '.join(opts.tasks)} (lm-eval, docs/tasks.md). "
               "Ideal = dense weight-MatMul MACs per token / this artifact's (tied head included). "
               "Solver: " + ", ".join(f"{k} {v}" for k, v in solver.items()) + ".", ""]
+    lines += _healing_lines(results)
     lines += [f"![{p}]({p})" for p in plots]
     lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in timing["stages_s"].items()]
@@ -129,6 +151,7 @@ def write_report(out: Path, results: dict, opts: RunOptions, timing: dict) -> Pa
     tmp = report.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(report)
-    (out / "results.json").write_text(json.dumps({**env, "options": vars(opts), "timing": timing,
+    options = {**vars(opts), "heal": opts.heal.to_dict() if opts.heal is not None else None}
+    (out / "results.json").write_text(json.dumps({**env, "options": options, "timing": timing,
                                                   "summary": rows, "results": results}, indent=2, default=str))
     return report

@@ -105,3 +105,21 @@ def test_second_global_variant_reuses_a_graph_instead_of_tracing(run):
     assert json.loads((twins["f-kron"] / "export.json").read_text())["traced"] is False
     results = json.loads((root / "artifacts" / "results.json").read_text())
     assert results["results"]["f-kron"]["validation"]["relative_error"] < 1e-4
+
+
+def test_main_job_heals_each_variant_and_reports_before_and_after(tmp_path):
+    from procrustes_onnx.compiler.heal import HealConfig
+
+    model = save_tiny_model(tmp_path / "tiny")
+    calib = _text(tmp_path / "calib.txt", 1)
+    opts = RunOptions(model=str(model), out=str(tmp_path / "artifacts"), variants=["w-gs"], ratio=0.2,
+                      text=_text(tmp_path / "eval.txt", 0), calib=calib, iterations=2, calib_samples=2,
+                      calib_seq_len=64, threads=1, evaluate=False, benchmark=False,
+                      heal=HealConfig(tokens=512, seq_len=32, batch_size=2, heldout_tokens=128, text=calib, threads=1))
+    report = run_pipeline(opts).read_text()
+    results = json.loads((tmp_path / "artifacts" / "results.json").read_text())
+    healing = results["results"]["w-gs"]["healing"]
+    assert healing["report"]["tokens"] == 512 and healing["ppl_before"] > 1 and healing["ppl_after"] > 1
+    assert "## Healing" in report and f"{healing['ppl_after']:,.1f}" in report
+    assert results["results"]["w-gs"]["validation"]["relative_error"] < 1e-4  # the artifact is the healed model
+    assert json.loads((tmp_path / "artifacts" / "tiny-w-gs-20" / "structure.json").read_text())["structured"]

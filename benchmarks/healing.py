@@ -1,0 +1,168 @@
+"""Healing on SmolLM2 at 20% removed: PPL on Jargon windows after N healing tokens, per variant and mode.
+
+Points are ``<variant>:<mode>:<tokens>`` (variant w-gs, w-kron or slicegpt; mode blockwise or e2e; tokens
+0 for the training-free checkpoint). Each point heals the training-free checkpoint from scratch in its own
+subprocess (clean peak memory, the learning-rate schedule sized for its own budget) and is appended to the
+JSON as soon as it finishes, so the grid can be stopped and continued with --resume. Training-free
+checkpoints are made once with the main job's solver settings (16 x 512 KJV, 10 iterations, 50 rotation
+steps) into --checkpoints. PPL: --windows Jargon windows (the protocol's first N; 100 = the full protocol).
+A point id may end in ``@full`` to score it on the full protocol. A plot (log-log PPL vs tokens) is written
+next to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+DENSE_PPL = {4: 29.89, 100: 32.51}
+
+
+def ensure_checkpoint(variant: str, folder: Path) -> Path:
+    """The training-free checkpoint of ``variant`` at 20% removed, with the main job's solver settings."""
+    from procrustes_onnx.pipeline import _compress, _compression_config
+    from procrustes_onnx.pipeline_options import RUN_SOLVER, RunOptions
+    from procrustes_onnx.sources import resolve_model_dir
+
+    out = folder / f"{variant}-20"
+    if (out / "structure.json").is_file():
+        return out
+    solver = dict(RUN_SOLVER)
+    opts = RunOptions(calib_samples=solver.pop("calib_samples"), calib_seq_len=solver.pop("calib_seq_len"),
+                      iterations=solver.pop("iterations"), solver=solver)
+    _compress(resolve_model_dir("smollm2-135m"), _compression_config(opts, variant), out)
+    return out
+
+
+def run_point(point: str, args: argparse.Namespace) -> dict:
+    """Heal (unless 0 tokens) and score one point; runs inside the point's subprocess."""
+    import torch
+
+    from procrustes_onnx.compiler.checkpoint import load_compressed
+    from procrustes_onnx.compiler.heal import HealConfig, heal_model
+    from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
+    from procrustes_onnx.sources import cache_root, load_model
+    from procrustes_onnx.texts import load_text, tokenize_corpus
+
+    spec, _, full = point.partition("@")
+    variant, mode, tokens = spec.split(":")
+    torch.set_num_threads(args.threads)
+    ckpt = ensure_checkpoint(variant, Path(args.checkpoints))
+    student, _ = load_compressed(ckpt)
+    teacher, tokenizer = load_model("smollm2-135m")
+    config = HealConfig(tokens=int(tokens), mode=mode, text=args.text, lr=args.lr, epochs=args.epochs,
+                        seq_len=args.seq_len, batch_size=args.batch_size, threads=args.threads)
+    result: dict = {"point": point, "variant": variant, "mode": mode, "tokens": int(tokens), "heal": config.to_dict()}
+    start = time.perf_counter()
+    if int(tokens):
+        work = Path(args.work) / spec.replace(":", "-")
+        report = heal_model(student, teacher, tokenizer, config, work, teacher_cache=cache_root() / "heal-teacher",
+                            progress=not args.quiet)
+        result["report"] = report.to_dict()
+    result["heal_s"] = round(time.perf_counter() - start, 1)
+    del teacher
+    windows = make_windows(tokenize_corpus(tokenizer, load_text("jargon"), 102_400), 1024, 102_400,
+                           None if full else args.windows)
+    ppl = evaluate_perplexity(torch_logits_fn(student), windows)
+    result.update(ppl=round(ppl.ppl, 3), windows=ppl.windows,
+                  peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+    return result
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series: dict[tuple, list] = {}
+    for r in rows:
+        if r.get("windows") != rows[0].get("windows"):
+            continue
+        series.setdefault((r["variant"], r["mode"] if r["tokens"] else None), []).append(r)
+    for (variant, mode), pts in sorted(series.items(), key=str):
+        if mode is None:
+            continue
+        zero = [p for (v, m), ps in series.items() if v == variant and m is None for p in ps]
+        pts = sorted(zero + pts, key=lambda p: p["tokens"])
+        ax.plot([max(p["tokens"], 1e3) for p in pts], [p["ppl"] for p in pts], marker="o", label=f"{variant} {mode}")
+    ax.set_xscale("log"), ax.set_yscale("log")
+    ax.set_xlabel("healing tokens (0 plotted at 1e3)"), ax.set_ylabel(f"PPL, {rows[0].get('windows')} Jargon windows")
+    ax.set_title("SmolLM2-135M, 20% removed: healing")
+    ax.grid(True, which="both", alpha=0.3), ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--points", default="w-gs:blockwise:0,w-gs:blockwise:25600,w-gs:e2e:25600")
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--text", default="mix")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--checkpoints", default=str(ROOT / "artifacts" / "heal-bench"))
+    p.add_argument("--work", default=str(ROOT / "artifacts" / "heal-bench" / "work"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "healing.json"))
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the others")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_point(args.one, args)), flush=True)
+        return 0
+
+    from procrustes_onnx.environment import write_results
+
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["rows"] if args.resume and out.is_file() else []
+    done = {r["point"] for r in rows}
+    for point in [x for x in args.points.split(",") if x and x not in done]:
+        cmd = [sys.executable, __file__, "--one", point, *_forward(args)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        row = json.loads(line[len("RESULT "):])
+        rows.append(row)
+        print(f"{row['point']:32s} ppl {row['ppl']:>10,.1f}  heal {row['heal_s']:>7.1f} s  "
+              f"peak {row['peak_rss_gib']:.1f} GiB", flush=True)
+        write_results(out, {"benchmark": "healing", "dense_ppl": DENSE_PPL, "settings": _settings(args), "rows": rows})
+    plot(rows, out.with_suffix(".png"))
+    _table(rows)
+    return 0
+
+
+def _forward(args: argparse.Namespace) -> list[str]:
+    flags = ["--windows", str(args.windows), "--text", args.text, "--epochs", str(args.epochs), "--seq-len",
+             str(args.seq_len), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+             "--checkpoints", args.checkpoints, "--work", args.work, "--quiet"]
+    return flags + (["--lr", str(args.lr)] if args.lr else [])
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("windows", "text", "lr", "epochs", "seq_len", "batch_size", "threads")}
+
+
+def _table(rows: list[dict]) -> None:
+    print("| point | tokens | PPL | windows | heal s | peak GiB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['point']} | {r['tokens']:,} | {r['ppl']:,.1f} | {r['windows']} | {r['heal_s']} | "
+              f"{r['peak_rss_gib']} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
