@@ -26,13 +26,17 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+CORPORA := jargon-text bible-kjv-text bible-kjv debian-reference-en python3-doc gnu-standards
+
 corpora:
-	@if [ -f /usr/share/doc/jargon-text/jargon.txt.gz ] && command -v bible >/dev/null; then :; \
+	@if [ -f /usr/share/doc/jargon-text/jargon.txt.gz ] && command -v bible >/dev/null \
+	  && [ -f /usr/share/debian-reference/debian-reference.en.txt.gz ] && [ -d /usr/share/doc/python3/html/_sources ] \
+	  && [ -f /usr/share/doc/gnu-standards/standards.text.gz ]; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  echo "[setup] Debian corpora jargon-text, bible-kjv-text, bible-kjv"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jargon-text bible-kjv-text bible-kjv) >/dev/null \
-	  || echo "warning: apt could not install jargon-text bible-kjv-text bible-kjv; install them or pass --text/--calib FILE"; \
-	else echo "warning: corpora missing: install Debian packages jargon-text bible-kjv-text bible-kjv, or pass --text/--calib FILE"; fi
+	  echo "[setup] Debian corpora $(CORPORA)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CORPORA)) >/dev/null \
+	  || echo "warning: apt could not install $(CORPORA); install them or pass --text/--calib/--heal-text FILE"; \
+	else echo "warning: corpora missing: install Debian packages $(CORPORA), or pass --text/--calib/--heal-text FILE"; fi
 
 run: setup corpora
 	$(BIN)/procrustes-onnx run $(ARGS)
