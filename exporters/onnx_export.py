@@ -149,14 +149,20 @@ def export_ir(model: torch.nn.Module, *, with_past: bool = True, opset: int = DE
 
 def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, with_past: bool = True,
                 opset: int = DEFAULT_OPSET, tokenizer: Any = None, overwrite: bool = True,
-                traced: tuple[ir.Model, dict] | None = None) -> Path:
+                traced: tuple[ir.Model, dict] | None = None, identity: dict | None = None) -> Path:
     """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``), atomically; returns the .onnx path.
 
-    ``traced`` (graph, matmul map) skips tracing, e.g. a template graph carrying this model's weights."""
+    ``traced`` (graph, matmul map) skips tracing, e.g. a template graph carrying this model's weights.
+    ``identity`` (what the folder is: kind, source, checkpoint) goes into identity.json; by default a
+    dense export of this model."""
     start = time.perf_counter()
     model = model.eval()
     onnx_model, mapping = traced if traced is not None else export_ir(model, with_past=with_past, opset=opset)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    if identity is None:
+        from procrustes_onnx.sources import model_fingerprint
+        identity = {"kind": "dense", "source": model_fingerprint(model)}
+    identity = {"format": f"procrustes-onnx onnx {opset}", **identity, "with_past": with_past}
+    with atomic_output_dir(out_dir, overwrite=overwrite, identity=identity) as tmp:
         ir.save(onnx_model, tmp / "model.onnx", external_data="model.onnx.data")
         write_json(tmp / MAP_FILE, mapping)
         config = copy.deepcopy(model.config)  # never change the caller's model

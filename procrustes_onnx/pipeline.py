@@ -100,6 +100,8 @@ def run_pipeline(opts: RunOptions) -> Path:
     clock.stage(f"model {opts.model}")
     eval_text = load_text(opts.text)  # a missing corpus fails here, before any long stage
     model_dir = resolve_model_dir(opts.model)
+    from .outputs import check_output, claim  # never inside an input; a folder of others' files needs --overwrite
+    claim(check_output(out, inputs=[model_dir], overwrite=opts.overwrite, resumable=True), [".work"])
     model_key = folder_hash(model_dir)
     text_key = content_hash(eval_text)  # the text's content, not its name: an edited file is re-measured
     slug, pct = _slug(opts.model), f"{round(100 * opts.ratio)}"
