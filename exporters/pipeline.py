@@ -123,6 +123,8 @@ def rewrite_model(onnx_in: str | os.PathLike, checkpoint: str | os.PathLike, out
 
     folder = Path(onnx_in)
     folder = folder.parent if folder.suffix == ".onnx" else folder
+    if not folder.is_dir():
+        raise UserError(f"--onnx {onnx_in} does not exist: pass the folder `export --dense-equivalent` wrote")
     check_output(out_dir, inputs=[folder, checkpoint], overwrite=overwrite)
     ck = checkpoint_identity(checkpoint)
     have = read_identity(folder)

