@@ -283,5 +283,8 @@ def compress_cli(*, model: str, out: str, config: str | None = None, overwrite: 
     model_dir = resolve_model_dir(model)
     check_output(out, inputs=[model_dir, config, calib if Path(calib).exists() else None], overwrite=overwrite,
                  resumable=True)
+    saved = Path(out) / "work" / "config.json"
+    if overwrite and saved.is_file() and CompressionConfig.load(saved) != cfg:
+        shutil.rmtree(saved.parent)  # --overwrite: a partial run of other settings is replaced, not resumed
     loaded, tokenizer = load_model(model, dtype=torch.float32)
     return compress(loaded, tokenizer, cfg, out)

@@ -101,7 +101,11 @@ def run_pipeline(opts: RunOptions) -> Path:
     eval_text = load_text(opts.text)  # a missing corpus fails here, before any long stage
     model_dir = require_dense(resolve_model_dir(opts.model), opts.model)
     from .outputs import check_output, claim  # never inside an input; a folder of others' files needs --overwrite
-    claim(check_output(out, inputs=[model_dir], overwrite=opts.overwrite, resumable=True), [".work"])
+    checked = check_output(out, inputs=[model_dir], overwrite=opts.overwrite, resumable=True)
+    if opts.evaluate:  # a task name is checked now, not after an hour of compression and export
+        from procrustes_onnx.runtime.lm_eval_adapter import check_tasks
+        check_tasks(list(opts.tasks))
+    claim(checked, [".work"])
     model_key = folder_hash(model_dir)
     text_key = content_hash(eval_text)  # the text's content, not its name: an edited file is re-measured
     slug, pct = _slug(opts.model), f"{round(100 * opts.ratio)}"

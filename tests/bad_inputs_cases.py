@@ -187,6 +187,8 @@ CASES: list[Case] = [
     C("run-eval-windows-zero", "run --model {model} --out {out} --eval-windows 0", 2, "argument --eval-windows",
       ("model",)),
     C("run-unknown-variant", "run --model {model} --out {out} --variants nope", 2, "unknown variant", ("model",)),
+    C("run-unknown-task", "run --model {model} --out {out} --text {calib} --tasks nosuchtask", 2,
+      "unknown lm-eval task", ("model", "calib")),
     C("run-threads-zero", "run --model {model} --out {out} --threads 0", 2, "argument --threads", ("model",)),
     # the parser itself
     C("unknown-verb", "shrink --model {model}", 2, "invalid choice", ()),
