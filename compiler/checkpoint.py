@@ -31,7 +31,8 @@ from .fusion import install_fused_modules
 from .positions import position_dims
 from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
 
-__all__ = ["save_compressed", "save_compressed_into", "load_compressed", "checkpoint_identity", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
+__all__ = ["save_compressed", "save_compressed_into", "load_compressed", "checkpoint_identity", "materialize_dense",
+           "replace_linear", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -153,8 +154,8 @@ def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, extra
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        _save_safetensors({k: v.detach().contiguous().clone() for k, v in tensors.items()},
-                          tmp / "model.safetensors", metadata={"format": "pt", "procrustes_format": str(FORMAT_VERSION)})
+        _save_safetensors({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp / "model.safetensors",
+                          metadata={"format": "pt", "procrustes_format": str(FORMAT_VERSION)})
         (tmp / "structure.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -20,18 +20,17 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .model_info import model_info
-    from .sources import load_model
+    from .sources import is_compressed_checkpoint, load_model, resolve_model_dir
     from rich.console import Console
     from rich.table import Table
 
     model, _ = load_model(args.model, tokenizer=False, allow_compressed=True)
     info = model_info(model)
-    from .sources import is_compressed_checkpoint, resolve_model_dir
     info["compressed_checkpoint"] = is_compressed_checkpoint(resolve_model_dir(args.model))
     try:
         from procrustes_onnx.compiler.adapters import get_adapter
         get_adapter(model)
-        info["compressible"] = True
+        info["compressible"] = "already compressed" if info["compressed_checkpoint"] else True
     except UserError as exc:
         info["compressible"] = str(exc)
     except ImportError:

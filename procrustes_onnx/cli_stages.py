@@ -68,7 +68,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and not (0 < args.limit <= 1 or float(args.limit).is_integer()):
         raise UserError(f"--limit {args.limit:g} is neither a fraction in (0, 1] nor a whole number of items")
     if args.output:
-        check_output_file(args.output, inputs=[args.onnx], overwrite=args.overwrite)
+        folder = os.path.dirname(os.path.abspath(args.onnx)) if args.onnx.endswith(".onnx") else args.onnx
+        check_output_file(args.output, inputs=[folder], overwrite=args.overwrite)
     summary = run_eval(args.onnx, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot, threads=args.threads,
                        device=args.device, output=args.output)
     print(json.dumps(summary["results"], indent=2, default=str))

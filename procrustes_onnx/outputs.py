@@ -174,7 +174,8 @@ def _commit(tmp: Path, out: Path, partial: bool) -> None:
         return
     owned = tool_owned(out)
     user = [f for f in _files(out) if f != MANIFEST and not _owned(f, owned)]
-    clash = [f for f in user if (tmp / f).exists() or any((tmp / p).is_file() for p in Path(f).parents if str(p) != ".")]
+    clash = [f for f in user
+             if (tmp / f).exists() or any((tmp / p).is_file() for p in Path(f).parents if str(p) != ".")]
     if clash:
         raise UserError(f"{out} holds {clash[0]}, which procrustes-onnx did not write and would replace: move it "
                         "away or choose another output folder")
