@@ -205,6 +205,7 @@ def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: st
     start = time.perf_counter()
     source = model_fingerprint(model)  # the dense model's identity, recorded in the checkpoint's
     if config.method == "slicegpt":
+        check_layers(model, config)
         return _slicegpt(model, tokenizer, config, out_dir, count_params(model), echo, source)
     created = not out_dir.exists()
     claim(out_dir, ["work"])
@@ -239,11 +240,17 @@ def _discard_empty(out_dir: Path, work: Path, created: bool) -> None:
 
 
 def check_layers(model: nn.Module, config: CompressionConfig) -> None:
-    """``--dense-layers`` may only name layers the model has."""
+    """Settings that only the model can judge: ``--dense-layers`` may only name layers it has, and a
+    calibration window may not be longer than its context (learned positions would index past the table)."""
     n = get_adapter(model).num_layers
     bad = [i for i in config.dense_layers if not 0 <= int(i) < n]
     if bad:
         raise UserError(f"--dense-layers names layer {bad[0]}, which this model lacks: it has layers 0..{n - 1}")
+    needs_text = config.method in ("weighted", "slicegpt") or config.compress_embeddings
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if needs_text and limit and config.calib_seq_len > limit:
+        raise UserError(f"--calib-seq-len {config.calib_seq_len} exceeds the model's {limit} positions: use {limit} "
+                        "or less")
 
 
 def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float, source: str, keep_work: bool) -> None:

@@ -61,14 +61,13 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     text = load_text(args.text)  # fail on a missing corpus before loading a model
     if args.onnx:
-        from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn, tokenizer_for_onnx
+        from procrustes_onnx.runtime.perplexity_ort import max_positions, ort_logits_fn, tokenizer_for_onnx
+        _check_window(args.window, max_positions(args.onnx))
         tokenizer = tokenizer_for_onnx(args.onnx)
         logits_fn = ort_logits_fn(args.onnx, threads=args.threads, device=args.device)
     else:
         model, tokenizer = load_model(args.model, allow_compressed=True)
-        max_len = getattr(model.config, "max_position_embeddings", None)
-        if max_len and args.window > max_len:
-            raise UserError(f"--window {args.window} exceeds the model's {max_len} positions: use {max_len} or less")
+        _check_window(args.window, getattr(model.config, "max_position_embeddings", None))
         logits_fn = torch_logits_fn(model)
     tokens = tokenize_corpus(tokenizer, text, args.max_tokens)
     windows = make_windows(tokens, args.window, args.max_tokens, args.max_windows)
@@ -77,6 +76,11 @@ def cmd_ppl(args: argparse.Namespace) -> int:
           f"ppl {result.ppl:.3f}  nll {result.nll:.4f}  tokens scored {result.tokens_scored:,}  "
           f"windows {result.windows}  {result.tokens_per_s:,.0f} tok/s")
     return 0
+
+
+def _check_window(window: int, max_len: int | None) -> None:
+    if max_len and window > max_len:
+        raise UserError(f"--window {window} exceeds the model's {max_len} positions: use {max_len} or less")
 
 
 def build_parser() -> argparse.ArgumentParser:
