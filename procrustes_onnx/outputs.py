@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 from .errors import UserError
 
 __all__ = ["MANIFEST", "IDENTITY", "check_output", "check_output_file", "atomic_output_dir", "read_manifest",
-           "register", "claim", "tool_owned", "write_identity", "read_identity", "identity_id", "file_sha256"]
+           "register", "claim", "tool_owned", "user_files", "write_identity", "read_identity", "identity_id", "file_sha256"]
 
 MANIFEST = ".procrustes-files.json"
 IDENTITY = "identity.json"
@@ -70,6 +70,15 @@ def tool_owned(folder: str | os.PathLike) -> set[str]:
 def _owned(rel: str, owned: set[str]) -> bool:
     parts = Path(rel).parts
     return any(str(Path(*parts[:i])) in owned for i in range(1, len(parts) + 1))
+
+
+def user_files(folder: str | os.PathLike) -> set[str]:
+    """Files in ``folder`` that the tool did not write (none if it does not exist): never replaced."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return set()
+    owned = tool_owned(folder)
+    return {f for f in _files(folder) if f != MANIFEST and not _owned(f, owned)}
 
 
 def register(folder: str | os.PathLike, names: Iterable[str]) -> None:
@@ -173,7 +182,7 @@ def _commit(tmp: Path, out: Path, partial: bool) -> None:
         os.replace(tmp, out)
         return
     owned = tool_owned(out)
-    user = [f for f in _files(out) if f != MANIFEST and not _owned(f, owned)]
+    user = sorted(user_files(out))
     clash = [f for f in user
              if (tmp / f).exists() or any((tmp / p).is_file() for p in Path(f).parents if str(p) != ".")]
     if clash:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .outputs import MANIFEST, register, tool_owned
+from .outputs import MANIFEST, register, user_files
 
 __all__ = ["content_hash", "folder_hash", "cached_dir", "cached_json"]
 
@@ -50,21 +50,12 @@ def cached_dir(out: Path, key: dict, build: Callable[[Path], Any], echo: Callabl
         echo(f"  reuse {out} (inputs unchanged, {digest})")
         return out
     start = time.perf_counter()
-    users = _user_files(out)
+    users = user_files(out)
     build(out)
     (out / _MARKER).write_text(json.dumps({"key": digest, "inputs": key, "seconds": time.perf_counter() - start},
                                           default=str, indent=1))
-    register(out, [f for f in _user_files(out) if f not in users])  # files written after the atomic build too
+    register(out, [f for f in user_files(out) if f not in users])  # files written after the atomic build too
     return out
-
-
-def _user_files(folder: Path) -> set[str]:
-    """Files in ``folder`` its manifest does not list (none if it does not exist)."""
-    if not folder.is_dir():
-        return set()
-    owned = tool_owned(folder)
-    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
-            and str(p.relative_to(folder)) not in owned and p.name != MANIFEST}
 
 
 def cached_json(path: Path, key: dict, compute: Callable[[], dict], echo: Callable[[str], None] = print) -> dict:

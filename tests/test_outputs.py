@@ -132,3 +132,22 @@ def test_a_changed_checkpoint_is_refused(inputs, tmp_path):
     blob[-1] ^= 1
     (ck / "model.safetensors").write_bytes(bytes(blob))
     _refused(["export", "--checkpoint", ck, "--out", tmp_path / "onnx"], "was changed after")
+
+
+def test_stage_folders_list_what_the_stage_wrote_after_its_atomic_build(tmp_path):
+    """cached_dir registers the marker and files a stage adds after the atomic write (README,
+    structure.json), so a rebuild replaces them, while a user's file in the folder is kept."""
+    from procrustes_onnx.stages import cached_dir
+
+    def build(d):
+        with atomic_output_dir(d) as tmp:
+            (tmp / "model.onnx").write_text("graph")
+        (d / "README.md").write_text("about")
+
+    out = tmp_path / "stage"
+    cached_dir(out, {"v": 1}, build, echo=lambda s: None)
+    assert {"model.onnx", "README.md", ".stage.json"} <= set(read_manifest(out)["files"])
+    (out / "notes.txt").write_text("mine")
+    cached_dir(out, {"v": 2}, build, echo=lambda s: None)
+    assert (out / "notes.txt").read_text() == "mine" and "notes.txt" not in read_manifest(out)["files"]
+    assert json.loads((out / ".stage.json").read_text())["inputs"] == {"v": 2}

@@ -19,9 +19,9 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from procrustes_onnx.errors import UserError
-from procrustes_onnx.exporters.artifacts import atomic_output_dir, folder_bytes, write_json
+from procrustes_onnx.exporters.artifacts import atomic_output_dir, check_external_data, folder_bytes, write_json
 from procrustes_onnx.exporters.onnx_export import MAP_FILE
-from procrustes_onnx.outputs import check_output
+from procrustes_onnx.outputs import check_output, read_identity
 
 from .rewrite_structured import RewriteStructuredMatmulsPass, normalize_manifest, promised_saving
 
@@ -39,7 +39,6 @@ def _resolve_input(onnx_in: str | os.PathLike) -> Path:
         path = path / "model.onnx"
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass an exported folder or its model.onnx")
-    from procrustes_onnx.exporters.artifacts import check_external_data
     check_external_data(path)
     return path
 
@@ -95,7 +94,6 @@ def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.Pa
     for name, entry in plan.items():
         new_map[name].update(structured=entry["spec"], node=None, weight=None, transpose_node=None)
     if identity is None:  # a structured model of whatever the input was the dense-equivalent export of
-        from procrustes_onnx.outputs import read_identity
         identity = {k: v for k, v in (read_identity(src.parent) or {}).items() if k not in ("id", "kind")}
         identity["kind"] = "structured"
     with atomic_output_dir(out, overwrite=overwrite, identity=identity) as tmp:
