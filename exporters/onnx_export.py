@@ -121,14 +121,25 @@ def export_ir(model: torch.nn.Module, *, with_past: bool = True, opset: int = DE
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "num_hidden_layers"):
         raise UserError("export needs a Hugging Face causal LM (a model with .config); load it with load_model")
-    spec = io_spec(config, with_past)
-    wrapper = (KVCacheWrapper(model) if with_past else LogitsWrapper(model)).eval()
-    dtype = next(model.parameters()).dtype
-    args = example_inputs(config, spec, dtype=dtype)
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, optimize=False,
-                                    input_names=spec.input_names, output_names=spec.output_names,
-                                    dynamic_shapes=spec.dynamic_shapes, verbose=False)
+    if not hasattr(config, "num_attention_heads"):
+        raise UserError(f"cannot export {type(model).__name__} ({config.model_type}): it has no attention heads (not a "
+                        "transformer decoder), and the exported I/O (attention mask, KV cache) needs them")
+    try:
+        spec = io_spec(config, with_past)
+        wrapper = (KVCacheWrapper(model) if with_past else LogitsWrapper(model)).eval()
+        dtype = next(model.parameters()).dtype
+        args = example_inputs(config, spec, dtype=dtype)
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, optimize=False,
+                                        input_names=spec.input_names, output_names=spec.output_names,
+                                        dynamic_shapes=spec.dynamic_shapes, verbose=False)
+    except Exception as exc:  # an architecture the exporter cannot trace: say which, and why, in one line
+        first = (str(exc).strip().splitlines() or [""])[0][:240]
+        logger.debug("export of %s failed", type(model).__name__, exc_info=True)
+        raise UserError(f"cannot export {type(model).__name__} ({config.model_type}) to ONNX"
+                        f"{' with a KV cache' if with_past else ''}: {type(exc).__name__}: {first}; "
+                        f"{'try --no-past, or ' if with_past else ''}see docs/export.md for the architectures tested"
+                        ) from exc
     onnx_model = program.model
     optimize_exported(onnx_model)
     for v in list(onnx_model.graph.initializers.values()):

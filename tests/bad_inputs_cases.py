@@ -43,6 +43,7 @@ CASES: list[Case] = [
     C("info-bad-config-json", "info --model {badjson}", 2, "not valid JSON", ("badjson",)),
     C("info-onnx-folder", "info --model {onnx}", 2, "is an ONNX artifact", ("onnx",)),
     C("info-compressed-loads", "info --model {ck} --json", 0, '"compressed_checkpoint": true', ("ck",)),
+    C("info-no-attention-works", "info --model {mamba} --json", 0, '"model_type": "mamba"', ("mamba",)),
     C("info-unknown-alias", "info --model nosuchmodel", 2, "unknown model", ()),
     # ppl
     C("ppl-window-zero", "ppl --model {model} --window 0", 2, "argument --window", ("model",)),
@@ -133,6 +134,7 @@ CASES: list[Case] = [
       "not a compressed checkpoint", ("model",)),
     C("export-not-causal-lm", "export --model {bert} --out {out}", 2, "not a causal LM", ("bert",)),
     C("export-gpt2-works", "export --model {gpt2} --out {out}", 0, "model.onnx", ("gpt2",)),
+    C("export-no-attention", "export --model {mamba} --out {out}", 2, "has no attention heads", ("mamba",)),
     # rewrite
     C("rewrite-plain-dense-export", "rewrite --onnx {onnx} --checkpoint {ck} --out {out}", 2,
       "is a dense export, not the dense-equivalent", ("onnx", "ck")),
@@ -208,7 +210,7 @@ def build_inputs() -> dict[str, Path]:
     import atexit
 
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config
+    from transformers import AutoModelForCausalLM, GPT2Config, MambaConfig
 
     from procrustes_onnx.compiler.compress import compress
     from procrustes_onnx.exporters.pipeline import export_compressed, export_model
@@ -251,6 +253,10 @@ def build_inputs() -> dict[str, Path]:
                                                        n_positions=128, bos_token_id=256, eos_token_id=256))
     gpt2.save_pretrained(p["gpt2"])
     tiny_tokenizer().save_pretrained(p["gpt2"])
+    p["mamba"] = root / "mamba"
+    AutoModelForCausalLM.from_config(MambaConfig(vocab_size=264, hidden_size=32, num_hidden_layers=2,
+                                                 state_size=4)).save_pretrained(p["mamba"])
+    tiny_tokenizer().save_pretrained(p["mamba"])
     config = tiny_compression_config(method="frobenius", iterations=1, rotation_iters=5)
     with contextlib.redirect_stdout(io.StringIO()):
         for name, src in (("ck", "model"), ("ck2", "model2")):
