@@ -202,6 +202,19 @@ CASES: list[Case] = [
 ]
 
 
+LEGEND = {
+    "model": "a tiny random Llama folder", "model2": "another one (other weights)",
+    "ck": "a compressed checkpoint of {model}", "ck2": "one of {model2}",
+    "onnx": "a dense export of {model}", "de": "the dense-equivalent export of {ck}", "de2": "that of {ck2}",
+    "nodata": "{onnx} without model.onnx.data", "denodata": "{de} without it", "noid": "{de} without identity.json",
+    "gpt2": "a tiny GPT-2", "mamba": "a tiny Mamba", "bert": "a BERT masked-LM config",
+    "badjson": "a folder whose config.json is not JSON", "calib": "a UTF-8 text", "textdir": "the folder holding it",
+    "empty": "an empty text file", "afile": "a plain text file", "garbage": "a .onnx file that is not protobuf",
+    "listjson": "a JSON list", "typejson": "a config with iterations \"many\"", "keyjson": "a config with an "
+    "unknown key", "userdir": "a folder holding a user's notes.txt", "root": "the folder holding all of them",
+}
+
+
 # --------------------------------------------------------------------------------------------- inputs
 
 @functools.cache
@@ -320,6 +333,14 @@ def write_doc(path: Path = ROOT / "docs" / "bad_inputs.md") -> Path:
             "(tiny random models; `{out}` is a fresh path). Every bad input ends in one `error: ...` line and exit",
             "code 2, with no traceback, and leaves every input byte-identical (sha256 before and after).",
             "A few valid neighbours (exit 0) show the same inputs work when given properly.", "",
+            "Inputs: " + "; ".join(f"`{{{k}}}` {v}" for k, v in LEGEND.items()) + ".", "",
+            "Behaviour beyond one command (tests/test_outputs.py): `--overwrite` replaces only the files the tool",
+            "wrote (a user's notes, plots and sub-folders stay byte-identical, a user file with a tool file's name",
+            "is refused); a failed build leaves the old folder as it was; a compress that fails on its",
+            "calibration text leaves nothing and the corrected rerun runs; identical tensors give identical",
+            "checkpoint bytes; export --dense-equivalent + rewrite equals export --checkpoint byte for byte; a",
+            "checkpoint edited after compress is refused. tests/test_bad_inputs_property.py mutates valid commands",
+            "at random (values, flags, deletions) and checks that none ends in a traceback.", "",
             "| case | command | exit | result |", "|---|---|---|---|"]
     for case in CASES:
         out = Path(tempfile.mkdtemp(prefix="case-")) / "out"
