@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from procrustes_onnx.errors import UserError
-from procrustes_onnx.outputs import atomic_output_dir
+from procrustes_onnx.outputs import atomic_output_dir, file_sha256, read_identity, write_identity
 
-__all__ = ["atomic_output_dir", "write_json", "folder_bytes", "check_external_data"]
+__all__ = ["atomic_output_dir", "write_json", "folder_bytes", "check_external_data", "write_onnx_identity",
+           "onnx_identity"]
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -50,3 +51,28 @@ def check_external_data(onnx_path: str | os.PathLike) -> None:
         if data.stat().st_size < end:
             raise UserError(f"{data} is truncated ({data.stat().st_size:,} of {end:,} bytes): copy it again, or "
                             "re-export the model")
+
+
+def _onnx_hashes(folder: Path) -> dict[str, str | None]:
+    data = folder / "model.onnx.data"
+    return {"graph": file_sha256(folder / "model.onnx"), "weights": file_sha256(data) if data.is_file() else None}
+
+
+def write_onnx_identity(folder: str | os.PathLike, identity: dict) -> dict:
+    """identity.json of an exported folder, with the sha256 of its graph and weights files (so a folder
+    whose files were swapped after export is told apart from the one the identity describes)."""
+    return write_identity(folder, {**identity, **_onnx_hashes(Path(folder))})
+
+
+def onnx_identity(folder: str | os.PathLike) -> dict | None:
+    """The identity of an exported folder (None without one), refused if its files changed since."""
+    folder = Path(folder)
+    identity = read_identity(folder)
+    if identity is None or "graph" not in identity:
+        return identity
+    if (folder / "model.onnx").is_file():
+        check_external_data(folder / "model.onnx")  # a missing file is named as such, not as a change
+    if any(identity.get(k) != v for k, v in _onnx_hashes(folder).items()):
+        raise UserError(f"{folder} was changed after procrustes-onnx wrote it (model.onnx or model.onnx.data no "
+                        "longer match identity.json): export it again")
+    return identity

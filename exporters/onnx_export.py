@@ -22,7 +22,7 @@ import torch
 
 from procrustes_onnx.errors import UserError
 
-from .artifacts import atomic_output_dir, write_json
+from .artifacts import atomic_output_dir, write_json, write_onnx_identity
 from .matmul_map import record_matmul_map
 from .wrappers import KVCacheWrapper, LogitsWrapper, example_inputs, io_spec
 
@@ -173,8 +173,9 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, with_past
         from procrustes_onnx.sources import model_fingerprint
         identity = {"kind": "dense", "source": model_fingerprint(model)}
     identity = {"format": f"procrustes-onnx onnx {opset}", **identity, "with_past": with_past}
-    with atomic_output_dir(out_dir, overwrite=overwrite, identity=identity) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         ir.save(onnx_model, tmp / "model.onnx", external_data="model.onnx.data")
+        write_onnx_identity(tmp, identity)
         write_json(tmp / MAP_FILE, mapping)
         config = copy.deepcopy(model.config)  # never change the caller's model
         config.use_cache = with_past

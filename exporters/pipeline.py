@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from procrustes_onnx.errors import UserError
-from procrustes_onnx.outputs import read_identity
+
+from .artifacts import onnx_identity
 
 __all__ = ["export_model", "export_compressed", "rewrite_model", "inspect_model"]
 
@@ -75,8 +76,8 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         if dense_equivalent:
             return dense
         return rewrite_structured_matmuls(dense.parent, out_dir, manifest=manifest, overwrite=overwrite,
-                                          identity={**{k: v for k, v in (read_identity(dense.parent) or {}).items()
-                                                       if k != "id"}, **origin, "kind": "structured"})
+                                          identity={"format": f"procrustes-onnx onnx {opset or DEFAULT_OPSET}",
+                                                    **origin, "kind": "structured", "with_past": with_past})
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -127,7 +128,7 @@ def rewrite_model(onnx_in: str | os.PathLike, checkpoint: str | os.PathLike, out
         raise UserError(f"--onnx {onnx_in} does not exist: pass the folder `export --dense-equivalent` wrote")
     check_output(out_dir, inputs=[folder, checkpoint], overwrite=overwrite)
     ck = checkpoint_identity(checkpoint)
-    have = read_identity(folder)
+    have = onnx_identity(folder)
     fix = f"export it with `procrustes-onnx export --checkpoint {checkpoint} --dense-equivalent --out DIR`"
     if have is None:
         raise UserError(f"{folder} has no identity.json, so nothing shows it is the dense-equivalent export of "

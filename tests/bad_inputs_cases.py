@@ -140,6 +140,8 @@ CASES: list[Case] = [
       "is a dense export, not the dense-equivalent", ("onnx", "ck")),
     C("rewrite-other-checkpoint", "rewrite --onnx {de2} --checkpoint {ck} --out {out}", 2,
       "of another checkpoint", ("de2", "ck")),
+    C("rewrite-swapped-weights", "rewrite --onnx {swapped} --checkpoint {ck} --out {out}", 2, "was changed after",
+      ("swapped", "ck")),
     C("rewrite-no-identity", "rewrite --onnx {noid} --checkpoint {ck} --out {out}", 2, "has no identity.json",
       ("noid", "ck")),
     C("rewrite-out-is-onnx", "rewrite --onnx {de} --checkpoint {ck} --out {de}", 2, "is the input", ("de", "ck")),
@@ -207,6 +209,7 @@ LEGEND = {
     "ck": "a compressed checkpoint of {model}", "ck2": "one of {model2}",
     "onnx": "a dense export of {model}", "de": "the dense-equivalent export of {ck}", "de2": "that of {ck2}",
     "nodata": "{onnx} without model.onnx.data", "denodata": "{de} without it", "noid": "{de} without identity.json",
+    "swapped": "{de} with the model.onnx.data of {de2}",
     "gpt2": "a tiny GPT-2", "mamba": "a tiny Mamba", "bert": "a BERT masked-LM config",
     "badjson": "a folder whose config.json is not JSON", "calib": "a UTF-8 text", "textdir": "the folder holding it",
     "empty": "an empty text file", "afile": "a plain text file", "garbage": "a .onnx file that is not protobuf",
@@ -284,6 +287,9 @@ def build_inputs() -> dict[str, Path]:
         shutil.copytree(p[src], root / name)
         (root / name / drop).unlink()
         p[name] = root / name
+    shutil.copytree(p["de"], root / "swapped")           # de's identity, de2's weights
+    shutil.copy2(p["de2"] / "model.onnx.data", root / "swapped" / "model.onnx.data")
+    p["swapped"] = root / "swapped"
     return p
 
 

@@ -19,7 +19,8 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from procrustes_onnx.errors import UserError
-from procrustes_onnx.exporters.artifacts import atomic_output_dir, check_external_data, folder_bytes, write_json
+from procrustes_onnx.exporters.artifacts import (atomic_output_dir, check_external_data, folder_bytes, write_json,
+                                                  write_onnx_identity)
 from procrustes_onnx.exporters.onnx_export import MAP_FILE
 from procrustes_onnx.outputs import check_output, read_identity
 
@@ -94,10 +95,12 @@ def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.Pa
     for name, entry in plan.items():
         new_map[name].update(structured=entry["spec"], node=None, weight=None, transpose_node=None)
     if identity is None:  # a structured model of whatever the input was the dense-equivalent export of
-        identity = {k: v for k, v in (read_identity(src.parent) or {}).items() if k not in ("id", "kind")}
+        identity = {k: v for k, v in (read_identity(src.parent) or {}).items()
+                    if k not in ("id", "kind", "graph", "weights")}
         identity["kind"] = "structured"
-    with atomic_output_dir(out, overwrite=overwrite, identity=identity) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
         ir.save(model, tmp / "model.onnx", external_data="model.onnx.data")
+        write_onnx_identity(tmp, identity)
         for name in _SIDE_FILES:
             if (src.parent / name).is_file():
                 shutil.copy2(src.parent / name, tmp / name)
