@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .cli_args import Parser, count
+from .cli_args import THREADS_MAX, Parser, count
 from .errors import EXIT_USER_ERROR, UserError
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=count(), default=102_400)
     p.add_argument("--max-windows", type=count(), default=None)
     p.add_argument("--batch-size", type=count(), default=1)
-    p.add_argument("--threads", type=count(), default=os.cpu_count() or 2)
+    p.add_argument("--threads", type=count(1, THREADS_MAX), default=os.cpu_count() or 2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ppl)

@@ -9,7 +9,7 @@ from typing import Callable, NoReturn
 
 from .errors import EXIT_USER_ERROR, UserError
 
-__all__ = ["Parser", "count", "fraction", "parse_kept", "parse_layers", "parse_structures", "parse_list"]
+__all__ = ["Parser", "count", "SEED_MAX", "THREADS_MAX", "fraction", "parse_kept", "parse_layers", "parse_structures", "parse_list"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -20,8 +20,12 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
-def count(minimum: int = 1) -> Callable[[str], int]:
-    """An argparse type: a whole number >= ``minimum`` (windows, batch sizes, threads, samples...)."""
+SEED_MAX = 2**32 - 1      # numpy's and torch's seeds both take it
+THREADS_MAX = 1024        # more would only make ONNX Runtime and torch spawn threads by the thousand
+
+
+def count(minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in minimum..maximum (windows, batch sizes, threads, samples...)."""
 
     def parse(text: str) -> int:
         try:
@@ -30,6 +34,8 @@ def count(minimum: int = 1) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} is too small: it must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} is too large: it must be at most {maximum}")
         return value
 
     parse.__name__ = f"count>={minimum}"

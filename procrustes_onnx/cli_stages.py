@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 
-from procrustes_onnx.cli_args import count, fraction, parse_kept, parse_layers, parse_list, parse_structures
+from procrustes_onnx.cli_args import (SEED_MAX, THREADS_MAX, count, fraction, parse_kept, parse_layers, parse_list,
+                                      parse_structures)
 from procrustes_onnx.errors import UserError
 
 _THREADS = os.cpu_count() or 2
@@ -103,7 +104,7 @@ def _overwrite(p: argparse.ArgumentParser) -> None:
 
 
 def _runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=count(), default=_THREADS)
+    p.add_argument("--threads", type=count(1, THREADS_MAX), default=_THREADS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
@@ -132,7 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compress-embeddings", action="store_true",
                    help="low-rank token embedding (a tied head reads the same factors); kept share --kept embed=F, "
                         "default 0.75")
-    p.add_argument("--seed", type=count(0))
+    p.add_argument("--seed", type=count(0, SEED_MAX))
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("export", help="Hugging Face model or compressed checkpoint -> ONNX folder (KV cache)")
@@ -174,7 +175,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=fraction(0, float("inf"), low_open=False), default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=count(0), default=0)
     p.add_argument("--top-p", type=fraction(0, 1), default=1.0)
-    p.add_argument("--seed", type=count(0), default=0)
+    p.add_argument("--seed", type=count(0, SEED_MAX), default=0)
     _runtime(p)
     p.set_defaults(func=cmd_generate)
 

@@ -76,7 +76,7 @@ class RunOptions:
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli_args import count, fraction
+    from .cli_args import THREADS_MAX, count, fraction
 
     p.add_argument("--out", default="artifacts", help="artifact folder (default: artifacts/; a rerun resumes)")
     p.add_argument("--overwrite", action="store_true",
@@ -98,4 +98,4 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="whole chain on a truncated evaluation (< 10 minutes)")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity and zero-shot tasks")
     p.add_argument("--no-bench", action="store_true", help="skip the prefill/decode benchmark")
-    p.add_argument("--threads", type=count(), default=os.cpu_count() or 2)
+    p.add_argument("--threads", type=count(1, THREADS_MAX), default=os.cpu_count() or 2)
