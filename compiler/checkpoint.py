@@ -12,11 +12,11 @@ import copy
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -24,13 +24,15 @@ from procrustes_onnx.ops import StructuredLinear, structured_from_spec
 from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead
 
 from ..errors import UserError
+from ..outputs import atomic_output_dir, file_sha256, identity_id, read_identity, write_identity
 from .adapters import get_adapter, get_module, set_module, surgery_state
 from .embeddings import install_factored_embedding
 from .fusion import install_fused_modules
 from .positions import position_dims
 from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
 
-__all__ = ["save_compressed", "save_compressed_into", "load_compressed", "require_checkpoint", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
+__all__ = ["save_compressed", "save_compressed_into", "load_compressed", "require_checkpoint", "checkpoint_identity",
+           "materialize_dense", "replace_linear", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -94,10 +96,46 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, manifest
 
 
-def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, extra_config: dict | None = None) -> Path:
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors`` bytes with the JSON header re-serialized with sorted keys: the library writes its
+    metadata map in hash order, so identical tensors gave different bytes from run to run. Offsets refer
+    to the data after the header and the header keeps its padded length, so only the order changes."""
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) <= n:
+        blob = blob[:8] + header + b" " * (n - len(header)) + blob[8 + n:]
+    path.write_bytes(blob)
+
+
+def checkpoint_identity(path: str | Path, *, verify: bool = True) -> dict:
+    """What a checkpoint folder is: its identity.json (checked against the files when ``verify``), or for
+    a folder written before identities existed, one derived from its files (source unknown)."""
+    path = Path(path)
+    if not (path / "structure.json").is_file() or not (path / "model.safetensors").is_file():
+        raise UserError(f"{path} is not a compressed checkpoint (needs structure.json and model.safetensors); "
+                        f"pass a folder written by `procrustes-onnx compress`")
+    derived = {"format": f"procrustes-onnx checkpoint {FORMAT_VERSION}", "kind": "compressed",
+               "structure": file_sha256(path / "structure.json"), "weights": file_sha256(path / "model.safetensors")}
+    stored = read_identity(path)
+    if stored is None:
+        return {**derived, "source": None, "id": identity_id({**derived, "source": None})}
+    if verify and any(stored.get(k) != v for k, v in derived.items()):
+        raise UserError(f"{path} was changed after `procrustes-onnx compress` wrote it (its files no longer match "
+                        f"identity.json): re-run compress")
+    return stored
+
+
+def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, extra_config: dict | None = None, *,
+                    source: str | None = None, carry: Sequence[str] = ()) -> Path:
     """Write the checkpoint folder atomically (temp folder, then rename); returns `out_dir`.
 
-    `extra_config` keys go into config.json's `procrustes` section next to the surgery record.
+    `extra_config` keys go into config.json's `procrustes` section next to the surgery record; `source`
+    (the dense model's fingerprint) goes into identity.json. `carry`: entries of an existing `out_dir`
+    (the tool's own, e.g. a resumable `work/`) moved into the new folder. Other files the tool did not
+    write stay; files of an earlier checkpoint are replaced.
     """
     out_dir = Path(out_dir)
     state = surgery_state(model)
@@ -110,27 +148,23 @@ def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, extra
     manifest.update(attn_implementation=getattr(model.config, "_attn_implementation", None), tied=adapter.tied, dtype=str(next(model.parameters()).dtype).replace("torch.", ""), dims=position_dims(model), model_type=model.config.model_type,
                     stored_parameters=sum(int(t.numel()) for t in tensors.values()),
                     stored_parameters_dense_skips=stored_parameter_count(model, "dense"))
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_output_dir(out_dir) as tmp:
         config = copy.deepcopy(model.config)
         config.procrustes = {**state, **extra}
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt", "procrustes_format": str(FORMAT_VERSION)})
+        _save_safetensors({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp / "model.safetensors",
+                          metadata={"format": "pt", "procrustes_format": str(FORMAT_VERSION)})
         (tmp / "structure.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_identity(tmp, {"format": f"procrustes-onnx checkpoint {FORMAT_VERSION}", "kind": "compressed",
+                             "source": source, "structure": file_sha256(tmp / "structure.json"),
+                             "weights": file_sha256(tmp / "model.safetensors")})
+        for name in carry:
+            if (out_dir / name).exists():
+                os.replace(out_dir / name, tmp / name)
     log.info("saved %d tensors (%d numbers) to %s", len(tensors), manifest["stored_parameters"], out_dir)
     return out_dir
 
@@ -149,21 +183,12 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> nn.Parameter:
 
 
 
-def save_compressed_into(model: nn.Module, out_dir: str | Path, tokenizer=None, extra_config: dict | None = None) -> Path:
-    """`save_compressed` into a folder that already holds other state (a resumable `work/`): the files are
-    written to a staging folder beside it, then moved in one by one."""
-    out_dir = Path(out_dir)
-    staging = out_dir.parent / f".{out_dir.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_compressed(model, staging, tokenizer=tokenizer, extra_config=extra_config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for item in staging.iterdir():
-        target = out_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    staging.rmdir()
-    return out_dir
+def save_compressed_into(model: nn.Module, out_dir: str | Path, tokenizer=None, extra_config: dict | None = None,
+                         *, source: str | None = None) -> Path:
+    """`save_compressed` into a folder that already holds a resumable `work/`, which is kept."""
+    return save_compressed(model, out_dir, tokenizer=tokenizer, extra_config=extra_config, source=source,
+                           carry=("work",))
+
 
 def require_checkpoint(path: str | Path) -> Path:
     """``path`` if it is a compressed checkpoint folder, else a one-line user error (before any slow work)."""

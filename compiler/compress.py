@@ -29,7 +29,8 @@ from .embeddings import factor_embedding
 from .positions import residual_positions, stream_matrix
 from .stages import gram_paths, load_group, save_group, solve_group
 
-__all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count"]
+__all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count",
+           "check_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +143,16 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
     results go to ``work`` and are reused from there. Returns the plan (the promised count).
     ``calib_tokens`` (a 1-D token stream) replaces the config's calibration text, e.g. in tests."""
     config.validate()
+    check_layers(model, config)
+    # bad calibration text fails here, before work/ records these settings (a failed run blocks nothing)
+    needs_text = config.method == "weighted" or config.compress_embeddings
+    windows = calibration_windows_for(tokenizer, config, calib_tokens) if needs_text else None
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     saved_cfg = work / "config.json"
-    if saved_cfg.exists() and CompressionConfig.load(saved_cfg) != config:
-        raise UserError(f"{work} holds a partial run with different settings: use another --out or delete it")
+    if saved_cfg.exists() and _has_results(work) and CompressionConfig.load(saved_cfg) != config:
+        raise UserError(f"{work} holds a partial run with different settings: rerun with those settings to "
+                        "resume, or use another --out (or delete the folder)")
     config.save(saved_cfg)
     torch.manual_seed(config.seed)
     model.eval()
@@ -158,9 +164,8 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
     specs = {e.path: e.spec for e in plan.entries}
     positions = residual_positions(model)
     with torch.no_grad():
-        grams, windows = {}, None
+        grams = {}
         if config.method == "weighted":
-            windows = calibration_windows_for(tokenizer, config, calib_tokens)
             grams = collect_grams(model, windows, gram_paths(positions, specs), progress=progress)
             grams = {k: damp_gram(v, config.damp) for k, v in grams.items()}
         rs, factors = _solve(model, positions, specs, config, work, grams, progress)
@@ -176,8 +181,6 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
                      f"mean relative error {before:.4f} -> {after:.4f}")
             del reference
         if plan.embedding is not None:
-            if windows is None:
-                windows = calibration_windows_for(tokenizer, config, calib_tokens)
             err = factor_embedding(model, plan.embedding, windows, config.token_weighting, config.damp)
             echo(f"embedding: rank {plan.embedding['rank']} factors, weighted relative error {err:.4f}"
                  + (" (the tied head reads the same factors)" if plan.embedding["tied"] else " (head stays dense)"))
@@ -194,48 +197,101 @@ def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: st
     Deterministic for ``config.seed``; rerunning with the same arguments after an interruption
     reuses the per-position rotations already in ``out_dir/work`` (a different config is refused).
     """
+    from procrustes_onnx.outputs import claim
+    from procrustes_onnx.sources import model_fingerprint
+
     out_dir = Path(out_dir)
     work = out_dir / "work"
     start = time.perf_counter()
+    source = model_fingerprint(model)  # the dense model's identity, recorded in the checkpoint's
     if config.method == "slicegpt":
-        return _slicegpt(model, tokenizer, config, out_dir, count_params(model), echo)
-    plan = compress_model(model, tokenizer, config, work, progress=progress, echo=echo, calib_tokens=calib_tokens)
+        check_layers(model, config)
+        return _slicegpt(model, tokenizer, config, out_dir, count_params(model), echo, source)
+    created = not out_dir.exists()
+    claim(out_dir, ["work"])
+    try:
+        plan = compress_model(model, tokenizer, config, work, progress=progress, echo=echo, calib_tokens=calib_tokens)
+    except BaseException:
+        _discard_empty(out_dir, work, created)
+        raise
     original = plan.original_params
-    _save(model, tokenizer, config, plan, out_dir, time.perf_counter() - start)
+    _save(model, tokenizer, config, plan, out_dir, time.perf_counter() - start, source, keep_work)
     saved = saved_param_count(out_dir)
     if saved != plan.promised_params:
         log.warning("plan promised %d parameters but the checkpoint stores %d", plan.promised_params, saved)
-    if not keep_work:
-        shutil.rmtree(work, ignore_errors=True)
     echo(f"saved {out_dir}: {saved:,} parameters stored, {100 * (1 - saved / original):.2f}% removed, "
          f"{time.perf_counter() - start:.0f} s")
     return out_dir
 
 
-def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float) -> None:
-    """Save through the checkpoint module beside the resumable work/ folder."""
-    from .checkpoint import save_compressed_into
+def _has_results(work: Path) -> bool:
+    """Whether ``work`` holds solved groups or refined layers (anything worth resuming)."""
+    return work.is_dir() and any(p.suffix == ".safetensors" for p in work.rglob("*"))
+
+
+def _discard_empty(out_dir: Path, work: Path, created: bool) -> None:
+    """After a failed run: drop a ``work/`` with nothing to resume, and the folder if this run made it."""
+    from procrustes_onnx.outputs import MANIFEST
+    if _has_results(work):
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    if created and out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {MANIFEST}:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def check_layers(model: nn.Module, config: CompressionConfig) -> None:
+    """Settings that only the model can judge: ``--dense-layers`` may only name layers it has, and a
+    calibration window may not be longer than its context (learned positions would index past the table)."""
+    n = get_adapter(model).num_layers
+    bad = [i for i in config.dense_layers if not 0 <= int(i) < n]
+    if bad:
+        raise UserError(f"--dense-layers names layer {bad[0]}, which this model lacks: it has layers 0..{n - 1}")
+    needs_text = config.method in ("weighted", "slicegpt") or config.compress_embeddings
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if needs_text and limit and config.calib_seq_len > limit:
+        raise UserError(f"--calib-seq-len {config.calib_seq_len} exceeds the model's {limit} positions: use {limit} "
+                        "or less")
+
+
+def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float, source: str, keep_work: bool) -> None:
+    """Save through the checkpoint module; the resumable work/ folder goes along only with ``keep_work``."""
+    from .checkpoint import save_compressed
     extra = {"compression": config.to_dict(), "promised_params": plan.promised_params,
              "original_params": plan.original_params, "removed": plan.removed, "seconds": round(seconds, 1)}
-    save_compressed_into(model, out_dir, tokenizer=tokenizer, extra_config=extra)
+    save_compressed(model, out_dir, tokenizer=tokenizer, extra_config=extra, source=source,
+                    carry=("work",) if keep_work else ())
 
 
-def _slicegpt(model, tokenizer, config, out_dir, original, echo) -> Path:
+def _slicegpt(model, tokenizer, config, out_dir, original, echo, source) -> Path:
     try:
         from .slicegpt import slicegpt_compress
     except ImportError:
         raise UserError("--method slicegpt is not available in this build: use frobenius or weighted") from None
-    return slicegpt_compress(model, tokenizer, config, out_dir, original_params=original, echo=echo)
+    return slicegpt_compress(model, tokenizer, config, out_dir, original_params=original, echo=echo, source=source)
 
 
-def compress_cli(*, model: str, out: str, config: str | None = None, **overrides) -> Path:
+def compress_cli(*, model: str, out: str, config: str | None = None, overwrite: bool = False, **overrides) -> Path:
     """What the `procrustes-onnx compress` verb calls: load the model, build the config (a JSON file
     and/or keyword overrides such as ratio=0.2, structure="gs"), compress, return the folder."""
-    from procrustes_onnx.sources import load_model
+    from procrustes_onnx.outputs import check_output
+    from procrustes_onnx.sources import load_model, resolve_model_dir
     base = CompressionConfig.load(config).to_dict() if config else {}
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    if "preset" in overrides and overrides["preset"] is not None and "ratio" not in overrides:
-        base["ratio"] = None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "preset" in given and "ratio" in given:
+        raise UserError("--preset and --ratio both given: pass one (a preset fixes the kept fraction per matrix, "
+                        "--ratio the fraction of all parameters removed)")
+    if "preset" in given:
+        base["ratio"] = None                 # a preset replaces the default (or the config file's) ratio
+    elif "ratio" in given:
+        base["preset"] = None
+    base.update(given)
     cfg = CompressionConfig.from_dict(base)
+    calib = cfg.calib_text.rpartition("@")[0] or cfg.calib_text
+    model_dir = resolve_model_dir(model)
+    check_output(out, inputs=[model_dir, config, calib if Path(calib).exists() else None], overwrite=overwrite,
+                 resumable=True)
+    saved = Path(out) / "work" / "config.json"
+    if overwrite and saved.is_file() and CompressionConfig.load(saved) != cfg:
+        shutil.rmtree(saved.parent)  # --overwrite: a partial run of other settings is replaced, not resumed
     loaded, tokenizer = load_model(model, dtype=torch.float32)
     return compress(loaded, tokenizer, cfg, out)

@@ -84,7 +84,7 @@ class CompressionConfig:
         for role, frac in self.kept.items():
             _choice("kept role", role, ROLES)
             if not 0.0 < float(frac) <= 1.0:
-                raise UserError(f"kept fraction {frac} for {role} is outside (0, 1]: it is the share of the "
+                raise UserError(f"--kept {role}={frac} is outside (0, 1]: a kept fraction is the share of the "
                                 "matrix's parameters kept")
         _choice("rotation", self.rotation, ROTATIONS)
         _choice("method", self.method, METHODS)
@@ -103,9 +103,10 @@ class CompressionConfig:
         if self.refine != "none" and self.method != "weighted":
             raise UserError(f"--refine {self.refine} needs calibration: use it with --method weighted")
         _choice("token weighting", self.token_weighting, ("sqrt", "log"))
-        for name in ("iterations", "calib_samples", "calib_seq_len", "rotation_iters"):
-            if int(getattr(self, name)) < (0 if name == "iterations" else 1):
-                raise UserError(f"{name} = {getattr(self, name)} must be positive")
+        for name, flag, least in (("iterations", "--iterations", 0), ("calib_samples", "--calib-samples", 1),
+                                  ("calib_seq_len", "--calib-seq-len", 2), ("rotation_iters", "rotation_iters", 1)):
+            if int(getattr(self, name)) < least:
+                raise UserError(f"{flag} {getattr(self, name)} is too small: it must be at least {least}")
         if self.calib_samples * self.calib_seq_len > 128 * 2048:
             raise UserError("calibration is capped at the paper's 128 x 2048 tokens: lower --calib-samples or "
                             "--calib-seq-len")
@@ -124,10 +125,15 @@ class CompressionConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "CompressionConfig":
         known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict):
+            raise UserError(f"compression settings must be a JSON object of name: value, not a {type(data).__name__}")
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"unknown compression settings {unknown}: remove them (known: {sorted(known)})")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError, AttributeError) as exc:  # e.g. "iterations": "many", "dense_layers": 3
+            raise UserError(f"a compression setting has the wrong type ({exc}): fix the value in --config") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
@@ -135,9 +141,15 @@ class CompressionConfig:
     @classmethod
     def load(cls, path: str | Path) -> "CompressionConfig":
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--config {path} cannot be read ({getattr(exc, 'strerror', None) or type(exc).__name__}): "
+                            "pass an existing CompressionConfig JSON file") from None
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path} is not valid JSON ({exc.msg}): fix or delete it") from None
+        return cls.from_dict(data)
 
 
 def _choice(what: str, value: str, allowed) -> None:

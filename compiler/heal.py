@@ -281,8 +281,8 @@ def _train_layer(layer, params, xs, targets, held_x, held_t, kw, config: HealCon
     best, best_state, step, seen, stale = loss0, _snapshot(params), 0, 0, 0
     for epoch in range(config.epochs):
         for j in torch.randperm(len(xs), generator=gen).tolist():
-            with torch.enable_grad():
-                loss = _nmse(_out(layer(xs[j], **kw)), targets[j])
+            with torch.enable_grad(), _autocast(config):
+                loss = _nmse(_out(layer(xs[j], **kw)).float(), targets[j])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
@@ -325,8 +325,8 @@ def _teacher_topk(teacher, windows: torch.Tensor, k: int, cache: Path | None, ba
     """(log-probabilities, token ids) of the teacher's top-k per position, from ``cache`` when it holds them."""
     if cache is not None and cache.is_file():
         t = load_file(str(cache))
-        if t["windows"].shape == windows.shape and torch.equal(t["windows"], windows):
-            return t["logp"], t["idx"]
+        if t["windows"].shape == windows.shape and torch.equal(t["windows"], windows.cpu()):
+            return t["logp"].to(windows.device), t["idx"].to(windows.device)
     logps, idxs = [], []
     for i in tqdm(range(0, windows.shape[0], batch_size), desc="teacher top-k", disable=not progress, leave=False):
         logits = teacher(input_ids=windows[i: i + batch_size], use_cache=False).logits
@@ -337,7 +337,7 @@ def _teacher_topk(teacher, windows: torch.Tensor, k: int, cache: Path | None, ba
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
-        save_file({"logp": logp, "idx": idx, "windows": windows.contiguous()}, str(tmp))
+        save_file({"logp": logp.cpu(), "idx": idx.cpu(), "windows": windows.cpu().contiguous()}, str(tmp))
         os.replace(tmp, cache)
     return logp, idx
 
@@ -380,7 +380,7 @@ def _heal_e2e(student, teacher, train, held, config: HealConfig, work: Path, par
     bar = tqdm(total=n_steps, initial=step, desc="heal e2e", unit="step", disable=not progress)
     while step < n_steps and not stopped:
         sel = order[(step * bs) % order.numel():][:bs]
-        with torch.enable_grad():
+        with torch.enable_grad(), _autocast(config):
             logits = student(input_ids=train[sel], use_cache=False).logits
             loss = topk_kl(logits, t_logp[sel], t_idx[sel])
             opt.zero_grad(set_to_none=True)
@@ -420,6 +420,14 @@ def _windows_key(teacher, windows: torch.Tensor, config: HealConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- shared
+
+def _autocast(config: HealConfig):
+    """bf16 autocast on a GPU (the optimizer and master weights stay fp32); nothing on the CPU."""
+    import contextlib
+    if config.device == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
 
 def _schedule(opt, total: int):
     """Linear warm-up over the first 5% of steps, then cosine down to a tenth of the peak."""
@@ -514,31 +522,35 @@ def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------- driver
 
 def heal_checkpoint(checkpoint: str | Path, out: str | Path, teacher: nn.Module, tokenizer, config: HealConfig, *,
-                    teacher_cache: str | Path | None = None, progress: bool = True,
+                    teacher_cache: str | Path | None = None, overwrite: bool = False, progress: bool = True,
                     echo: Callable[[str], None] = print) -> Path:
-    """Heal a compressed checkpoint folder into ``out`` (same tensor names, shapes and count); resumable:
-    progress lives in ``out/heal-work`` until the healed checkpoint is complete."""
-    from .checkpoint import load_compressed, save_compressed_into
+    """Heal a compressed checkpoint folder into ``out`` (same tensor names, shapes and count). Resumable:
+    progress lives in the sibling ``.<out>.heal-work`` until the healed checkpoint is complete."""
+    import shutil
+
+    from procrustes_onnx.outputs import check_output, read_identity, register
+
+    from .checkpoint import load_compressed, require_checkpoint, save_compressed
     from .compress import saved_param_count
 
-    checkpoint, out = Path(checkpoint), Path(out)
     config.validate()
-    if out.resolve() == checkpoint.resolve():
-        raise UserError(f"--out {out} is the input checkpoint: heal writes a new folder, pick another --out")
+    checkpoint = require_checkpoint(checkpoint)
+    out = check_output(out, inputs=[checkpoint], overwrite=overwrite)
     student, ck_tokenizer = load_compressed(checkpoint)
     tokenizer = tokenizer or ck_tokenizer
     if tokenizer is None and config.tokens:
         raise UserError(f"{checkpoint} has no tokenizer files and none was given: heal needs one for its text")
-    work = out / "heal-work"
+    work = out.parent / f".{out.name}.heal-work"
     _check_settings(work, config)
     report = heal_model(student, teacher, tokenizer, config, work, teacher_cache=teacher_cache, progress=progress,
                         echo=echo)
     state = student.config.procrustes
     healing = list(state.pop("healing", []))
     healing.append({"config": config.to_dict(), "report": {k: v for k, v in report.to_dict().items() if k != "history"}})
-    save_compressed_into(student, out, tokenizer=ck_tokenizer, extra_config={"healing": healing})
+    source = (read_identity(checkpoint) or {}).get("source")
+    save_compressed(student, out, tokenizer=ck_tokenizer, extra_config={"healing": healing}, source=source)
     _write_json(out / "healing.json", {"config": config.to_dict(), "report": report.to_dict()})
-    import shutil
+    register(out, ["healing.json"])
     shutil.rmtree(work, ignore_errors=True)
     before, after = saved_param_count(checkpoint), saved_param_count(out)
     if before != after:

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import UserError
 from .adapters import get_adapter, get_module, surgery_state
 from .calibration import capture_layer_inputs
-from .checkpoint import save_compressed_into
+from .checkpoint import save_compressed
 from .fusion import fuse_norms
 from .positions import residual_positions
 from .rotation import rotate_position
@@ -144,7 +144,7 @@ def slice_model(model: nn.Module, windows: torch.Tensor, *, ratio: float | None 
 
 
 def slicegpt_compress(model: nn.Module, tokenizer, config, out_dir: str | Path, *, original_params: int,
-                      echo: Callable[[str], None] = print) -> Path:
+                      echo: Callable[[str], None] = print, source: str | None = None) -> Path:
     """The `--method slicegpt` path of `compress`: calibrate on config's text, slice to config.ratio, save."""
 
     from .calibration import calibration_windows_for
@@ -157,8 +157,6 @@ def slicegpt_compress(model: nn.Module, tokenizer, config, out_dir: str | Path, 
                          progress=lambda s: log.info(s))
     echo(f"SliceGPT: width {report['hidden_size']} -> {report['dim']}, {report['params']:,} parameters, "
          f"{report['removed']:.2%} removed")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return save_compressed_into(model, out_dir, tokenizer=tokenizer,
-                                extra_config={"compression": config.to_dict(), "slicegpt": report,
-                                              "original_params": original_params, "removed": report["removed"]})
+    return save_compressed(model, out_dir, tokenizer=tokenizer, source=source,
+                           extra_config={"compression": config.to_dict(), "slicegpt": report,
+                                         "original_params": original_params, "removed": report["removed"]})

@@ -54,6 +54,8 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         src = src / "model.onnx"
     if not src.is_file():
         raise UserError(f"{src} does not exist; pass an exported folder or its model.onnx")
+    from .artifacts import check_external_data
+    check_external_data(src)
     model = _load(src)
     graph = model.graph
     map_path = src.parent / MAP_FILE

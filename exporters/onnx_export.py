@@ -22,7 +22,7 @@ import torch
 
 from procrustes_onnx.errors import UserError
 
-from .artifacts import atomic_output_dir, write_json
+from .artifacts import atomic_output_dir, write_json, write_onnx_identity
 from .matmul_map import record_matmul_map
 from .wrappers import KVCacheWrapper, LogitsWrapper, example_inputs, io_spec
 
@@ -121,14 +121,25 @@ def export_ir(model: torch.nn.Module, *, with_past: bool = True, opset: int = DE
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "num_hidden_layers"):
         raise UserError("export needs a Hugging Face causal LM (a model with .config); load it with load_model")
-    spec = io_spec(config, with_past)
-    wrapper = (KVCacheWrapper(model) if with_past else LogitsWrapper(model)).eval()
-    dtype = next(model.parameters()).dtype
-    args = example_inputs(config, spec, dtype=dtype)
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, optimize=False,
-                                    input_names=spec.input_names, output_names=spec.output_names,
-                                    dynamic_shapes=spec.dynamic_shapes, verbose=False)
+    if not hasattr(config, "num_attention_heads"):
+        raise UserError(f"cannot export {type(model).__name__} ({config.model_type}): it has no attention heads (not a "
+                        "transformer decoder), and the exported I/O (attention mask, KV cache) needs them")
+    try:
+        spec = io_spec(config, with_past)
+        wrapper = (KVCacheWrapper(model) if with_past else LogitsWrapper(model)).eval()
+        dtype = next(model.parameters()).dtype
+        args = example_inputs(config, spec, dtype=dtype)
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, optimize=False,
+                                        input_names=spec.input_names, output_names=spec.output_names,
+                                        dynamic_shapes=spec.dynamic_shapes, verbose=False)
+    except Exception as exc:  # an architecture the exporter cannot trace: say which, and why, in one line
+        first = (str(exc).strip().splitlines() or [""])[0][:240]
+        logger.debug("export of %s failed", type(model).__name__, exc_info=True)
+        raise UserError(f"cannot export {type(model).__name__} ({config.model_type}) to ONNX"
+                        f"{' with a KV cache' if with_past else ''}: {type(exc).__name__}: {first}; "
+                        f"{'try --no-past, or ' if with_past else ''}see docs/export.md for the architectures tested"
+                        ) from exc
     onnx_model = program.model
     optimize_exported(onnx_model)
     for v in list(onnx_model.graph.initializers.values()):
@@ -149,15 +160,22 @@ def export_ir(model: torch.nn.Module, *, with_past: bool = True, opset: int = DE
 
 def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, with_past: bool = True,
                 opset: int = DEFAULT_OPSET, tokenizer: Any = None, overwrite: bool = True,
-                traced: tuple[ir.Model, dict] | None = None) -> Path:
+                traced: tuple[ir.Model, dict] | None = None, identity: dict | None = None) -> Path:
     """Export ``model`` to ``out_dir/model.onnx`` (+ ``model.onnx.data``), atomically; returns the .onnx path.
 
-    ``traced`` (graph, matmul map) skips tracing, e.g. a template graph carrying this model's weights."""
+    ``traced`` (graph, matmul map) skips tracing, e.g. a template graph carrying this model's weights.
+    ``identity`` (what the folder is: kind, source, checkpoint) goes into identity.json; by default a
+    dense export of this model."""
     start = time.perf_counter()
     model = model.eval()
     onnx_model, mapping = traced if traced is not None else export_ir(model, with_past=with_past, opset=opset)
+    if identity is None:
+        from procrustes_onnx.sources import model_fingerprint
+        identity = {"kind": "dense", "source": model_fingerprint(model)}
+    identity = {"format": f"procrustes-onnx onnx {opset}", **identity, "with_past": with_past}
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         ir.save(onnx_model, tmp / "model.onnx", external_data="model.onnx.data")
+        write_onnx_identity(tmp, identity)
         write_json(tmp / MAP_FILE, mapping)
         config = copy.deepcopy(model.config)  # never change the caller's model
         config.use_cache = with_past

@@ -10,51 +10,74 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from procrustes_onnx.errors import UserError
+
+from .artifacts import onnx_identity
+
 __all__ = ["export_model", "export_compressed", "rewrite_model", "inspect_model"]
 
 logger = logging.getLogger(__name__)
 
 
-def export_model(model: str, out_dir: str | os.PathLike, *, with_past: bool = True, opset: int | None = None) -> Path:
-    """Export a dense model (alias, HF folder or .gguf; see ``sources.load_model``) with its tokenizer."""
-    from procrustes_onnx.sources import load_model
+def export_model(model: str, out_dir: str | os.PathLike, *, with_past: bool = True, opset: int | None = None,
+                 overwrite: bool = True) -> Path:
+    """Export a dense model (alias, HF folder or .gguf; see ``sources.load_model``) with its tokenizer.
+
+    The output is checked (not an input, writable, empty unless ``overwrite``) before the trace."""
+    from procrustes_onnx.outputs import check_output
+    from procrustes_onnx.sources import load_model, resolve_model_dir
 
     from .onnx_export import DEFAULT_OPSET, export_onnx
 
+    check_output(out_dir, inputs=[resolve_model_dir(model)], overwrite=overwrite)
     torch_model, tokenizer = load_model(model)
-    return export_onnx(torch_model, out_dir, with_past=with_past, opset=opset or DEFAULT_OPSET, tokenizer=tokenizer)
+    return export_onnx(torch_model, out_dir, with_past=with_past, opset=opset or DEFAULT_OPSET, tokenizer=tokenizer,
+                       overwrite=overwrite)
 
 
 def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, with_past: bool = True,
                       opset: int | None = None, dense_dir: str | os.PathLike | None = None,
-                      templates: Sequence[str | os.PathLike] = ()) -> Path:
+                      templates: Sequence[str | os.PathLike] = (), dense_equivalent: bool = False,
+                      overwrite: bool = True) -> Path:
     """Compressed checkpoint -> structured ONNX folder: export its dense twin (kept in ``dense_dir`` if
-    given, e.g. as the materialized baseline), then rewrite the structured MatMuls.
+    given, e.g. as the materialized baseline), then rewrite the structured MatMuls. With
+    ``dense_equivalent`` the dense twin itself goes to ``out_dir`` (the first half of export + rewrite).
 
     ``templates``: exported folders that may share this model's architecture (the dense
     model, or another globally rotated model's dense twin); the first whose graph takes every parameter
     is reused with this model's weights instead of tracing again, if ONNX Runtime then agrees with torch;
     otherwise the model is traced as usual."""
-    from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense
+    from procrustes_onnx.compiler.checkpoint import checkpoint_identity, load_compressed, materialize_dense
     from procrustes_onnx.compiler.passes import rewrite_structured_matmuls
+    from procrustes_onnx.outputs import check_output
 
     from .onnx_export import DEFAULT_OPSET, export_onnx
     from .weight_swap import swap_weights
 
+    check_output(out_dir, inputs=[checkpoint, dense_dir], overwrite=overwrite)
+    ck = checkpoint_identity(checkpoint)
+    origin = {"source": ck.get("source"), "structure": ck.get("structure"), "checkpoint": ck["id"]}
     torch_model, tokenizer = load_compressed(checkpoint)
     manifest = materialize_dense(torch_model)
+    if dense_equivalent:
+        dense_dir = out_dir
     scratch = None if dense_dir else Path(tempfile.mkdtemp(prefix=".dense-", dir=Path(out_dir).resolve().parent))
     target = Path(dense_dir) if dense_dir else scratch / "onnx"
+    twin = {**origin, "kind": "dense-equivalent"}
     try:
         tries = (swap_weights(torch_model, f) for f in (templates if with_past else ()))
         swapped = next((t for t in tries if t is not None), None)
         dense = export_onnx(torch_model, target, with_past=with_past, opset=opset or DEFAULT_OPSET,
-                            tokenizer=tokenizer, traced=swapped)
+                            tokenizer=tokenizer, traced=swapped, identity=twin)
         if swapped is not None and not _agrees_with_torch(torch_model, dense):
             logger.warning("a reused graph from %s disagrees with the model: tracing it instead", templates)
             dense = export_onnx(torch_model, target, with_past=with_past, opset=opset or DEFAULT_OPSET,
-                                tokenizer=tokenizer)
-        return rewrite_structured_matmuls(dense.parent, out_dir, manifest=manifest)
+                                tokenizer=tokenizer, identity=twin)
+        if dense_equivalent:
+            return dense
+        return rewrite_structured_matmuls(dense.parent, out_dir, manifest=manifest, overwrite=overwrite,
+                                          identity={"format": f"procrustes-onnx onnx {opset or DEFAULT_OPSET}",
+                                                    **origin, "kind": "structured", "with_past": with_past})
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -89,11 +112,36 @@ def _agrees_with_torch(model, onnx_path: Path, tol: float = 1e-4) -> bool:
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) < tol
 
 
-def rewrite_model(onnx_in: str | os.PathLike, checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Rewrite an exported folder with the factors of the compressed checkpoint it was exported from."""
-    from procrustes_onnx.compiler.passes import rewrite_structured_matmuls
+def rewrite_model(onnx_in: str | os.PathLike, checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
+                  overwrite: bool = True) -> Path:
+    """Rewrite an exported folder with the factors of the compressed checkpoint it was exported from.
 
-    return rewrite_structured_matmuls(onnx_in, out_dir, checkpoint=checkpoint)
+    Refused unless the folder's identity says it is the dense-equivalent export of that very checkpoint:
+    any other ONNX (a plain dense export, another checkpoint's twin) would give a wrong model."""
+    from procrustes_onnx.compiler.checkpoint import checkpoint_identity
+    from procrustes_onnx.compiler.passes import rewrite_structured_matmuls
+    from procrustes_onnx.outputs import check_output
+
+    folder = Path(onnx_in)
+    folder = folder.parent if folder.suffix == ".onnx" else folder
+    if not folder.is_dir():
+        raise UserError(f"--onnx {onnx_in} does not exist: pass the folder `export --dense-equivalent` wrote")
+    check_output(out_dir, inputs=[folder, checkpoint], overwrite=overwrite)
+    ck = checkpoint_identity(checkpoint)
+    have = onnx_identity(folder)
+    fix = f"export it with `procrustes-onnx export --checkpoint {checkpoint} --dense-equivalent --out DIR`"
+    if have is None:
+        raise UserError(f"{folder} has no identity.json, so nothing shows it is the dense-equivalent export of "
+                        f"{checkpoint}: {fix}")
+    if have.get("kind") != "dense-equivalent":
+        raise UserError(f"{folder} is a {have.get('kind')} export, not the dense-equivalent export of {checkpoint} "
+                        f"(rewrite needs the checkpoint's own rotated weights): {fix}")
+    if have.get("checkpoint") != ck["id"]:
+        raise UserError(f"{folder} is the dense-equivalent export of another checkpoint ({have.get('checkpoint')}, "
+                        f"not {ck['id']}): {fix}")
+    origin = {k: have.get(k) for k in ("format", "source", "structure", "checkpoint", "with_past")}
+    return rewrite_structured_matmuls(folder, out_dir, checkpoint=checkpoint, overwrite=overwrite,
+                                      identity={**origin, "kind": "structured"})
 
 
 def inspect_model(path: str | os.PathLike) -> dict[str, Any]:

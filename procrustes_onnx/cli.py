@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from .cli_args import THREADS_MAX, Parser, count
 from .errors import EXIT_USER_ERROR, UserError
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -19,16 +20,17 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .model_info import model_info
-    from .sources import load_model
+    from .sources import is_compressed_checkpoint, load_model, resolve_model_dir
     from rich.console import Console
     from rich.table import Table
 
-    model, _ = load_model(args.model, tokenizer=False)
+    model, _ = load_model(args.model, tokenizer=False, allow_compressed=True)
     info = model_info(model)
+    info["compressed_checkpoint"] = is_compressed_checkpoint(resolve_model_dir(args.model))
     try:
         from procrustes_onnx.compiler.adapters import get_adapter
         get_adapter(model)
-        info["compressible"] = True
+        info["compressible"] = "already compressed" if info["compressed_checkpoint"] else True
     except UserError as exc:
         info["compressible"] = str(exc)
     except ImportError:
@@ -53,17 +55,19 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from .texts import load_text, tokenize_corpus
     from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
 
+    if args.max_tokens < args.window + 1:
+        raise UserError(f"--max-tokens {args.max_tokens} is shorter than one --window {args.window} (plus the "
+                        f"token it predicts): raise --max-tokens or lower --window")
     torch.set_num_threads(args.threads)
     text = load_text(args.text)  # fail on a missing corpus before loading a model
     if args.onnx:
-        from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn, tokenizer_for_onnx
+        from procrustes_onnx.runtime.perplexity_ort import max_positions, ort_logits_fn, tokenizer_for_onnx
+        _check_window(args.window, max_positions(args.onnx))
         tokenizer = tokenizer_for_onnx(args.onnx)
         logits_fn = ort_logits_fn(args.onnx, threads=args.threads, device=args.device)
     else:
-        model, tokenizer = load_model(args.model)
-        max_len = getattr(model.config, "max_position_embeddings", None)
-        if max_len and args.window > max_len:
-            raise UserError(f"--window {args.window} exceeds the model's {max_len} positions: use {max_len} or less")
+        model, tokenizer = load_model(args.model, allow_compressed=True)
+        _check_window(args.window, getattr(model.config, "max_position_embeddings", None))
         logits_fn = torch_logits_fn(model)
     tokens = tokenize_corpus(tokenizer, text, args.max_tokens)
     windows = make_windows(tokens, args.window, args.max_tokens, args.max_windows)
@@ -74,8 +78,13 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_window(window: int, max_len: int | None) -> None:
+    if max_len and window > max_len:
+        raise UserError(f"--window {window} exceeds the model's {max_len} positions: use {max_len} or less")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="procrustes-onnx", description=(
+    parser = Parser(prog="procrustes-onnx", description=(
         "Compress a causal LM with ProcrustesGPT (Kronecker / Group-and-Shuffle weights), export it to ONNX "
         "with structured MatMuls, and validate and benchmark it in ONNX Runtime."))
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -89,11 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--onnx", help="an exported artifact folder or model.onnx instead of --model")
     p.add_argument("--text", default="jargon", help="jargon (default), kjv, wikitext2, or a UTF-8 text file")
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--max-tokens", type=int, default=102_400)
-    p.add_argument("--max-windows", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--window", type=count(2), default=1024)
+    p.add_argument("--max-tokens", type=count(), default=102_400)
+    p.add_argument("--max-windows", type=count(), default=None)
+    p.add_argument("--batch-size", type=count(), default=1)
+    p.add_argument("--threads", type=count(1, THREADS_MAX), default=os.cpu_count() or 2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ppl)

@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from procrustes_onnx.cli_args import (SEED_MAX, THREADS_MAX, count, fraction, parse_kept, parse_layers, parse_list,
+                                      parse_structures)
 from procrustes_onnx.errors import UserError
 
 _THREADS = os.cpu_count() or 2
@@ -19,22 +21,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
                  "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
                  "compress_embeddings": args.compress_embeddings or None, "refine": args.refine}
     if args.kept:
-        try:
-            overrides["kept"] = {k: float(v) for k, v in (item.split("=", 1) for item in args.kept.split(","))}
-        except ValueError:
-            raise UserError(f"--kept {args.kept!r} is not role=fraction pairs: write e.g. --kept q=0.375,k=0.375") from None
+        overrides["kept"] = parse_kept("--kept", args.kept)
     if args.dense_layers is not None:
-        overrides["dense_layers"] = [int(x) for x in args.dense_layers.split(",") if x.strip()]
+        overrides["dense_layers"] = parse_layers("--dense-layers", args.dense_layers)
     if args.dense_roles is not None:
-        overrides["dense_roles"] = [r for r in args.dense_roles.split(",") if r]
+        overrides["dense_roles"] = parse_list("--dense-roles", args.dense_roles)
     if args.structures:
-        overrides["structures"] = dict(item.split("=", 1) for item in args.structures.split(","))
+        overrides["structures"] = parse_structures("--structures", args.structures)
     from procrustes_onnx.pipeline_options import heal_config_from_args
 
     heal = heal_config_from_args(args, default_tokens=0)
     heal.validate()  # before minutes of compression
     if not heal.tokens:
-        print(compress_cli(model=args.model, out=args.out, config=args.config, **overrides))
+        print(compress_cli(model=args.model, out=args.out, config=args.config, overwrite=args.overwrite, **overrides))
         return 0
     import shutil
     from pathlib import Path
@@ -44,7 +43,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     unhealed = out.parent / f".{out.name}.unhealed"  # the training-free checkpoint, until the healed one is written
-    compress_cli(model=args.model, out=str(unhealed), config=args.config, **overrides)
+    compress_cli(model=args.model, out=str(unhealed), config=args.config, overwrite=True, **overrides)
     teacher, tokenizer = load_model(args.model)
     print(heal_checkpoint(unhealed, out, teacher, tokenizer, heal, teacher_cache=cache_root() / "heal-teacher"))
     shutil.rmtree(unhealed, ignore_errors=True)
@@ -54,10 +53,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from procrustes_onnx.exporters.pipeline import export_compressed, export_model
 
+    if args.dense_equivalent and not args.checkpoint:
+        raise UserError("--dense-equivalent exports a compressed checkpoint's dense twin: pass --checkpoint CK too")
     if args.checkpoint:
-        out = export_compressed(args.checkpoint, args.out, with_past=not args.no_past)
+        out = export_compressed(args.checkpoint, args.out, with_past=not args.no_past,
+                                dense_equivalent=args.dense_equivalent, overwrite=args.overwrite)
     else:
-        out = export_model(args.model, args.out, with_past=not args.no_past)
+        out = export_model(args.model, args.out, with_past=not args.no_past, overwrite=args.overwrite)
     print(out)
     return 0
 
@@ -65,7 +67,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_rewrite(args: argparse.Namespace) -> int:
     from procrustes_onnx.exporters.pipeline import rewrite_model
 
-    print(rewrite_model(args.onnx, args.checkpoint, args.out))
+    print(rewrite_model(args.onnx, args.checkpoint, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -79,8 +81,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from procrustes_onnx.outputs import check_output_file
     from procrustes_onnx.runtime.lm_eval_adapter import run_eval
 
+    if args.limit is not None and not (0 < args.limit <= 1 or float(args.limit).is_integer()):
+        raise UserError(f"--limit {args.limit:g} is neither a fraction in (0, 1] nor a whole number of items")
+    if args.output:
+        folder = os.path.dirname(os.path.abspath(args.onnx)) if args.onnx.endswith(".onnx") else args.onnx
+        check_output_file(args.output, inputs=[folder], overwrite=args.overwrite)
     summary = run_eval(args.onnx, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot, threads=args.threads,
                        device=args.device, output=args.output)
     print(json.dumps(summary["results"], indent=2, default=str))
@@ -102,12 +110,20 @@ def cmd_heal(args: argparse.Namespace) -> int:
     from procrustes_onnx.sources import cache_root, load_model
 
     from procrustes_onnx.compiler.checkpoint import require_checkpoint
+    from procrustes_onnx.outputs import check_output
 
     config = heal_config_from_args(args)
     config.validate()  # bad values fail before the models load
     require_checkpoint(args.checkpoint)
+    check_output(args.out, inputs=[args.checkpoint, args.model], overwrite=args.overwrite)
     teacher, tokenizer = load_model(args.model)
-    print(heal_checkpoint(args.checkpoint, args.out, teacher, tokenizer, config,
+    from procrustes_onnx.outputs import read_identity
+    from procrustes_onnx.sources import model_fingerprint
+    source = (read_identity(args.checkpoint) or {}).get("source")
+    if source and source != model_fingerprint(teacher):
+        raise UserError(f"--model {args.model} is not the dense model {args.checkpoint} was compressed from (its "
+                        "fingerprint differs): pass that model as --model, the teacher healing trains against")
+    print(heal_checkpoint(args.checkpoint, args.out, teacher, tokenizer, config, overwrite=args.overwrite,
                           teacher_cache=cache_root() / "heal-teacher"))
     return 0
 
@@ -149,8 +165,13 @@ def _model(p: argparse.ArgumentParser) -> None:
                    help="alias smollm2-135m (embedded), a Hugging Face folder, a .gguf file, or a hub id (online)")
 
 
+def _overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what procrustes-onnx wrote there before (files it did not write are kept)")
+
+
 def _runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=_THREADS)
+    p.add_argument("--threads", type=count(1, THREADS_MAX), default=_THREADS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
@@ -158,17 +179,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compress", help="ProcrustesGPT (or SliceGPT) compression into a checkpoint folder")
     _model(p)
     p.add_argument("--out", required=True, help="checkpoint folder to write (resumes if it holds a partial run)")
+    _overwrite(p)
     p.add_argument("--config", help="a CompressionConfig JSON file; flags override it")
     p.add_argument("--structure", choices=["kron", "gs"])
     p.add_argument("--structures", help="per-role overrides, e.g. down=gs,q=kron")
-    p.add_argument("--ratio", type=float, help="fraction of all parameters removed, as the exported file stores them")
+    p.add_argument("--ratio", type=fraction(0, 0.9, high_open=True), help="fraction of all parameters removed, as the exported file stores them")
     p.add_argument("--preset", choices=["3/4", "5/8", "1/2", "full"], help="the paper's kept fraction per matrix")
     p.add_argument("--rotation", choices=["global", "per-position"])
     p.add_argument("--method", choices=["frobenius", "weighted", "slicegpt"])
-    p.add_argument("--iterations", type=int, help="Frobenius ALS iterations (paper: 50)")
+    p.add_argument("--iterations", type=count(0), help="Frobenius ALS iterations (paper: 50)")
     p.add_argument("--calib", help="calibration text: kjv (default), jargon, wikitext2 or a file")
-    p.add_argument("--calib-samples", type=int)
-    p.add_argument("--calib-seq-len", type=int)
+    p.add_argument("--calib-samples", type=count())
+    p.add_argument("--calib-seq-len", type=count(2))
     p.add_argument("--dense-roles", help="roles kept dense, comma-separated (default: v)")
     p.add_argument("--kept", help="fixed kept share per role, e.g. q=0.375,k=0.375,o=0.5; --ratio is met by the rest")
     p.add_argument("--dense-layers", help="layer indices kept dense, comma-separated, e.g. 0,29")
@@ -178,7 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compress-embeddings", action="store_true",
                    help="low-rank token embedding (a tied head reads the same factors); kept share --kept embed=F, "
                         "default 0.75")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=count(0, SEED_MAX))
     add_heal_arguments(p, verb="compress")
     p.set_defaults(func=cmd_compress)
 
@@ -186,6 +208,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _model(p)
     p.add_argument("--checkpoint", help="a compressed checkpoint folder: exports it and rewrites structured MatMuls")
     p.add_argument("--out", required=True)
+    _overwrite(p)
+    p.add_argument("--dense-equivalent", action="store_true",
+                   help="with --checkpoint: write the dense-equivalent export (the input `rewrite` takes)")
     p.add_argument("--no-past", action="store_true", help="logits-only graph, no KV cache")
     p.set_defaults(func=cmd_export)
 
@@ -193,6 +218,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
+    _overwrite(p)
     p.set_defaults(func=cmd_rewrite)
 
     p = sub.add_parser("inspect", help="op counts, parameters by kind, bytes, structured vs dense MatMuls")
@@ -203,27 +229,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="lm-eval tasks on an ONNX artifact (local tasks: procrustes_local)")
     p.add_argument("--onnx", required=True)
     p.add_argument("--tasks", default="procrustes_local")
-    p.add_argument("--limit", type=float)
-    p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--output")
+    p.add_argument("--limit", type=fraction(0, float("inf")), help="items per task, or a fraction (0, 1] of them")
+    p.add_argument("--num-fewshot", type=count(0))
+    p.add_argument("--output", help="a JSON file for the summary")
+    _overwrite(p)
     _runtime(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="stream text from an ONNX artifact with the KV cache")
     p.add_argument("--onnx", required=True)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=count(), default=64)
+    p.add_argument("--temperature", type=fraction(0, float("inf"), low_open=False), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=count(0), default=0)
+    p.add_argument("--top-p", type=fraction(0, 1), default=1.0)
+    p.add_argument("--seed", type=count(0, SEED_MAX), default=0)
     _runtime(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("heal", help="train a compressed checkpoint against its dense model, keeping its structure")
     p.add_argument("--checkpoint", required=True, help="a compressed checkpoint folder (from compress)")
     p.add_argument("--model", default="smollm2-135m", help="the dense model it was compressed from (the teacher)")
-    p.add_argument("--out", required=True, help="healed checkpoint folder to write (resumes a partial run)")
+    p.add_argument("--out", required=True, help="healed checkpoint folder to write (a rerun resumes a killed one)")
+    _overwrite(p)
     add_heal_arguments(p, verb="heal")
     _runtime(p)
     p.set_defaults(func=cmd_heal)

@@ -35,8 +35,8 @@ def model_info(model: torch.nn.Module) -> dict:
         "model_type": c.model_type,
         "hidden_size": c.hidden_size,
         "layers": c.num_hidden_layers,
-        "heads": c.num_attention_heads,
-        "kv_heads": getattr(c, "num_key_value_heads", c.num_attention_heads),
+        "heads": getattr(c, "num_attention_heads", None),     # None: not an attention model (e.g. Mamba)
+        "kv_heads": getattr(c, "num_key_value_heads", getattr(c, "num_attention_heads", None)),
         "intermediate_size": getattr(c, "intermediate_size", getattr(c, "ffn_dim", None)),
         "vocab_size": c.vocab_size,
         "max_positions": getattr(c, "max_position_embeddings", None),

@@ -77,7 +77,8 @@ def _heal(checkpoint: Path, model_dir: Path, config, out: Path) -> None:
     from procrustes_onnx.sources import cache_root, load_model
 
     teacher, tokenizer = load_model(str(model_dir))
-    heal_checkpoint(checkpoint, out, teacher, tokenizer, config, teacher_cache=cache_root() / "heal-teacher")
+    heal_checkpoint(checkpoint, out, teacher, tokenizer, config, teacher_cache=cache_root() / "heal-teacher",
+                    overwrite=True)  # a stage folder of this run's own (a killed rerun may find it unmarked)
 
 
 def _write_artifact_readme(folder: Path, title: str, details: dict) -> None:
@@ -92,7 +93,7 @@ def _write_artifact_readme(folder: Path, title: str, details: dict) -> None:
 
 
 def run_pipeline(opts: RunOptions) -> Path:
-    from procrustes_onnx.sources import resolve_model_dir
+    from procrustes_onnx.sources import require_dense, resolve_model_dir
     from procrustes_onnx.texts import load_text
 
     from . import pipeline_measure as measure
@@ -109,7 +110,13 @@ def run_pipeline(opts: RunOptions) -> Path:
     work = out / ".work"
     clock.stage(f"model {opts.model}")
     eval_text = load_text(opts.text)  # a missing corpus fails here, before any long stage
-    model_dir = resolve_model_dir(opts.model)
+    model_dir = require_dense(resolve_model_dir(opts.model), opts.model)
+    from .outputs import check_output, claim  # never inside an input; a folder of others' files needs --overwrite
+    checked = check_output(out, inputs=[model_dir], overwrite=opts.overwrite, resumable=True)
+    if opts.evaluate:  # a task name is checked now, not after an hour of compression and export
+        from procrustes_onnx.runtime.lm_eval_adapter import check_tasks
+        check_tasks(list(opts.tasks))
+    claim(checked, [".work"])
     model_key = folder_hash(model_dir)
     text_key = content_hash(eval_text)  # the text's content, not its name: an edited file is re-measured
     slug, pct = _slug(opts.model), f"{round(100 * opts.ratio)}"

@@ -68,7 +68,8 @@ class RunOptions:
     benchmark: bool = True
     threads: int = os.cpu_count() or 2
     solver: dict = field(default_factory=dict)  # further CompressionConfig fields, e.g. {"rotation_iters": 20}
-    heal: object = None                          # a HealConfig; None or tokens == 0: no healing
+    overwrite: bool = False             # write into a non-empty folder the tool did not make (its files kept)
+    heal: object = None                 # a HealConfig; None or tokens == 0: no healing
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunOptions":
@@ -85,7 +86,7 @@ class RunOptions:
                    calib_samples=solver.pop("calib_samples"), calib_seq_len=solver.pop("calib_seq_len"),
                    iterations=solver.pop("iterations"), text=args.text, calib=args.calib, quick=args.quick,
                    evaluate=not args.no_eval, benchmark=not args.no_bench, threads=args.threads,
-                   eval_windows=args.eval_windows, tasks=tasks, solver=solver,
+                   eval_windows=args.eval_windows, tasks=tasks, solver=solver, overwrite=args.overwrite,
                    task_limit=None if args.task_limit == 0 else (args.task_limit or (20 if args.quick else 100)),
                    heal=heal_config_from_args(args, QUICK_HEAL_TOKENS if args.quick else RUN_HEAL_TOKENS))
         opts.heal.validate()
@@ -97,21 +98,26 @@ class RunOptions:
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="artifacts", help="artifact folder (default: artifacts/)")
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction of parameters removed (default 0.2)")
+    from .cli_args import THREADS_MAX, count, fraction
+
+    p.add_argument("--out", default="artifacts", help="artifact folder (default: artifacts/; a rerun resumes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="use a non-empty --out that procrustes-onnx did not make (files in it are kept)")
+    p.add_argument("--ratio", type=fraction(0, 0.9, high_open=True), default=0.2,
+                   help="fraction of parameters removed (default 0.2)")
     p.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} "
                                       f"(default {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--no-baselines", action="store_true", help="only the first variant (W-Kron by default)")
     p.add_argument("--rotation", choices=["global", "per-position"])
-    p.add_argument("--calib-samples", type=int)
-    p.add_argument("--calib-seq-len", type=int)
-    p.add_argument("--iterations", type=int)
+    p.add_argument("--calib-samples", type=count())
+    p.add_argument("--calib-seq-len", type=count(2))
+    p.add_argument("--iterations", type=count(0))
     p.add_argument("--text", default="jargon", help="evaluation text (default jargon)")
     p.add_argument("--calib", help="calibration text (default kjv)")
-    p.add_argument("--eval-windows", type=int, help="perplexity windows (default: the whole protocol, 100)")
+    p.add_argument("--eval-windows", type=count(), help="perplexity windows (default: the whole protocol, 100)")
     p.add_argument("--tasks", help=f"comma-separated lm-eval tasks (default {','.join(RUN_TASKS)})")
-    p.add_argument("--task-limit", type=int, help="items per task (default 100, --quick 20; 0: all)")
+    p.add_argument("--task-limit", type=count(0), help="items per task (default 100, --quick 20; 0: all)")
     p.add_argument("--quick", action="store_true", help="whole chain on a truncated evaluation (< 10 minutes)")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity and zero-shot tasks")
     p.add_argument("--no-bench", action="store_true", help="skip the prefill/decode benchmark")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--threads", type=count(1, THREADS_MAX), default=os.cpu_count() or 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .environment import environment
@@ -85,7 +86,9 @@ def _plots(out: Path, rows: list[dict]) -> list[str]:
 
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: a reader never sees half a plot
+    fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    os.replace(tmp, path)
     import matplotlib.pyplot as plt
     plt.close(fig)
     return path.name
@@ -152,6 +155,8 @@ def write_report(out: Path, results: dict, opts: RunOptions, timing: dict) -> Pa
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(report)
     options = {**vars(opts), "heal": opts.heal.to_dict() if opts.heal is not None else None}
-    (out / "results.json").write_text(json.dumps({**env, "options": options, "timing": timing,
-                                                  "summary": rows, "results": results}, indent=2, default=str))
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps({**env, "options": options, "timing": timing, "summary": rows, "results": results},
+                              indent=2, default=str))
+    tmp.replace(out / "results.json")
     return report

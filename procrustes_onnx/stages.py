@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .outputs import MANIFEST, register, user_files
+
 __all__ = ["content_hash", "folder_hash", "cached_dir", "cached_json"]
 
 log = logging.getLogger(__name__)
@@ -23,7 +25,7 @@ def content_hash(value: Any) -> str:
 def folder_hash(path: Path) -> str:
     """sha256 over the names and bytes of every file in a folder (stage markers excluded)."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name != _MARKER):
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name not in (_MARKER, MANIFEST)):
         digest.update(str(file.relative_to(path)).encode())
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -48,9 +50,11 @@ def cached_dir(out: Path, key: dict, build: Callable[[Path], Any], echo: Callabl
         echo(f"  reuse {out} (inputs unchanged, {digest})")
         return out
     start = time.perf_counter()
+    users = user_files(out)
     build(out)
     (out / _MARKER).write_text(json.dumps({"key": digest, "inputs": key, "seconds": time.perf_counter() - start},
                                           default=str, indent=1))
+    register(out, [f for f in user_files(out) if f not in users])  # files written after the atomic build too
     return out
 
 

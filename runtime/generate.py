@@ -153,6 +153,12 @@ def generate(onnx_path: str | Path, prompt: str, *, max_new_tokens: int = 64, te
     config = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)
     eos = eos_ids_for(lm.path, tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    from procrustes_onnx.runtime.perplexity_ort import max_positions
+    limit = max_positions(lm.path)
+    if limit and len(prompt_ids) + config.max_new_tokens > limit:
+        raise UserError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {config.max_new_tokens} "
+                        f"exceeds the model's context of {limit} positions: shorten the prompt or lower "
+                        f"--max-new-tokens to {max(limit - len(prompt_ids), 0)}")
     streamer = TextStream(tokenizer, stream, eos) if stream is not None else None
     result = generate_ids(lm, prompt_ids, config, eos, streamer)
     result.text = tokenizer.decode([t for t in result.token_ids if t not in eos], skip_special_tokens=True)

@@ -25,7 +25,7 @@ from procrustes_onnx.runtime.generate import SamplingConfig, pick_token
 from procrustes_onnx.runtime.session import OnnxCausalLM
 from procrustes_onnx.runtime.tasks.local_tasks import LOCAL_TASKS, TASK_DIR
 
-__all__ = ["OnnxLM", "run_eval", "LOCAL_TASKS", "TASK_DIR"]
+__all__ = ["OnnxLM", "run_eval", "check_tasks", "LOCAL_TASKS", "TASK_DIR"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,14 +158,8 @@ class OnnxLM(TemplateLM):
         return self.tok_decode(tokens)
 
 
-def run_eval(onnx_path: str | Path | OnnxCausalLM, tasks: list[str] | str, *, limit: int | float | None = None,
-             num_fewshot: int | None = None, threads: int | None = None, device: str = "cpu",
-             max_length: int | None = None, output: str | Path | None = None, log_samples: bool = False,
-             seed: int = 0) -> dict:
-    """Evaluate the ONNX artifact on lm-eval tasks (the local ones included) -> {"results", "versions", ...}.
-
-    Tasks whose data is not on this machine fail with a UserError naming the task."""
-    import lm_eval
+def _task_manager(tasks: list[str] | str):
+    """(task names, an lm-eval TaskManager that knows them all); unknown names are a UserError."""
     from lm_eval.tasks import TaskManager
 
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
@@ -177,6 +171,28 @@ def run_eval(onnx_path: str | Path | OnnxCausalLM, tasks: list[str] | str, *, li
     if unknown:
         raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}: local tasks are {', '.join(LOCAL_TASKS)} "
                         "(group procrustes_local); see `lm_eval ls tasks` for the rest")
+    return names, manager
+
+
+def check_tasks(tasks: list[str] | str) -> None:
+    """Refuse unknown task names up front (the main job evaluates only after an hour of other stages);
+    local names are known without indexing lm-eval's own tasks."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if names and all(t in (*LOCAL_TASKS, "procrustes_local") for t in names):
+        return
+    _task_manager(names)
+
+
+def run_eval(onnx_path: str | Path | OnnxCausalLM, tasks: list[str] | str, *, limit: int | float | None = None,
+             num_fewshot: int | None = None, threads: int | None = None, device: str = "cpu",
+             max_length: int | None = None, output: str | Path | None = None, log_samples: bool = False,
+             seed: int = 0) -> dict:
+    """Evaluate the ONNX artifact on lm-eval tasks (the local ones included) -> {"results", "versions", ...}.
+
+    Tasks whose data is not on this machine fail with a UserError naming the task."""
+    import lm_eval
+
+    names, manager = _task_manager(tasks)
     model = OnnxLM(onnx_path, threads=threads, device=device, max_length=max_length)
     try:
         raw = lm_eval.simple_evaluate(model=model, tasks=names, limit=limit, num_fewshot=num_fewshot,

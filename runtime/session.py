@@ -55,6 +55,15 @@ def resolve_onnx_path(path: str | Path) -> Path:
     return p
 
 
+def check_onnx_files(path: str | Path) -> Path:
+    """``resolve_onnx_path``, plus: the external-data files the graph names exist (one clear line if not)."""
+    from procrustes_onnx.exporters.artifacts import check_external_data
+
+    onnx_path = resolve_onnx_path(path)
+    check_external_data(onnx_path)
+    return onnx_path
+
+
 def providers_for(device: str) -> list[str]:
     """Execution providers for `device`; CUDA without onnxruntime's CUDA build warns once and falls back to CPU."""
     import onnxruntime as ort
@@ -90,7 +99,7 @@ def create_session(path: str | Path, device: str = "cpu", threads: int | None = 
     `threads=None` lets ORT choose; a corrupt or foreign file becomes a one-line UserError."""
     import onnxruntime as ort
 
-    onnx_path = resolve_onnx_path(path)
+    onnx_path = check_onnx_files(path)
     providers = providers_for(device)
     options = ort.SessionOptions()
     options.graph_optimization_level = _opt_level(opt_level)

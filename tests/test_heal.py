@@ -94,7 +94,7 @@ def test_healed_checkpoint_keeps_structure_and_exports_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a if "embed_tokens" in k or "signs" in k)    # frozen by design
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if "cayley_upper" in k)     # (re-encoded, same skip)
     assert any(not torch.equal(a[k], b[k]) for k in a if ".matrix." in k)                   # the factors trained
-    assert not (out / "heal-work").exists()
+    assert not (tmp_path / ".healed.heal-work").exists()
     healing = json.loads((out / "config.json").read_text())["procrustes"]["healing"]
     assert healing[-1]["report"]["tokens"] == 512
     healed, _ = load_compressed(out)
@@ -170,3 +170,14 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and fragment in err and "\n" not in err, err
         assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+def test_healing_on_cuda_lowers_kl(tmp_path):
+    teacher, ck = _teacher_student(tmp_path, rotation="global")
+    student, _ = load_compressed(ck)
+    before = _kl(student, teacher)
+    heal_model(student, teacher, None, _config("blockwise", lr=1e-3, device="cuda"), tmp_path / "w",
+               windows=(TRAIN, HELD), **quiet)
+    assert next(student.parameters()).device.type == "cpu"  # handed back where it came from
+    assert _kl(student, teacher) < before

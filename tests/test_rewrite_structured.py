@@ -155,7 +155,7 @@ def test_output_overlapping_input(tmp_path, where):
     _, path = _manifest()
     out = path.parent if where == "same" else path.parent / "rw"
     files = sorted(p.name for p in path.parent.iterdir())
-    _assert_user_error(tmp_path, "overlaps the input", out=out)
+    _assert_user_error(tmp_path, "inputs are never modified", out=out)
     assert sorted(p.name for p in path.parent.iterdir()) == files
 
 

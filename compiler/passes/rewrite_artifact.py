@@ -19,8 +19,10 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from procrustes_onnx.errors import UserError
-from procrustes_onnx.exporters.artifacts import atomic_output_dir, folder_bytes, write_json
+from procrustes_onnx.exporters.artifacts import (atomic_output_dir, check_external_data, folder_bytes, write_json,
+                                                  write_onnx_identity)
 from procrustes_onnx.exporters.onnx_export import MAP_FILE
+from procrustes_onnx.outputs import check_output, read_identity
 
 from .rewrite_structured import RewriteStructuredMatmulsPass, normalize_manifest, promised_saving
 
@@ -38,6 +40,7 @@ def _resolve_input(onnx_in: str | os.PathLike) -> Path:
         path = path / "model.onnx"
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass an exported folder or its model.onnx")
+    check_external_data(path)
     return path
 
 
@@ -64,20 +67,16 @@ def initializer_bytes(model: ir.Model, *, floating_only: bool = False) -> int:
                if v.const_value is not None and (not floating_only or v.dtype.is_floating_point()))
 
 
-def _check_output(src_dir: Path, out: Path) -> None:
-    if out == src_dir or out.is_relative_to(src_dir) or src_dir.is_relative_to(out):
-        raise UserError(f"output {out} overlaps the input folder {src_dir}; choose a separate output folder")
-
-
 def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *,
                                manifest: Mapping[str, Mapping[str, Any]] | None = None,
-                               checkpoint: str | os.PathLike | None = None) -> Path:
+                               checkpoint: str | os.PathLike | None = None, overwrite: bool = True,
+                               identity: dict | None = None) -> Path:
     """Rewrite the exported model at ``onnx_in`` (folder or model.onnx) with the structured factors of
     ``manifest`` (``materialize_dense``'s output) or of the compressed ``checkpoint`` folder; write the
-    folder ``onnx_out`` (model.onnx + model.onnx.data + updated matmul_map.json + rewrite.json)."""
+    folder ``onnx_out`` (model.onnx + model.onnx.data + updated matmul_map.json + rewrite.json), with
+    ``identity`` (what the result is) as identity.json."""
     src = _resolve_input(onnx_in)
-    out = Path(onnx_out).resolve()
-    _check_output(src.parent, out)
+    out = check_output(onnx_out, inputs=[src.parent, checkpoint], overwrite=overwrite)
     if (manifest is None) == (checkpoint is None):
         raise UserError("rewrite needs exactly one of a manifest or a compressed checkpoint folder")
     map_path = src.parent / MAP_FILE
@@ -95,8 +94,13 @@ def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.Pa
     new_map = {k: dict(v) for k, v in matmul_map.items()}
     for name, entry in plan.items():
         new_map[name].update(structured=entry["spec"], node=None, weight=None, transpose_node=None)
-    with atomic_output_dir(out) as tmp:
+    if identity is None:  # a structured model of whatever the input was the dense-equivalent export of
+        identity = {k: v for k, v in (read_identity(src.parent) or {}).items()
+                    if k not in ("id", "kind", "graph", "weights")}
+        identity["kind"] = "structured"
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
         ir.save(model, tmp / "model.onnx", external_data="model.onnx.data")
+        write_onnx_identity(tmp, identity)
         for name in _SIDE_FILES:
             if (src.parent / name).is_file():
                 shutil.copy2(src.parent / name, tmp / name)
