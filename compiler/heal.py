@@ -58,7 +58,7 @@ class HealConfig:
     """What healing does; every field has a CLI flag of the same name (``--heal-<field>`` on run/compress)."""
 
     tokens: int = 32_768          # training tokens (blockwise: each layer sees each once per epoch)
-    mode: str = "blockwise"
+    mode: str = "e2e"             # measured better than blockwise at equal tokens (docs/healing.md)
     text: str = "mix"             # training text: mix, kjv, a file, or name@N (skip the first N tokens)
     seq_len: int = 256
     batch_size: int = 4           # sequences per optimizer step
@@ -484,7 +484,7 @@ def heal_model(student: nn.Module, teacher: nn.Module, tokenizer, config: HealCo
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
+    _check_settings(work, config)  # state left by other settings is dropped, never resumed
     _check_pair(student, teacher)
     if config.tokens == 0:  # nothing to train: the checkpoint is returned as it is
         return HealReport(config.mode, 0, 0, 0, float("nan"), float("nan"), 0.0)
@@ -541,7 +541,6 @@ def heal_checkpoint(checkpoint: str | Path, out: str | Path, teacher: nn.Module,
     if tokenizer is None and config.tokens:
         raise UserError(f"{checkpoint} has no tokenizer files and none was given: heal needs one for its text")
     work = out.parent / f".{out.name}.heal-work"
-    _check_settings(work, config)
     report = heal_model(student, teacher, tokenizer, config, work, teacher_cache=teacher_cache, progress=progress,
                         echo=echo)
     state = student.config.procrustes

@@ -140,8 +140,8 @@ def add_heal_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
                                "(default 0: none)",
                    "run": f"healing tokens per variant (default {RUN_HEAL_TOKENS}, --quick {QUICK_HEAL_TOKENS}; 0: none)"}[verb]
     p.add_argument("--heal-tokens", type=int, default=d.tokens if verb == "heal" else None, help=tokens_help)
-    p.add_argument("--heal-mode", choices=HEAL_MODES, help=f"default {d.mode}: layer by layer against the dense "
-                   "layer's output; e2e: KL to the dense model's (cached top-k) next-token distribution")
+    p.add_argument("--heal-mode", choices=HEAL_MODES, help=f"default {d.mode}: KL to the dense model's (cached "
+                   "top-k) next-token distribution; blockwise: layer by layer against the dense layer's output")
     p.add_argument("--heal-text", help=f"training text (default {d.text}; kjv, a file, or jargon@102400: the "
                    "Jargon File after the evaluation's tokens)")
     p.add_argument("--heal-lr", type=float, help=f"peak learning rate (default {DEFAULT_LR})")

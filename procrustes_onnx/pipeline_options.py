@@ -26,10 +26,10 @@ RUN_TASKS = ("jargon_cloze", "kjv_cloze")
 RUN_SOLVER = {"iterations": 10, "rotation_iters": 50, "calib_samples": 16, "calib_seq_len": 512}
 QUICK_SOLVER = {"iterations": 5, "rotation_iters": 10, "calib_samples": 8, "calib_seq_len": 256}
 #: healing budget of the main job per variant (every variant, SliceGPT included, gets the same), and of --quick
-RUN_HEAL_TOKENS = 16_384
-QUICK_HEAL_TOKENS = 4_096
+RUN_HEAL_TOKENS = 8_192
+QUICK_HEAL_TOKENS = 2_048
 #: Jargon windows (torch) on which the heal stage scores each checkpoint before and after healing
-HEAL_SCORE_WINDOWS = 8
+HEAL_SCORE_WINDOWS = 4
 
 
 def heal_config_from_args(args: argparse.Namespace, default_tokens: int | None = None):

@@ -181,3 +181,15 @@ def test_healing_on_cuda_lowers_kl(tmp_path):
                windows=(TRAIN, HELD), **quiet)
     assert next(student.parameters()).device.type == "cpu"  # handed back where it came from
     assert _kl(student, teacher) < before
+
+
+def test_state_left_by_other_settings_is_not_resumed(tmp_path):
+    teacher, ck = _teacher_student(tmp_path)
+    runs = {}
+    for name, lr, work in (("first", 1e-3, "w"), ("other", 1e-4, "w"), ("fresh", 1e-4, "fresh")):
+        runs[name], _ = load_compressed(ck)
+        heal_model(runs[name], teacher, None, _config("blockwise", lr=lr, epochs=1), tmp_path / work,
+                   windows=(TRAIN, HELD), **quiet)
+    for p, q, r in zip(runs["other"].parameters(), runs["fresh"].parameters(), runs["first"].parameters()):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, r) for p, r in zip(runs["other"].parameters(), runs["first"].parameters()))
