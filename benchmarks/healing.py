@@ -54,8 +54,15 @@ def run_point(point: str, args: argparse.Namespace) -> dict:
     from procrustes_onnx.texts import load_text, tokenize_corpus
 
     spec, _, full = point.partition("@")
-    variant, mode, tokens = spec.split(":")
     torch.set_num_threads(args.threads)
+    if spec == "dense":  # the reference on the same windows
+        teacher, tokenizer = load_model("smollm2-135m")
+        tokens_eval = tokenize_corpus(tokenizer, load_text("jargon"), 102_400)
+        ppl = evaluate_perplexity(torch_logits_fn(teacher), make_windows(tokens_eval, 1024, 102_400, args.windows))
+        return {"point": point, "variant": "dense", "mode": None, "tokens": 0, "heal_s": 0.0,
+                "ppl": round(ppl.ppl, 3), "windows": ppl.windows,
+                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    variant, mode, tokens = spec.split(":")
     ckpt = ensure_checkpoint(variant, Path(args.checkpoints))
     student, _ = load_compressed(ckpt)
     teacher, tokenizer = load_model("smollm2-135m")
@@ -87,8 +94,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     series: dict[tuple, list] = {}
+    dense = [r for r in rows if r["variant"] == "dense" and r.get("windows") == rows[0].get("windows")]
+    if dense:
+        ax.axhline(dense[0]["ppl"], color="k", ls="--", lw=1, label=f"dense {dense[0]['ppl']:.1f}")
+        ax.axhline(3 * dense[0]["ppl"], color="grey", ls=":", lw=1, label="3x dense (target)")
     for r in rows:
-        if r.get("windows") != rows[0].get("windows"):
+        if r.get("windows") != rows[0].get("windows") or r["variant"] == "dense":
             continue
         series.setdefault((r["variant"], r["mode"] if r["tokens"] else None), []).append(r)
     for (variant, mode), pts in sorted(series.items(), key=str):
@@ -144,9 +155,38 @@ def main() -> int:
               f"heal {row['heal_s']:>7.1f} s  "
               f"peak {row['peak_rss_gib']:.1f} GiB", flush=True)
         write_results(out, {"benchmark": "healing", "dense_ppl": DENSE_PPL, "settings": _settings(args), "rows": rows})
+    write_results(out, {"benchmark": "healing", "dense_ppl": DENSE_PPL, "settings": _settings(args), "rows": rows,
+                        "fits": fits(rows)})
     plot(rows, out.with_suffix(".png"))
     _table(rows)
+    for name, fit in fits(rows).items():
+        print(f"{name}: slope {fit['slope']}, extrapolated tokens for 3x dense {fit.get('tokens_for_3x_dense')}, "
+              f"for 1.3x dense {fit.get('tokens_for_1.3x_dense')}")
     return 0
+
+
+def fits(rows: list[dict]) -> dict:
+    """Per (variant, mode) series with 2+ healed points on the same windows: the log-log slope b of
+    PPL ~ a * tokens^-b, and the tokens that slope implies for 3x and 1.3x the dense PPL (an extrapolation
+    of the measured points, labelled as such, never a measurement)."""
+    import math
+
+    dense = next((r["ppl"] for r in rows if r["variant"] == "dense"), None)
+    out = {}
+    for key in sorted({(r["variant"], r["mode"]) for r in rows if r["tokens"]}):
+        pts = sorted((r["tokens"], r["ppl"]) for r in rows if (r["variant"], r["mode"]) == key and r["tokens"]
+                     and r["windows"] == rows[0]["windows"])
+        if len(pts) < 2:
+            continue
+        xs, ys = [math.log(t) for t, _ in pts], [math.log(p) for _, p in pts]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        fit = {"points": pts, "slope": round(slope, 4)}
+        if dense and slope < 0:
+            for name, factor in (("tokens_for_3x_dense", 3.0), ("tokens_for_1.3x_dense", 1.3)):
+                fit[name] = float(f"{math.exp(mx + (math.log(factor * dense) - my) / slope):.3g}")
+        out[f"{key[0]}:{key[1]}"] = fit
+    return out
 
 
 def _forward(args: argparse.Namespace) -> list[str]:

@@ -82,7 +82,7 @@ class HealConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"--heal-{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
         if self.lr is not None and not (0 < self.lr < 1):
-            raise UserError(f"--heal-lr {self.lr} must be in (0, 1), e.g. 1e-4")
+            raise UserError(f"--heal-lr {self.lr:g} must be in (0, 1), e.g. 5e-5")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda but torch sees no GPU here: use --device cpu")
         if self.device not in ("cpu", "cuda"):
