@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from procrustes_onnx.errors import UserError
 from procrustes_onnx.ops import StructuredLinear
 from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead
+from procrustes_onnx.sources import model_fingerprint
 
 from .adapters import get_adapter, get_module
 from .calibration import capture_layer_inputs
@@ -222,10 +223,10 @@ def _heal_blockwise(student, teacher, train, held, config: HealConfig, work: Pat
     sa, ta = get_adapter(student), get_adapter(teacher)
     windows = torch.cat([train, held]) if held.numel() else train
     bs = config.batch_size
-    xs_c = [x for x, _ in capture_layer_inputs(student, windows, bs)]
+    caught = capture_layer_inputs(student, windows, bs)
+    xs_c, kw_c = [x for x, _ in caught], caught[0][1]                 # every batch has bs windows: one kwargs
     caught = capture_layer_inputs(teacher, windows, bs)
     xs_d, kws_d = [x for x, _ in caught], [kw for _, kw in caught]
-    kws_c = [kw for _, kw in capture_layer_inputs(student, windows[: bs], bs)]  # every batch has bs windows
     n_tb = train.shape[0] // bs                                                   # training batches come first
     bases = stream_bases(student, teacher)
     keep = {id(p) for p in params}
@@ -237,19 +238,19 @@ def _heal_blockwise(student, teacher, train, held, config: HealConfig, work: Pat
         q = bases[2 * i + 2]
         if q is None:  # sliced stream: fit the map on the training tokens, from the layer before healing
             with torch.no_grad():
-                m = sum(_flat(y_d).T @ _flat(_out(layer_c(x, **kws_c[0]))) for y_d, x in zip(ys_d[:n_tb], xs_c[:n_tb]))
+                m = sum(_flat(y_d).T @ _flat(_out(layer_c(x, **kw_c))) for y_d, x in zip(ys_d[:n_tb], xs_c[:n_tb]))
             q = _procrustes(m)
         q = q.to(xs_c[0].dtype)
         targets = [y @ q for y in ys_d]
         lparams = [p for p in layer_c.parameters() if id(p) in keep]
         saved = work / f"heal-layer{i:03d}.safetensors"
-        loss0 = _layer_loss(layer_c, xs_c[n_tb:], kws_c[0], targets[n_tb:]) if held.numel() else float("nan")
+        loss0 = _layer_loss(layer_c, xs_c[n_tb:], kw_c, targets[n_tb:]) if held.numel() else float("nan")
         if saved.exists():
             _load_params(layer_c, saved)
             record = json.loads((work / f"heal-layer{i:03d}.json").read_text())
         else:
             record = _train_layer(layer_c, lparams, xs_c[:n_tb], targets[:n_tb], xs_c[n_tb:], targets[n_tb:],
-                                  kws_c[0], config, loss0)
+                                  kw_c, config, loss0)
             _save_params(layer_c, lparams, saved)
             _write_json(work / f"heal-layer{i:03d}.json", record)
         before.append(loss0)
@@ -260,7 +261,7 @@ def _heal_blockwise(student, teacher, train, held, config: HealConfig, work: Pat
         bar.set_postfix_str(f"held-out nmse {loss0:.4f} -> {record['heldout_after']:.4f}")
         bar.update(1)
         with torch.no_grad():
-            xs_c = [_out(layer_c(x, **kws_c[0])) for x in xs_c]
+            xs_c = [_out(layer_c(x, **kw_c)) for x in xs_c]
         xs_d = ys_d
     bar.close()
     mean = lambda v: float(sum(v) / len(v)) if v else float("nan")  # noqa: E731
@@ -356,9 +357,10 @@ def _heal_e2e(student, teacher, train, held, config: HealConfig, work: Path, par
     start = time.perf_counter()
     bs = config.batch_size
     cache = lambda tag: None if teacher_cache is None else teacher_cache / f"{tag}.safetensors"  # noqa: E731
-    key = _windows_key(teacher, train, config)
+    teacher_id = model_fingerprint(teacher)  # the weights, not a name: another teacher never reads this cache
+    key = _windows_key(teacher_id, train, config)
     t_logp, t_idx = _teacher_topk(teacher, train, config.topk, cache(f"train-{key}"), bs, progress)
-    h_logp, h_idx = (_teacher_topk(teacher, held, config.topk, cache(f"held-{_windows_key(teacher, held, config)}"),
+    h_logp, h_idx = (_teacher_topk(teacher, held, config.topk, cache(f"held-{_windows_key(teacher_id, held, config)}"),
                                    bs, progress) if held.numel() else (None, None))
     n_steps = math.ceil(train.shape[0] / bs) * config.epochs
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
@@ -367,9 +369,10 @@ def _heal_e2e(student, teacher, train, held, config: HealConfig, work: Path, par
                        for e in range(config.epochs)])
     state_path = work / "heal-e2e-state.pt"
     step, history, stale, stopped = 0, [], 0, False
-    best = before = _heldout_kl(student, held, h_logp, h_idx, bs) if held.numel() else float("nan")
-    best_state = _snapshot(params)
-    if state_path.is_file():
+    if not state_path.is_file():
+        best = before = _heldout_kl(student, held, h_logp, h_idx, bs) if held.numel() else float("nan")
+        best_state = _snapshot(params)
+    else:
         saved = torch.load(state_path, weights_only=False)
         _restore(params, saved["params"])
         opt.load_state_dict(saved["opt"])
@@ -411,11 +414,10 @@ def _heal_e2e(student, teacher, train, held, config: HealConfig, work: Path, par
                       round(time.perf_counter() - start, 1), stopped_early=stopped, history=history)
 
 
-def _windows_key(teacher, windows: torch.Tensor, config: HealConfig) -> str:
+def _windows_key(teacher_id: str, windows: torch.Tensor, config: HealConfig) -> str:
     import hashlib
-    h = hashlib.sha256(windows.numpy().tobytes())
-    h.update(json.dumps({"k": config.topk, "teacher": teacher.config.name_or_path,
-                         "n": sum(p.numel() for p in teacher.parameters())}).encode())
+    h = hashlib.sha256(windows.cpu().numpy().tobytes())
+    h.update(json.dumps({"k": config.topk, "teacher": teacher_id}).encode())
     return h.hexdigest()[:16]
 
 
