@@ -19,7 +19,7 @@ from procrustes_onnx.errors import UserError
 from .kron import kron_factor_layouts, kron_order
 from .spec import factor_shapes, validate_spec
 
-__all__ = ["lower_structured", "standalone_model", "kron_layouts", "gs_layouts"]
+__all__ = ["lower_structured", "lower_gs_blocks", "standalone_model", "kron_layouts", "gs_layouts"]
 
 
 class _Emitter:
@@ -48,6 +48,22 @@ class _Emitter:
         node.outputs[0].type = ir.TensorType(self.dtype)
         self.nodes.append(node)
         return node.outputs[0]
+
+    def split(self, x: ir.Value, sizes: Sequence[int]) -> list[ir.Value]:
+        """Split the last axis into pieces of ``sizes`` (no node for a single piece)."""
+        if len(sizes) == 1:
+            return [x]
+        self._n += 1
+        node = ir.node("Split", [x, self.const(f"split_{self._n}", np.array(sizes, dtype=np.int64))], {"axis": -1},
+                       num_outputs=len(sizes), name=f"{self.name}/Split_{self._n}")
+        for i, out in enumerate(node.outputs):
+            out.name = f"{self.name}/Split_{self._n}/output_{i}"
+            out.type = ir.TensorType(self.dtype)
+        self.nodes.append(node)
+        return list(node.outputs)
+
+    def concat(self, parts: Sequence[ir.Value]) -> ir.Value:
+        return parts[0] if len(parts) == 1 else self.op("Concat", parts, axis=-1)
 
     def reshape(self, x: ir.Value, tail: Sequence[int], key: str, lead_first: bool = True) -> ir.Value:
         """Reshape to [<leading dims copied>, *tail] (or [*tail] when lead_first is False)."""
@@ -128,6 +144,39 @@ def _lower_gs(e: _Emitter, x: ir.Value, spec: dict, f: Mapping[str, np.ndarray])
     return e.reshape(h, [kr * br2], "shape_out")
 
 
+def lower_gs_blocks(x: ir.Value, gs_left: np.ndarray, gs_right: np.ndarray, name: str,
+                    ) -> tuple[list[ir.Node], list[ir.Value], ir.Value]:
+    """GS x @ W with one 2-D MatMul per block: Split, MatMul per left block, Concat, the shuffle as one
+    Transpose, Split, MatMul per right block, Concat.
+
+    The batched form (``lower_structured``) is fewer nodes, but weight-only quantizers (ONNX Runtime's
+    MatMulNBits) take 2-D constant weights only. ``gs_left``/``gs_right`` are the arrays of
+    ``gs_layouts`` (broadcast dims allowed), so an already lowered graph can be re-lowered from its own
+    initializers."""
+    left = gs_left.reshape(gs_left.shape[0], *gs_left.shape[-2:])
+    right = gs_right.reshape(gs_right.shape[0], *gs_right.shape[-2:])
+    kl, bl1, bl2 = left.shape
+    kr, br1, br2 = right.shape
+    if x.shape is None or kl * bl2 != kr * br1:
+        raise UserError(f"cannot lower {name} in blocks: unknown input rank or factors {left.shape} / {right.shape} "
+                        "do not chain")
+    dtype = x.dtype if x.dtype is not None else ir.DataType.FLOAT
+    e = _Emitter(name, len(x.shape) - 1, dtype)
+    mids = [e.op("MatMul", [part, e.weight(f"gs_left_{i}", left[i])])
+            for i, part in enumerate(e.split(x, [bl1] * kl))]
+    h = e.concat(mids)                                          # [.., (l, c)]
+    if bl2 % kr == 0:   # rows of each right block were reordered to (l, c') by gs_layouts
+        h = e.swap_last(e.reshape(h, [kl, kr, bl2 // kr], "shape_mid"), 3, 0, 1)   # [.., kr, kl, g]
+    else:               # the perfect shuffle itself: (l, c) -> (c, l)
+        h = e.swap_last(e.reshape(h, [kl, bl2], "shape_mid"), 2, 0, 1)             # [.., bl2, kl]
+    h = e.reshape(h, [kl * bl2], "shape_mid2")
+    outs = [e.op("MatMul", [part, e.weight(f"gs_right_{j}", right[j])])
+            for j, part in enumerate(e.split(h, [br1] * kr))]
+    y = e.concat(outs)
+    y.shape = ir.Shape([*x.shape[:-1], kr * br2])
+    return e.nodes, e.inits, y
+
+
 def lower_structured(x: ir.Value, spec: Mapping, factors: Mapping[str, np.ndarray], name: str,
                      ) -> tuple[list[ir.Node], list[ir.Value], ir.Value]:
     """Nodes, initializers (to register on the graph) and output value computing x @ W.
@@ -158,12 +207,18 @@ def lower_structured(x: ir.Value, spec: Mapping, factors: Mapping[str, np.ndarra
 
 
 def standalone_model(spec: Mapping, factors: Mapping[str, np.ndarray], lead: int = 2,
-                     dtype: ir.DataType = ir.DataType.FLOAT, name: str = "linear", opset: int = 18) -> ir.Model:
+                     dtype: ir.DataType = ir.DataType.FLOAT, name: str = "linear", opset: int = 18,
+                     gs_blocks: bool = False) -> ir.Model:
     """A one-layer model y = x @ W (input "x" [d0.., in] with symbolic leading dims, output "y"),
-    for tests and benchmarks of a lowering in isolation."""
+    for tests and benchmarks of a lowering in isolation; ``gs_blocks`` uses ``lower_gs_blocks`` for GS."""
     dims = [f"d{i}" for i in range(lead)] + [int(spec["in"])]
     x = ir.Value(name="x", shape=ir.Shape(dims), type=ir.TensorType(dtype))
-    nodes, inits, y = lower_structured(x, spec, factors, name)
+    if gs_blocks and spec["kind"] == "gs":
+        lay = gs_layouts(np.asarray(factors["left"]), np.asarray(factors["right"]), 1)
+        nodes, inits, y = lower_gs_blocks(x, lay["gs_left"].astype(dtype.numpy()), lay["gs_right"].astype(dtype.numpy()),
+                                          name)
+    else:
+        nodes, inits, y = lower_structured(x, spec, factors, name)
     y.name = "y"
     graph = ir.Graph([x], [y], nodes=nodes, opset_imports={"": opset}, name=name.replace("/", "_"))
     for v in inits:

@@ -50,16 +50,54 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def quantize_config_from_args(args: argparse.Namespace):
+    """The QuantizeConfig of the --quantize* flags, or None for --quantize none (the default)."""
+    from procrustes_onnx.exporters.quantize import QuantizeConfig
+
+    if getattr(args, "quantize", "none") in (None, "none"):
+        return None
+    head = {None: None, "same": None, "int4": 4, "int8": 8}[args.quantize_head]
+    return QuantizeConfig(bits=int(args.quantize[3:]), block_size=args.quantize_block,
+                          symmetric=not args.quantize_asymmetric, algorithm=args.quantize_algorithm, head_bits=head,
+                          embedding=not args.no_quantize_embedding, accuracy_level=args.quantize_accuracy).validate()
+
+
+def _write_quantized(write, out: str, inputs: list, args: argparse.Namespace):
+    """``write(folder)`` the fp32 artifact; with --quantize, into a hidden sibling that is quantized into
+    ``out`` and then removed (``out`` is checked before minutes of export)."""
+    import shutil
+    from pathlib import Path
+
+    from procrustes_onnx.exporters.quantize import quantize_artifact
+    from procrustes_onnx.outputs import check_output
+
+    config = quantize_config_from_args(args)
+    if config is None:
+        return write(out)
+    check_output(out, inputs=inputs, overwrite=args.overwrite)
+    fp32 = Path(out).resolve().parent / f".{Path(out).name}.fp32"
+    try:
+        write(str(fp32))
+        return quantize_artifact(fp32, out, config, overwrite=args.overwrite)
+    finally:
+        shutil.rmtree(fp32, ignore_errors=True)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from procrustes_onnx.exporters.pipeline import export_compressed, export_model
 
     if args.dense_equivalent and not args.checkpoint:
         raise UserError("--dense-equivalent exports a compressed checkpoint's dense twin: pass --checkpoint CK too")
+    if args.dense_equivalent and args.quantize != "none":
+        raise UserError("--dense-equivalent writes the input of `rewrite`, which must stay fp32: drop --quantize")
     if args.checkpoint:
-        out = export_compressed(args.checkpoint, args.out, with_past=not args.no_past,
-                                dense_equivalent=args.dense_equivalent, overwrite=args.overwrite)
+        out = _write_quantized(lambda d: export_compressed(args.checkpoint, d, with_past=not args.no_past,
+                                                           dense_equivalent=args.dense_equivalent,
+                                                           overwrite=args.overwrite),
+                               args.out, [args.checkpoint], args)
     else:
-        out = export_model(args.model, args.out, with_past=not args.no_past, overwrite=args.overwrite)
+        out = _write_quantized(lambda d: export_model(args.model, d, with_past=not args.no_past,
+                                                      overwrite=args.overwrite), args.out, [], args)
     print(out)
     return 0
 
@@ -67,8 +105,42 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_rewrite(args: argparse.Namespace) -> int:
     from procrustes_onnx.exporters.pipeline import rewrite_model
 
-    print(rewrite_model(args.onnx, args.checkpoint, args.out, overwrite=args.overwrite))
+    print(_write_quantized(lambda d: rewrite_model(args.onnx, args.checkpoint, d, overwrite=args.overwrite),
+                           args.out, [args.onnx, args.checkpoint], args))
     return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from procrustes_onnx.exporters.quantize import quantize_artifact
+
+    config = quantize_config_from_args(args)
+    if config is None:
+        raise UserError("--quantize none leaves the artifact as it is, nothing to do: use int4 or int8")
+    print(quantize_artifact(args.onnx, args.out, config, overwrite=args.overwrite))
+    return 0
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
+    """Weight-only quantization flags (ONNX Runtime's MatMulNBits); one spelling on every verb."""
+    from procrustes_onnx.exporters.quantize import ALGORITHMS, PRECISIONS, QuantizeConfig
+
+    d = QuantizeConfig()
+    default = {"quantize": "int4", "run": None}.get(verb, "none")
+    p.add_argument("--quantize", choices=PRECISIONS, default=default,
+                   help={"quantize": "precision of the weights (default int4)",
+                         "run": "weight-only precision of the extra artifacts (default int4; none: fp32 only)"}.get(
+                       verb, "weight-only int4/int8 of every constant-weight MatMul, structured factors included "
+                             "(default none: fp32)"))
+    p.add_argument("--quantize-block", type=count(16), default=d.block_size, help=f"weights per scale (default {d.block_size})")
+    p.add_argument("--quantize-asymmetric", action="store_true", help="a zero point per block (default symmetric)")
+    p.add_argument("--quantize-algorithm", choices=ALGORITHMS, default=d.algorithm,
+                   help="rtn: round to nearest per block (default); hqq: half-quadratic, asymmetric")
+    p.add_argument("--quantize-head", choices=["same", "int8", "int4"], default="same",
+                   help="precision of the output head (default: the same as --quantize)")
+    p.add_argument("--quantize-accuracy", type=count(0, 4), default=d.accuracy_level,
+                   help=f"MatMulNBits accuracy_level (default {d.accuracy_level}: int8 compute on CPU; 0: float)")
+    p.add_argument("--no-quantize-embedding", action="store_true",
+                   help="keep the token table in float (default: the same precision as the weights)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -212,6 +284,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dense-equivalent", action="store_true",
                    help="with --checkpoint: write the dense-equivalent export (the input `rewrite` takes)")
     p.add_argument("--no-past", action="store_true", help="logits-only graph, no KV cache")
+    add_quantize_arguments(p, verb="export")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("rewrite", help="rewrite an exported dense-equivalent ONNX folder into structured MatMuls")
@@ -219,7 +292,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     _overwrite(p)
+    add_quantize_arguments(p, verb="rewrite")
     p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("quantize", help="weight-only int4/int8 of an exported artifact folder (MatMulNBits)")
+    p.add_argument("--onnx", required=True, help="an fp32 artifact folder from export or rewrite")
+    p.add_argument("--out", required=True)
+    _overwrite(p)
+    add_quantize_arguments(p, verb="quantize")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="op counts, parameters by kind, bytes, structured vs dense MatMuls")
     p.add_argument("onnx")

@@ -156,7 +156,28 @@ CASES: list[Case] = [
     C("rewrite-out-not-empty", "rewrite --onnx {de} --checkpoint {ck} --out {userdir}", 2, "pass --overwrite",
       ("de", "ck", "userdir")),
     C("rewrite-works", "rewrite --onnx {de} --checkpoint {ck} --out {out}", 0, "model.onnx", ("de", "ck")),
+    # quantize
+    C("quantize-missing", "quantize --onnx {root}/nope --out {out}", 2, "has no model.onnx", ()),
+    C("quantize-not-artifact", "quantize --onnx {noid} --out {out}", 2, "has no identity.json", ("noid",)),
+    C("quantize-missing-data", "quantize --onnx {nodata} --out {out}", 2, "which is missing", ("nodata",)),
+    C("quantize-already-quantized", "quantize --onnx {q4} --out {out}", 2, "is already int4", ("q4",)),
+    C("quantize-out-is-onnx", "quantize --onnx {onnx} --out {onnx}", 2, "is the input", ("onnx",)),
+    C("quantize-out-not-empty", "quantize --onnx {onnx} --out {userdir}", 2, "pass --overwrite", ("onnx", "userdir")),
+    C("quantize-none", "quantize --onnx {onnx} --out {out} --quantize none", 2, "nothing to do", ("onnx",)),
+    C("quantize-block-not-pow2", "quantize --onnx {onnx} --out {out} --quantize-block 48", 2,
+      "must be a power of two", ("onnx",)),
+    C("quantize-block-small", "quantize --onnx {onnx} --out {out} --quantize-block 8", 2, "argument --quantize-block",
+      ("onnx",)),
+    C("quantize-hqq-symmetric", "quantize --onnx {onnx} --out {out} --quantize-algorithm hqq", 2,
+      "HQQ quantizes asymmetrically", ("onnx",)),
+    C("quantize-bad-precision", "quantize --onnx {onnx} --out {out} --quantize int3", 2, "argument --quantize",
+      ("onnx",)),
+    C("quantize-works", "quantize --onnx {onnx} --out {out} --quantize int8", 0, "model.onnx", ("onnx",)),
+    C("export-dense-equivalent-quantized", "export --checkpoint {ck} --dense-equivalent --quantize int4 --out {out}",
+      2, "must stay fp32", ("ck",)),
+    C("export-quantized-works", "export --model {model} --out {out} --quantize int4", 0, "model.onnx", ("model",)),
     # inspect
+    C("inspect-quantized-works", "inspect {q4}", 0, "MatMulNBits", ("q4",)),
     C("inspect-missing", "inspect {root}/nope", 2, "does not exist", ()),
     C("inspect-missing-data", "inspect {nodata}", 2, "which is missing", ("nodata",)),
     C("inspect-not-onnx", "inspect {garbage}", 2, "not a readable ONNX model", ("garbage",)),
@@ -256,6 +277,7 @@ def build_inputs() -> dict[str, Path]:
 
     from procrustes_onnx.compiler.compress import compress
     from procrustes_onnx.exporters.pipeline import export_compressed, export_model
+    from procrustes_onnx.exporters.quantize import quantize_artifact
     from procrustes_onnx.sources import load_model
     from procrustes_onnx.testing import save_tiny_model, tiny_compression_config, tiny_tokenizer
 
@@ -306,6 +328,7 @@ def build_inputs() -> dict[str, Path]:
             p[name] = compress(model, tok, config, root / name, progress=False, echo=lambda s: None)
         export_model(str(p["model"]), root / "onnx")
         p["onnx"] = root / "onnx"
+        p["q4"] = quantize_artifact(p["onnx"], root / "q4").parent
         for name, ck in (("de", "ck"), ("de2", "ck2")):
             p[name] = export_compressed(p[ck], root / name, dense_equivalent=True).parent
     for name, src, drop in (("nodata", "onnx", "model.onnx.data"), ("denodata", "de", "model.onnx.data"),

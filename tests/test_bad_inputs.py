@@ -39,7 +39,7 @@ def test_case(case, inputs, tmp_path):
 
 def test_every_verb_is_covered():
     verbs = {c.argv.split()[0] for c in CASES}
-    assert {"info", "ppl", "compress", "export", "rewrite", "inspect", "eval", "generate", "run"} <= verbs
+    assert {"info", "ppl", "compress", "export", "rewrite", "quantize", "inspect", "eval", "generate", "run"} <= verbs
 
 
 def test_docs_list_every_case():

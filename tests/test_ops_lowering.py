@@ -38,16 +38,16 @@ def run_model(model: ir.Model, x: np.ndarray, threads: int = 1) -> np.ndarray:
     return sess.run(None, {"x": x})[0]
 
 
-def _check(mat, lead: tuple[int, ...], seed: int, tol: float = 1e-5) -> list[str]:
+def _check(mat, lead: tuple[int, ...], seed: int, tol: float = 1e-5, gs_blocks: bool = False) -> list[str]:
     f = {k: v.detach().numpy() for k, v in mat.factors().items()}
-    model = build_model(mat.spec(), f, len(lead))
+    model = standalone_model(mat.spec(), f, len(lead), name="layer0/q_proj", gs_blocks=gs_blocks)
     x = np.random.default_rng(seed).standard_normal((*lead, mat.in_features)).astype(np.float32)
     ref = x.astype(np.float64) @ mat.materialize().detach().double().numpy()
     y = run_model(model, x)
     assert y.shape == ref.shape
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < tol, (mat.spec(), lead)
     ops = [n.op_type for n in model.graph]
-    assert set(ops) <= ALLOWED, ops
+    assert set(ops) <= ALLOWED | ({"Split", "Concat"} if gs_blocks else set()), ops
     return ops
 
 
@@ -71,6 +71,18 @@ def test_gs_lowering_property(kl, bl1, bl2, kr, br2, lead, seed):
     g = torch.Generator().manual_seed(seed)
     mat = GSMatrix(torch.randn(kl, bl1, bl2, generator=g), torch.randn(kr, n // kr, br2, generator=g))
     _check(mat, lead, seed)
+    ops = _check(mat, lead, seed, gs_blocks=True)
+    matmuls = [o for o in ops if o == "MatMul"]
+    assert len(matmuls) == kl + kr  # one 2-D MatMul per block, what MatMulNBits can take
+
+
+def test_gs_blocks_weights_are_2d():
+    g = torch.Generator().manual_seed(1)
+    mat = GSMatrix(torch.randn(4, 6, 8, generator=g), torch.randn(4, 8, 5, generator=g))
+    f = {k: v.numpy() for k, v in mat.factors().items()}
+    model = standalone_model(mat.spec(), f, 2, gs_blocks=True)
+    weights = [n.inputs[1] for n in model.graph if n.op_type == "MatMul"]
+    assert [tuple(w.shape) for w in weights] == [(6, 8)] * 4 + [(8, 5)] * 4
 
 
 @pytest.mark.parametrize("lead", [(1, 1), (1, 7), (2, 5)])

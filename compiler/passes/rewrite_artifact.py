@@ -30,7 +30,7 @@ __all__ = ["rewrite_structured_matmuls", "load_onnx", "manifest_from_checkpoint"
 
 logger = logging.getLogger(__name__)
 
-_SIDE_FILES = ("config.json", "generation_config.json", "export.json", "tokenizer.json", "tokenizer_config.json",
+SIDE_FILES = ("config.json", "generation_config.json", "export.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
@@ -101,7 +101,7 @@ def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.Pa
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         ir.save(model, tmp / "model.onnx", external_data="model.onnx.data")
         write_onnx_identity(tmp, identity)
-        for name in _SIDE_FILES:
+        for name in SIDE_FILES:
             if (src.parent / name).is_file():
                 shutil.copy2(src.parent / name, tmp / name)
         write_json(tmp / MAP_FILE, new_map)
