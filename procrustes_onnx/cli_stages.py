@@ -50,18 +50,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def quantize_config_from_args(args: argparse.Namespace):
-    """The QuantizeConfig of the --quantize* flags, or None for --quantize none (the default)."""
-    from procrustes_onnx.exporters.quantize import QuantizeConfig
-
-    if getattr(args, "quantize", "none") in (None, "none"):
-        return None
-    head = {None: None, "same": None, "int4": 4, "int8": 8}[args.quantize_head]
-    return QuantizeConfig(bits=int(args.quantize[3:]), block_size=args.quantize_block,
-                          symmetric=not args.quantize_asymmetric, algorithm=args.quantize_algorithm, head_bits=head,
-                          embedding=not args.no_quantize_embedding, accuracy_level=args.quantize_accuracy).validate()
-
-
 def _write_quantized(write, out: str, inputs: list, args: argparse.Namespace):
     """``write(folder)`` the fp32 artifact; with --quantize, into a hidden sibling that is quantized into
     ``out`` and then removed (``out`` is checked before minutes of export)."""
@@ -70,6 +58,7 @@ def _write_quantized(write, out: str, inputs: list, args: argparse.Namespace):
 
     from procrustes_onnx.exporters.quantize import quantize_artifact
     from procrustes_onnx.outputs import check_output
+    from procrustes_onnx.pipeline_options import quantize_config_from_args
 
     config = quantize_config_from_args(args)
     if config is None:
@@ -112,6 +101,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from procrustes_onnx.exporters.quantize import quantize_artifact
+    from procrustes_onnx.pipeline_options import quantize_config_from_args
 
     config = quantize_config_from_args(args)
     if config is None:
@@ -342,4 +332,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     from procrustes_onnx.pipeline_options import add_run_arguments
     add_run_arguments(p)
     add_heal_arguments(p, verb="run")
+    add_quantize_arguments(p, verb="run")
     p.set_defaults(func=cmd_run)

@@ -92,6 +92,43 @@ def _write_artifact_readme(folder: Path, title: str, details: dict) -> None:
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def _quantize_stage(opts: RunOptions, artifacts: dict, clock: _Clock) -> dict[str, dict]:
+    """A weight-only copy of every fp32 artifact, beside it (``<artifact>-int4``)."""
+    from dataclasses import asdict
+
+    from procrustes_onnx.exporters.quantize import quantize_artifact
+
+    from .pipeline_options import QUANT_WINDOWS
+
+    q = opts.quantize
+    clock.stage(f"quantize every artifact ({q.name}, ONNX Runtime MatMulNBits)")
+    out = {}
+    for name, a in artifacts.items():
+        key = {"a": a["key"], "quantize": asdict(q)}
+
+        def build(d: Path, a=a, name=name) -> None:
+            quantize_artifact(a["path"], d, q, overwrite=True)
+            _write_artifact_readme(d, f"{opts.model}, {name}, weight-only {q.name}", {"quantized from": a["path"].name,
+                                                                                      "quantization": asdict(q)})
+        folder = cached_dir(Path(a["path"]).parent / f"{Path(a['path']).name}-{q.name}", key, build, clock.note)
+        out[name] = {"path": folder, "key": content_hash(key), "of": name,
+                     "windows": min(opts.eval_windows or QUANT_WINDOWS, QUANT_WINDOWS)}
+    return out
+
+
+def _reference(opts: RunOptions, model_dir: Path, model_key: str, work: Path) -> dict | None:
+    """onnxruntime-genai's builder on the same model at the same precision, where it is installed."""
+    from .reference import build_reference
+
+    q = opts.quantize
+    folder = build_reference(model_dir, work / f"genai-builder-{q.name}-{model_key}", q.name)
+    if folder is None:
+        return None
+    from .pipeline_options import QUANT_WINDOWS
+    return {"path": folder, "key": f"genai-builder-{q.name}-{model_key}", "label": f"onnxruntime-genai builder {q.name}",
+            "windows": min(opts.eval_windows or QUANT_WINDOWS, QUANT_WINDOWS)}
+
+
 def run_pipeline(opts: RunOptions) -> Path:
     from procrustes_onnx.sources import require_dense, resolve_model_dir
     from procrustes_onnx.texts import load_text
@@ -105,7 +142,7 @@ def run_pipeline(opts: RunOptions) -> Path:
         raise UserError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     healing = opts.heal is not None and opts.heal.tokens > 0
     clock = _Clock(total=4 + (3 if healing else 2) * len(opts.variants) + (2 if opts.evaluate else 0)
-                   + (1 if opts.benchmark else 0))
+                   + (1 if opts.benchmark else 0) + (1 if opts.quantize is not None else 0))
     out = Path(opts.out)
     work = out / ".work"
     clock.stage(f"model {opts.model}")
@@ -173,6 +210,14 @@ def run_pipeline(opts: RunOptions) -> Path:
             twins.append(twin)
         artifacts[variant] = {"path": folder, "key": content_hash(key), "torch": ("compressed", entry["checkpoint"])}
 
+    quantized: dict[str, dict] = {}  # fp32 artifact name -> its weight-only copy
+    reference = None  # onnxruntime-genai's builder at the same precision: the point to beat
+    if opts.quantize is not None:
+        quantized = _quantize_stage(opts, artifacts, clock)
+        reference = _reference(opts, model_dir, model_key, work) if opts.reference else None
+    extra = {**{f"{n}-{opts.quantize.name}": q for n, q in quantized.items()},
+             **({"reference": reference} if reference else {})}
+
     results: dict[str, dict] = {name: {"path": str(a["path"])} for name, a in artifacts.items()}
     clock.stage("validate ONNX Runtime vs torch")
     for name, a in artifacts.items():
@@ -186,6 +231,11 @@ def run_pipeline(opts: RunOptions) -> Path:
             key = {"a": a["key"], "text": text_key, "windows": opts.eval_windows}
             results[name]["perplexity"] = cached_json(work / "results" / f"ppl-{name}.json", key,
                                                       lambda a=a: measure.perplexity(a, eval_text, opts), clock.note)
+        for name, q in extra.items():  # the first windows only: the fp32 delta is what they show
+            key = {"a": q["key"], "text": text_key, "windows": q["windows"]}
+            q["perplexity"] = cached_json(work / "results" / f"ppl-{name}.json", key,
+                                          lambda q=q: measure.perplexity(q, eval_text, opts, windows=q["windows"]),
+                                          clock.note)
         clock.stage("zero-shot local tasks (lm-eval, ONNX Runtime)")
         for name, a in artifacts.items():
             key = {"a": a["key"], "limit": opts.task_limit, "tasks": list(opts.tasks)}
@@ -195,12 +245,23 @@ def run_pipeline(opts: RunOptions) -> Path:
         clock.stage("benchmark prefill and decode (ONNX Runtime CPU)")
         for name, a in artifacts.items():  # timings are never reused: they describe this run's machine
             results[name]["benchmark"] = measure.benchmark(a, opts)
+        for q in extra.values():
+            q["benchmark"] = measure.benchmark(q, opts)
+    for name, q in quantized.items():
+        results[name]["quantized"] = {**measure.quantize_summary(q["path"]), "path": str(q["path"]),
+                                      **{k: q[k] for k in ("perplexity", "benchmark", "windows") if k in q}}
+    reference_result = None
+    if reference is not None:
+        from procrustes_onnx.runtime.benchmark import bytes_on_disk
+        reference_result = {"label": reference["label"], "path": str(reference["path"]),
+                            "bytes": bytes_on_disk(reference["path"]),
+                            **{k: reference[k] for k in ("perplexity", "benchmark", "windows") if k in reference}}
     for name, entry in entries.items():
         results[name]["compression"] = measure.compression_summary(entry.get("unhealed", entry["checkpoint"]))
         if name in heal_scores:
             results[name]["healing"] = heal_scores[name]
     clock.stage("report")
     timing = clock.finish()
-    report = write_report(out, results, opts, timing)
+    report = write_report(out, results, opts, timing, reference=reference_result)
     print(f"done in {timing['total_s'] / 60:.1f} min: {report}")
     return report

@@ -72,11 +72,12 @@ def validate(artifact: dict, text: str, opts: RunOptions) -> dict:
     }
 
 
-def perplexity(artifact: dict, text: str, opts: RunOptions) -> dict:
+def perplexity(artifact: dict, text: str, opts: RunOptions, windows: int | None = None) -> dict:
+    """ONNX Runtime perplexity on the protocol's windows (the first ``windows`` of them; default --eval-windows)."""
     from procrustes_onnx.runtime.perplexity import PROTOCOL_TOKENS, evaluate_perplexity, make_windows
     from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn
 
-    windows = make_windows(_tokens(artifact["path"], text, PROTOCOL_TOKENS), max_windows=opts.eval_windows)
+    windows = make_windows(_tokens(artifact["path"], text, PROTOCOL_TOKENS), max_windows=windows or opts.eval_windows)
     fn = ort_logits_fn(artifact["path"], threads=opts.threads, device="cpu")
     return evaluate_perplexity(fn, windows, desc=f"ppl {Path(artifact['path']).name}").to_dict()
 
@@ -91,6 +92,16 @@ def tasks(artifact: dict, opts: RunOptions) -> dict:
             if metric in metrics:
                 scores[f"{task}/{metric.split(',')[0]}"] = metrics[metric]
     return {"scores": scores, "limit": opts.task_limit, "tasks": list(opts.tasks)}
+
+
+def quantize_summary(folder: Path) -> dict:
+    """What quantize.json says of a weight-only artifact: sizes, ops, what stayed float, the logits check."""
+    from procrustes_onnx.exporters.quantize import QUANT_FILE
+
+    q = json.loads((Path(folder) / QUANT_FILE).read_text())
+    return {"label": q["label"], "bytes": q["bytes_after"], "bytes_fp32": q["bytes_before"],
+            "quantized_ops": q["quantized_ops"], "kept_float": len(q["kept_float"]),
+            "logits_rel_error": q["logits_rel_error"], "top1_agreement": q["top1_agreement"]}
 
 
 def benchmark(artifact: dict, opts: RunOptions) -> dict:

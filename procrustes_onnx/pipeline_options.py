@@ -6,7 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["VARIANTS", "RUN_TASKS", "RUN_HEAL_TOKENS", "RunOptions", "add_run_arguments", "heal_config_from_args"]
+__all__ = ["VARIANTS", "RUN_TASKS", "RUN_HEAL_TOKENS", "RunOptions", "add_run_arguments", "heal_config_from_args",
+           "quantize_config_from_args", "QUANT_WINDOWS"]
 
 #: variant name -> CompressionConfig overrides
 VARIANTS = {
@@ -30,6 +31,21 @@ RUN_HEAL_TOKENS = 8_192
 QUICK_HEAL_TOKENS = 2_048
 #: Jargon windows (torch) on which the heal stage scores each checkpoint before and after healing
 HEAL_SCORE_WINDOWS = 4
+#: Jargon windows on which each quantized artifact and its fp32 source are compared (the first ones)
+QUANT_WINDOWS = 8
+
+
+def quantize_config_from_args(args: argparse.Namespace, default: str = "none"):
+    """The QuantizeConfig of the --quantize* flags (on export, rewrite, quantize and run), None for none."""
+    from procrustes_onnx.exporters.quantize import QuantizeConfig
+
+    precision = getattr(args, "quantize", None) or default
+    if precision == "none":
+        return None
+    head = {"same": None, "int4": 4, "int8": 8}[args.quantize_head]
+    return QuantizeConfig(bits=int(precision[3:]), block_size=args.quantize_block,
+                          symmetric=not args.quantize_asymmetric, algorithm=args.quantize_algorithm, head_bits=head,
+                          embedding=not args.no_quantize_embedding, accuracy_level=args.quantize_accuracy).validate()
 
 
 def heal_config_from_args(args: argparse.Namespace, default_tokens: int | None = None):
@@ -70,6 +86,8 @@ class RunOptions:
     solver: dict = field(default_factory=dict)  # further CompressionConfig fields, e.g. {"rotation_iters": 20}
     overwrite: bool = False             # write into a non-empty folder the tool did not make (its files kept)
     heal: object = None                 # a HealConfig; None or tokens == 0: no healing
+    quantize: object = None             # a QuantizeConfig: a weight-only copy of every artifact; None: fp32 only
+    reference: bool = True              # with quantize: onnxruntime-genai's builder model beside ours, if installed
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunOptions":
@@ -88,7 +106,8 @@ class RunOptions:
                    evaluate=not args.no_eval, benchmark=not args.no_bench, threads=args.threads,
                    eval_windows=args.eval_windows, tasks=tasks, solver=solver, overwrite=args.overwrite,
                    task_limit=None if args.task_limit == 0 else (args.task_limit or (20 if args.quick else 100)),
-                   heal=heal_config_from_args(args, QUICK_HEAL_TOKENS if args.quick else RUN_HEAL_TOKENS))
+                   heal=heal_config_from_args(args, QUICK_HEAL_TOKENS if args.quick else RUN_HEAL_TOKENS),
+                   quantize=quantize_config_from_args(args, default="int4"), reference=not args.no_reference)
         opts.heal.validate()
         if args.quick:  # the whole chain, truncated: a few windows, a few items, short benchmarks
             opts.eval_windows = opts.eval_windows or 4
@@ -120,4 +139,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="whole chain on a truncated evaluation (< 10 minutes)")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity and zero-shot tasks")
     p.add_argument("--no-bench", action="store_true", help="skip the prefill/decode benchmark")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the reference point (onnxruntime-genai's model builder at the --quantize precision)")
     p.add_argument("--threads", type=count(1, THREADS_MAX), default=os.cpu_count() or 2)

@@ -115,10 +115,87 @@ def _healing_lines(results: dict) -> list[str]:
                     "the top-k KL to the dense model in nats per token.", ""]
 
 
-def write_report(out: Path, results: dict, opts: RunOptions, timing: dict) -> Path:
+def quantized_rows(results: dict, reference: dict | None = None) -> list[dict]:
+    """fp32 and weight-only rows on the same first windows (the fp32 PPL re-scored from its per-window
+    NLLs), then the onnxruntime-genai builder's model as the reference point."""
+    from procrustes_onnx.runtime.perplexity import prefix_ppl
+
+    rows = []
+    for name, r in results.items():
+        q = r.get("quantized")
+        if not q:
+            continue
+        windows = q.get("windows")
+        fp32_ppl = prefix_ppl(r.get("perplexity", {}), windows) if windows else None
+        q_ppl = q.get("perplexity", {}).get("ppl")
+        rows.append({"name": name, "label": q["label"], "windows": windows, "mb_fp32": q["bytes_fp32"] / 1e6,
+                     "mb": q["bytes"] / 1e6, "ppl_fp32": fp32_ppl, "ppl": q_ppl,
+                     "ppl_change_pct": 100 * (q_ppl / fp32_ppl - 1) if q_ppl and fp32_ppl else None,
+                     "decode_fp32": r.get("benchmark", {}).get("decode_tokens_per_s"),
+                     "decode": q.get("benchmark", {}).get("decode_tokens_per_s"),
+                     "logits_rel_error": q["logits_rel_error"], "top1_agreement": q["top1_agreement"]})
+    if reference:
+        rows.append({"name": reference["label"], "label": "reference", "windows": reference.get("windows"),
+                     "mb_fp32": None, "mb": reference["bytes"] / 1e6, "ppl_fp32": None,
+                     "ppl": reference.get("perplexity", {}).get("ppl"), "ppl_change_pct": None, "decode_fp32": None,
+                     "decode": reference.get("benchmark", {}).get("decode_tokens_per_s"), "logits_rel_error": None,
+                     "top1_agreement": None})
+    return rows
+
+
+def _quantized_lines(rows: list[dict], out: Path) -> list[str]:
+    """The weight-only section: the table and the size-vs-PPL plot."""
+    if not rows:
+        return []
+    windows = rows[0]["windows"]
+    lines = ["## Weight-only quantization", "",
+             f"Every artifact also as a weight-only {rows[0]['label'].split()[0]} copy (ONNX Runtime's MatMulNBits, "
+             "the structured factors included; folder `<artifact>-int4`). PPL here: the first "
+             f"{windows} windows, fp32 and quantized on the same tokens. Rel err and top-1: quantized against fp32 "
+             "logits on a fixed sentence (quantize.json).", "",
+             "| artifact | MB fp32 | MB quantized | PPL fp32 | PPL quantized | PPL change | decode tok/s fp32 | "
+             "decode tok/s quantized | logits rel err | top-1 agree |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["name"], _fmt(r["mb_fp32"], ".1f"), _fmt(r["mb"], ".1f"), _fmt(r["ppl_fp32"], ".2f"), _fmt(r["ppl"], ".2f"),
+            _fmt(r["ppl_change_pct"], "+.1f") + ("%" if r["ppl_change_pct"] is not None else ""),
+            _fmt(r["decode_fp32"], ".1f"), _fmt(r["decode"], ".1f"), _fmt(r["logits_rel_error"], ".3f"),
+            _fmt(r["top1_agreement"], ".2f")]) + " |")
+    if not any(r["label"] == "reference" for r in rows):
+        lines += ["", "No reference point: install the `genai` extra (onnxruntime-genai) to measure its model "
+                  "builder's model of the same folder beside these."]
+    plot = _size_ppl_plot(out, rows)
+    return lines + ["", *([f"![{plot}]({plot})", ""] if plot else [])]
+
+
+def _size_ppl_plot(out: Path, rows: list[dict]) -> str | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["name"], "fp32", r["mb_fp32"], r["ppl_fp32"]) for r in rows if r["label"] != "reference"]
+    points += [(r["name"], r["label"], r["mb"], r["ppl"]) for r in rows]
+    points = [p for p in points if p[2] and p[3]]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, label, mb, ppl in points:
+        style = ({"marker": "*", "s": 160, "color": "k"} if label == "reference" else
+                 {"marker": "o" if label == "fp32" else "^", "s": 50})
+        ax.scatter(mb, ppl, **style)
+        ax.annotate(name if label == "reference" else f"{name} {label.split()[0]}", (mb, ppl), fontsize=7,
+                    xytext=(3, 2), textcoords="offset points")
+    ax.set_xscale("log"), ax.set_yscale("log")
+    ax.set_xlabel("MB on disk"), ax.set_ylabel(f"perplexity (first {rows[0]['windows']} windows)")
+    ax.set_title("Size vs perplexity: does structure pay on top of quantization?")
+    return _save(fig, out / "size_vs_ppl.png")
+
+
+def write_report(out: Path, results: dict, opts: RunOptions, timing: dict, reference: dict | None = None) -> Path:
     env = environment()
     rows = summary_rows(results)
     plots = _plots(out, rows)
+    qrows = quantized_rows(results, reference)
     seqs = list(opts.prefill_seqs) if opts.benchmark else []
     head = ["artifact", "removed %", "params", "MB on disk", f"PPL {opts.text}", "zero-shot acc",
             *[f"prefill {s} ms" for s in seqs], "decode tok/s", "decode speed-up", "ideal (MACs)",
@@ -146,6 +223,7 @@ def write_report(out: Path, results: dict, opts: RunOptions, timing: dict) -> Pa
               "Ideal = dense weight-MatMul MACs per token / this artifact's (tied head included). "
               "Solver: " + ", ".join(f"{k} {v}" for k, v in solver.items()) + ".", ""]
     lines += _healing_lines(results)
+    lines += _quantized_lines(qrows, out)
     lines += [f"![{p}]({p})" for p in plots]
     lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in timing["stages_s"].items()]
@@ -156,7 +234,8 @@ def write_report(out: Path, results: dict, opts: RunOptions, timing: dict) -> Pa
     tmp.replace(report)
     options = {**vars(opts), "heal": opts.heal.to_dict() if opts.heal is not None else None}
     tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({**env, "options": options, "timing": timing, "summary": rows, "results": results},
-                              indent=2, default=str))
+    options["quantize"] = vars(opts.quantize) if opts.quantize is not None else None
+    tmp.write_text(json.dumps({**env, "options": options, "timing": timing, "summary": rows, "quantized": qrows,
+                               "reference": reference, "results": results}, indent=2, default=str))
     tmp.replace(out / "results.json")
     return report

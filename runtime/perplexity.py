@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from procrustes_onnx.errors import UserError
 
-__all__ = ["PerplexityResult", "make_windows", "evaluate_perplexity", "torch_logits_fn",
+__all__ = ["PerplexityResult", "make_windows", "evaluate_perplexity", "torch_logits_fn", "prefix_ppl",
            "PROTOCOL_WINDOW", "PROTOCOL_TOKENS"]
 
 PROTOCOL_WINDOW = 1024
@@ -28,6 +28,7 @@ class PerplexityResult:
     windows: int
     seconds: float
     tokens_per_s: float
+    window_nll: list[float] = field(default_factory=list)  # mean NLL of each window, so a prefix can be re-scored
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +51,7 @@ def make_windows(tokens: torch.Tensor, window: int = PROTOCOL_WINDOW, max_tokens
 def evaluate_perplexity(logits_fn: LogitsFn, windows: torch.Tensor, *, batch_size: int = 1,
                         progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
     """Score every window; position 0 of each window is context only, never scored."""
-    total_nll, scored = 0.0, 0
+    total_nll, scored, per_window = 0.0, 0, []
     start = time.perf_counter()
     bar = tqdm(total=windows.shape[0], desc=desc, unit="win", disable=not progress, leave=False)
     for i in range(0, windows.shape[0], batch_size):
@@ -58,15 +59,23 @@ def evaluate_perplexity(logits_fn: LogitsFn, windows: torch.Tensor, *, batch_siz
         logits = logits_fn(batch)[:, :-1].float()
         targets = batch[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                reduction="none").double().sum()
-        total_nll += float(nll)
+                                                reduction="none").double().view(targets.shape)
+        per_window.extend(float(v) for v in nll.mean(1))
+        total_nll += float(nll.sum())
         scored += targets.numel()
         bar.update(batch.shape[0])
     bar.close()
     seconds = time.perf_counter() - start
     mean = total_nll / scored
     return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens_scored=scored, windows=int(windows.shape[0]),
-                            seconds=seconds, tokens_per_s=windows.numel() / seconds)
+                            seconds=seconds, tokens_per_s=windows.numel() / seconds, window_nll=per_window)
+
+
+def prefix_ppl(result: dict, windows: int) -> float | None:
+    """Perplexity of the first ``windows`` windows of a result dict (equal-length windows), None if it
+    holds fewer or predates per-window scores."""
+    scores = result.get("window_nll") or []
+    return math.exp(sum(scores[:windows]) / windows) if len(scores) >= windows else None
 
 
 def torch_logits_fn(model: torch.nn.Module) -> LogitsFn:

@@ -136,6 +136,19 @@ class KVCache:
     extra: dict = field(default_factory=dict)
 
 
+def _folder_head_size(folder: Path) -> int | None:
+    """Head size from the folder's genai_config.json or config.json, for graphs that leave it symbolic."""
+    import json
+
+    try:
+        if (folder / "genai_config.json").is_file():
+            return int(json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"])
+        config = json.loads((folder / "config.json").read_text())
+        return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 class OnnxCausalLM:
     """A thin causal-LM wrapper around one session: full logits, prefill and single-token decode."""
 
@@ -159,7 +172,9 @@ class OnnxCausalLM:
         self._kv_shape: dict[str, tuple[int, int]] = {}
         self._kv_dtype = np.float32
         for name in self.kv_names:
-            shape = inputs[name].shape
+            shape = list(inputs[name].shape)
+            if len(shape) == 4 and isinstance(shape[1], int) and not isinstance(shape[3], int):
+                shape[3] = _folder_head_size(self.path.parent)  # e.g. onnxruntime-genai's 'kv_cache_dim'
             if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
                 raise UserError(f"{self.path}: {name} has shape {shape}; expected [batch, kv_heads, past, head_dim]")
             self._kv_shape[name] = (shape[1], shape[3])

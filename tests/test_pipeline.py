@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from procrustes_onnx import pipeline_measure
+from procrustes_onnx.exporters.quantize import QuantizeConfig
 from procrustes_onnx.pipeline import run_pipeline
 from procrustes_onnx.pipeline_options import RunOptions
 from procrustes_onnx.stages import folder_hash
@@ -29,7 +30,7 @@ def run(tmp_path_factory):
     opts = RunOptions(model=str(model), out=str(root / "artifacts"), variants=["w-kron"], ratio=0.2,
                       text=_text(root / "eval.txt", 0), calib=_text(root / "calib.txt", 1), eval_windows=2,
                       task_limit=3, prefill_seqs=(16,), decode_tokens=4, iterations=2, calib_samples=2,
-                      calib_seq_len=64, threads=1)
+                      calib_seq_len=64, threads=1, quantize=QuantizeConfig(block_size=16), reference=False)
     return root, opts
 
 
@@ -56,6 +57,12 @@ def test_chain_resumes_after_interrupt_and_reports_measured_numbers(run, monkeyp
     for row in rows.values():
         assert row["relative_error"] < 1e-4 and row["argmax_agreement"] == 1.0 and row["greedy_identical"]
         assert row["ppl"] > 1 and row["decode_tokens_per_s"] > 0
+    quantized = {r["name"]: r for r in results["quantized"]}
+    assert set(quantized) == {"dense", "w-kron"}
+    for q in quantized.values():  # int4 of each, on the same first windows as its fp32 source
+        assert q["mb"] < q["mb_fp32"] and q["ppl"] > 1 and q["ppl_fp32"] > 1 and q["decode"] > 0
+    assert (root / "artifacts" / "tiny-w-kron-20-int4" / "quantize.json").is_file()
+    assert "## Weight-only quantization" in report.read_text()
     stage_times = results["timing"]["stages_s"]
     assert "reused" in str(stage_times["compress w-kron at 20% removed"])  # resumed, not recomputed
     assert "w-kron" in report.read_text() and f"{rows['w-kron']['ppl']:.2f}" in report.read_text()

@@ -102,3 +102,18 @@ def test_refuses_non_artifacts_and_quantized_inputs(tmp_path):
         QuantizeConfig(block_size=48).validate()
     with pytest.raises(UserError, match="int3|not supported"):
         QuantizeConfig(bits=3).validate()
+
+
+def test_fused_artifact_matches_unfused_and_quantizes(structured, tmp_path):
+    from procrustes_onnx.exporters.fuse import FUSE_FILE, fuse_artifact
+
+    tiny = tiny_artifact()
+    for src in (tiny.dir, structured):
+        out = fuse_artifact(src, tmp_path / f"fused-{src.name}")
+        report = json.loads((out.parent / FUSE_FILE).read_text())
+        assert report["logits_rel_error"] < 1e-4
+        ids = _ids(256, 10, seed=1)
+        assert rel_err(ort_logits(out, ids), ort_logits(src / "model.onnx", ids)) < 1e-4
+    assert report["fusions"], "nothing fused in the structured artifact"
+    q = quantize_artifact(out.parent, tmp_path / "fused-int4", QuantizeConfig(block_size=16))
+    assert read_identity(q.parent)["fused"] and read_identity(q.parent)["quantized"] == "int4"
