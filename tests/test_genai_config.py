@@ -175,8 +175,9 @@ def test_onnxruntime_genai_generates_our_greedy_ids(which, dense):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install '.[genai]')")
     folder = folders(dense)[which]
     eos = _json(folder / GENAI_CONFIG)["model"]["eos_token_id"]
+    eos = eos if isinstance(eos, list) else [eos]
     model, lm = og.Model(str(folder)), OnnxCausalLM(folder, threads=1)
     for prompt in _prompts():
-        ours = generate_ids(lm, prompt, SamplingConfig(max_new_tokens=NEW_TOKENS), eos_ids=[eos]).token_ids
+        ours = generate_ids(lm, prompt, SamplingConfig(max_new_tokens=NEW_TOKENS), eos_ids=eos).token_ids
         assert _og_greedy(og, model, prompt, NEW_TOKENS) == ours
         assert len(set(ours)) > 2  # a real continuation, not one token repeated
