@@ -3,7 +3,7 @@
 genai_config.json is checked against config.json, generation_config.json and the graph's own I/O (no
 onnxruntime-genai needed); with onnxruntime-genai installed (extra ``genai``), ``og.Model(folder)``
 generates greedily the same ids as our ORT generator, for a dense export (untied head, so the random
-model does not just repeat its last token) and for a structured rewrite with skip matrices.
+model does not just repeat its last token), a structured rewrite with skip matrices and its int8 quantization.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 
 from procrustes_onnx.compiler.passes import rewrite_structured_matmuls
 from procrustes_onnx.exporters.pipeline import export_model
+from procrustes_onnx.exporters.quantize import QuantizeConfig, quantize_artifact
 from procrustes_onnx.genai_config import GENAI_CONFIG, genai_config
 from procrustes_onnx.hf_compat import hf_compatible_files
 from procrustes_onnx.outputs import MANIFEST
@@ -47,8 +48,15 @@ def structured_folder() -> Path:
     return path.parent.parent / STRUCTURED_DIR
 
 
-def folders(dense: dict[str, Path]) -> dict[str, Path]:
-    return {**dense, "structured": structured_folder()}
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory) -> Path:
+    """The structured folder quantized to int8 (MatMulNBits): a third folder writer."""
+    return quantize_artifact(structured_folder(), tmp_path_factory.mktemp("q") / "int8",
+                             QuantizeConfig(bits=8, block_size=16)).parent
+
+
+def folders(dense: dict[str, Path], quantized: Path | None = None) -> dict[str, Path]:
+    return {**dense, "structured": structured_folder(), "quantized": quantized}
 
 
 def _json(path: Path) -> dict:
@@ -59,9 +67,9 @@ def _prompts(count: int = 3) -> list[list[int]]:
     return [[int(x) for x in np.random.default_rng(seed).integers(0, 256, 6)] for seed in range(count)]
 
 
-@pytest.mark.parametrize("which", [*ARCHS, "structured"])
-def test_genai_config_matches_config_and_graph(which, dense):
-    folder = folders(dense)[which]
+@pytest.mark.parametrize("which", [*ARCHS, "structured", "quantized"])
+def test_genai_config_matches_config_and_graph(which, dense, quantized):
+    folder = folders(dense, quantized)[which]
     genai = _json(folder / GENAI_CONFIG)
     config, generation = _json(folder / "config.json"), _json(folder / "generation_config.json")
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
@@ -170,10 +178,10 @@ def _og_greedy(og, model, prompt: list[int], new_tokens: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("which", [*ARCHS, "structured"])
-def test_onnxruntime_genai_generates_our_greedy_ids(which, dense):
+@pytest.mark.parametrize("which", [*ARCHS, "structured", "quantized"])
+def test_onnxruntime_genai_generates_our_greedy_ids(which, dense, quantized):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install '.[genai]')")
-    folder = folders(dense)[which]
+    folder = folders(dense, quantized)[which]
     eos = _json(folder / GENAI_CONFIG)["model"]["eos_token_id"]
     eos = eos if isinstance(eos, list) else [eos]
     model, lm = og.Model(str(folder)), OnnxCausalLM(folder, threads=1)
