@@ -1,8 +1,9 @@
 """HF causal LM -> ONNX folder (``model.onnx`` + ``model.onnx.data``, optimum's I/O names, matmul_map.json).
 
 The folder is what optimum's ``ORTModelForCausalLM`` expects (config.json, generation_config.json,
-tokenizer files) plus ``matmul_map.json`` (module -> MatMul node and weight initializer, recorded from
-the exporter's node metadata) that the structured rewrite pass consumes.
+tokenizer files, all readable by transformers 4.x and 5.x), what onnxruntime-genai expects
+(genai_config.json), plus ``matmul_map.json`` (module -> MatMul node and weight initializer, recorded
+from the exporter's node metadata) that the structured rewrite pass consumes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import onnx_ir as ir
 import torch
 
 from procrustes_onnx.errors import UserError
+from procrustes_onnx.genai_config import GENAI_CONFIG, genai_config
+from procrustes_onnx.hf_compat import hf_compatible_files
 
 from .artifacts import atomic_output_dir, write_json, write_onnx_identity
 from .matmul_map import record_matmul_map
@@ -185,6 +188,9 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, with_past
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, data in hf_compatible_files(tmp).items():
+            write_json(tmp / name, data)
+        write_json(tmp / GENAI_CONFIG, genai_config(tmp, onnx_model.graph))
         write_json(tmp / "export.json", {
             "with_past": with_past, "opset": opset, "dtype": str(next(model.parameters()).dtype),
             "inputs": [v.name for v in onnx_model.graph.inputs],

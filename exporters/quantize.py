@@ -26,6 +26,8 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from procrustes_onnx.compiler.passes.rewrite_artifact import SIDE_FILES, load_onnx
+from procrustes_onnx.genai_config import GENAI_CONFIG, genai_config
+from procrustes_onnx.hf_compat import hf_compatible_files
 from procrustes_onnx.errors import UserError
 from procrustes_onnx.ops.lowering import lower_gs_blocks
 from procrustes_onnx.outputs import check_output
@@ -330,6 +332,9 @@ def quantize_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, co
         for name in SIDE_FILES + ("rewrite.json",):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
+        for name, data in hf_compatible_files(tmp).items():
+            write_json(tmp / name, data)
+        write_json(tmp / GENAI_CONFIG, genai_config(tmp, ir.load(tmp / "model.onnx").graph))
         check = _logits_check(src / "model.onnx", tmp / "model.onnx", vocab)
         write_json(tmp / QUANT_FILE, {
             "config": asdict(config), "label": label, "source": str(src.resolve()), "quantized_ops": ops,

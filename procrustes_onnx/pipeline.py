@@ -85,9 +85,14 @@ def _write_artifact_readme(folder: Path, title: str, details: dict) -> None:
     lines = [f"# {title}", "", "Made by `procrustes-onnx run`. Load it with plain ONNX Runtime:", "",
              "```python", "import onnxruntime as ort",
              f"session = ort.InferenceSession('{folder.name}/model.onnx')  # inputs: input_ids, attention_mask, "
-             "position_ids, past_key_values.{i}.key|value", "```", "", "or with optimum:", "", "```python",
-             "from optimum.onnxruntime import ORTModelForCausalLM",
-             f"model = ORTModelForCausalLM.from_pretrained('{folder.name}')", "```", ""]
+             "position_ids, past_key_values.{i}.key|value", "```", "",
+             "or with optimum (optimum-onnx 0.1.0 needs transformers 4.x; the tokenizer files load in 4.x and 5.x):",
+             "", "```python", "from optimum.onnxruntime import ORTModelForCausalLM",
+             "from transformers import AutoTokenizer",
+             f"model = ORTModelForCausalLM.from_pretrained('{folder.name}')",
+             f"tokenizer = AutoTokenizer.from_pretrained('{folder.name}')", "```", "",
+             "or with onnxruntime-genai (genai_config.json; keep its past_present_share_buffer false):", "",
+             "```python", "import onnxruntime_genai as og", f"model = og.Model('{folder.name}')", "```", ""]
     lines += [f"- {k}: {v}" for k, v in details.items()]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 

@@ -22,6 +22,8 @@ from procrustes_onnx.errors import UserError
 from procrustes_onnx.exporters.artifacts import (atomic_output_dir, check_external_data, folder_bytes, write_json,
                                                   write_onnx_identity)
 from procrustes_onnx.exporters.onnx_export import MAP_FILE
+from procrustes_onnx.genai_config import GENAI_CONFIG, genai_config
+from procrustes_onnx.hf_compat import hf_compatible_files
 from procrustes_onnx.outputs import check_output, read_identity
 
 from .rewrite_structured import RewriteStructuredMatmulsPass, normalize_manifest, promised_saving
@@ -104,6 +106,9 @@ def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.Pa
         for name in SIDE_FILES:
             if (src.parent / name).is_file():
                 shutil.copy2(src.parent / name, tmp / name)
+        for name, data in hf_compatible_files(tmp).items():
+            write_json(tmp / name, data)
+        write_json(tmp / GENAI_CONFIG, genai_config(tmp, model.graph))  # rebuilt, so an older export gets one too
         write_json(tmp / MAP_FILE, new_map)
         write_json(tmp / "rewrite.json", {
             "source": str(src), "modules": sorted(plan), "modified": result.modified,
