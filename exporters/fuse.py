@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from procrustes_onnx.compiler.passes.rewrite_artifact import SIDE_FILES, load_onnx
 from procrustes_onnx.errors import UserError
+from procrustes_onnx.genai_config import GENAI_CONFIG, genai_config
 from procrustes_onnx.outputs import check_output
 
 from .artifacts import atomic_output_dir, check_external_data, onnx_identity, write_json, write_onnx_identity
@@ -59,6 +60,7 @@ def fuse_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, *, ove
         for name in SIDE_FILES + ("rewrite.json",):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
+        write_json(tmp / GENAI_CONFIG, genai_config(tmp, ir.load(tmp / "model.onnx").graph))
         ids = (np.arange(1, 25, dtype=np.int64) * 7919 % 200)[None]
         ref = ort_logits(src / "model.onnx", ids).astype(np.float64)
         got = ort_logits(tmp / "model.onnx", ids).astype(np.float64)
