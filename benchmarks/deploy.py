@@ -104,11 +104,13 @@ def worker(folder: str, config: dict) -> None:
 
     torch.set_num_threads(config["threads"])
     lm = OnnxCausalLM(folder, threads=config["threads"])
-    tokens = tokenize_corpus(load_tokenizer(config["tokenizer"]), load_text("jargon"), 1024 * config["windows"])
-    ppl = evaluate_perplexity(ort_logits_fn(lm), make_windows(tokens, 1024, None, config["windows"]), progress=False)
-    result = {"bytes_on_disk": bytes_on_disk(lm.path), "ppl": ppl.ppl, "ppl_windows": ppl.windows,
-              "prefill": [measure_prefill(lm, 1, s, config["repeats"]) for s in (128, 512)],
-              "decode": measure_decode(lm, 128, config["decode_tokens"], config["repeats"])}
+    result = {"bytes_on_disk": bytes_on_disk(lm.path)}
+    if not config.get("skip_ppl"):
+        tokens = tokenize_corpus(load_tokenizer(config["tokenizer"]), load_text("jargon"), 1024 * config["windows"])
+        ppl = evaluate_perplexity(ort_logits_fn(lm), make_windows(tokens, 1024, None, config["windows"]), progress=False)
+        result.update(ppl=ppl.ppl, ppl_windows=ppl.windows)
+    result["prefill"] = [measure_prefill(lm, 1, s, config["repeats"]) for s in (128, 512)]
+    result["decode"] = measure_decode(lm, 128, config["decode_tokens"], config["repeats"])
     del lm
     result["genai_decode_tokens_per_s"] = genai_decode(Path(folder), 128, config["decode_tokens"], config["threads"])
     result["peak_rss_mib"] = peak_rss_mib()
@@ -179,6 +181,8 @@ def main() -> int:
     parser.add_argument("--no-builder", action="store_true")
     parser.add_argument("--fuse", action="store_true", help="also onnxscript's ORT fusions of each fp32 and int4")
     parser.add_argument("--out", default=str(RESULTS / "deploy.json"))
+    parser.add_argument("--reuse-ppl", help="an earlier deploy.json: take each model's PPL from it (same folder) and "
+                                            "time only, e.g. to re-time on a quieter machine")
     parser.add_argument("--worker")
     parser.add_argument("--worker-config")
     args = parser.parse_args()
@@ -207,11 +211,16 @@ def main() -> int:
             folder = build_reference(hf_dir, work / f"builder-{precision}", precision)
             if folder is not None:
                 models[f"builder:{precision}"] = folder
+    earlier = json.loads(Path(args.reuse_ppl).read_text())["models"] if args.reuse_ppl else {}
     print(f"load average at start: {os.getloadavg()}", flush=True)
     rows = {}
     for name, folder in models.items():
         start = time.perf_counter()
-        rows[name] = {"folder": str(folder), **measure(folder, config)}
+        old = earlier.get(name, {})
+        reuse = old.get("folder") == str(folder) and "ppl" in old
+        rows[name] = {"folder": str(folder), **measure(folder, {**config, "skip_ppl": reuse})}
+        if reuse:
+            rows[name].update(ppl=old["ppl"], ppl_windows=old["ppl_windows"], ppl_from=args.reuse_ppl)
         print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
     print_table(rows)
     targets = _targets(rows)

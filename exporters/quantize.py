@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -60,6 +61,7 @@ class QuantizeConfig:
     embedding: bool = True
     accuracy_level: int = 4
     min_elements: int = 4096
+    keep: str | None = None  # a regular expression: constant-weight nodes whose name matches it stay float
 
     def validate(self) -> "QuantizeConfig":
         if self.bits not in (4, 8):
@@ -72,6 +74,11 @@ class QuantizeConfig:
             raise UserError(f"--quantize-algorithm {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
         if self.algorithm == "hqq" and self.symmetric:
             raise UserError("HQQ quantizes asymmetrically: add --quantize-asymmetric, or use --quantize-algorithm rtn")
+        if self.keep is not None:
+            try:
+                re.compile(self.keep)
+            except re.error as exc:
+                raise UserError(f"--quantize-keep {self.keep!r} is not a regular expression ({exc})") from None
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UserError(f"--quantize-accuracy {self.accuracy_level} must be 0 to 4 (MatMulNBits accuracy_level)")
         return self
@@ -110,25 +117,36 @@ def relower_gs_blocks(model: ir.Model) -> list[str]:
 
 
 def untie_matmul_weights(model: ir.Model) -> list[str]:
-    """MatMul(x, Transpose(W)) with a constant W -> MatMul(x, W^T as its own initializer), in place;
-    returns the MatMul nodes changed (the tied head, whose table the Gather keeps reading)."""
+    """MatMul(x, Transpose(W)), or ORT's FusedMatMul(x, W, transB=1) from the fusions, with a constant W ->
+    MatMul(x, W^T as its own initializer), in place; returns the nodes changed (the tied head, whose table
+    the Gather keeps reading)."""
     graph = model.graph
     changed = []
     for node in list(graph):
-        if node.op_type != "MatMul":
-            continue
-        producer = node.inputs[1].producer() if node.inputs[1] is not None else None
-        if producer is None or producer.op_type != "Transpose" or producer.inputs[0].const_value is None:
-            continue
-        src = producer.inputs[0]
-        if src.shape is None or len(src.shape) != 2:
+        src = None
+        if node.op_type == "MatMul":
+            producer = node.inputs[1].producer() if node.inputs[1] is not None else None
+            if producer is not None and producer.op_type == "Transpose":
+                src = producer.inputs[0]
+        elif node.op_type == "FusedMatMul" and node.domain == "com.microsoft":
+            attrs = {k: a.value for k, a in node.attributes.items()}
+            if attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0 \
+                    and not attrs.get("transBatchA") and not attrs.get("transBatchB"):
+                src = node.inputs[1]
+        if src is None or src.const_value is None or src.shape is None or len(src.shape) != 2:
             continue
         arr = np.ascontiguousarray(src.const_value.numpy().T)
         name = f"{src.name}.transposed"
         value = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(src.dtype),
                          const_value=ir.tensor(arr, name=name))
         graph.register_initializer(value)
-        node.replace_input_with(1, value)
+        if node.op_type == "MatMul":
+            node.replace_input_with(1, value)
+        else:
+            matmul = ir.node("MatMul", [node.inputs[0], value], name=node.name)
+            matmul.outputs[0].type, matmul.outputs[0].shape = node.outputs[0].type, node.outputs[0].shape
+            ir.convenience.replace_nodes_and_values(graph, insertion_point=node, old_nodes=[node], new_nodes=[matmul],
+                                                    old_values=[node.outputs[0]], new_values=[matmul.outputs[0]])
         changed.append(node.name)
     common_passes.RemoveUnusedNodesPass()(model)
     return changed
@@ -153,6 +171,9 @@ def _plan(proto, config: QuantizeConfig) -> tuple[dict[str, list[str]], list[dic
         if weight not in inits:
             continue
         dims = list(inits[weight].dims)
+        if config.keep and re.search(config.keep, node.name):
+            kept.append({"node": node.name, "weight": weight, "shape": dims, "why": f"matches --quantize-keep {config.keep}"})
+            continue
         if node.op_type == "Gather":
             if not config.embedding:
                 kept.append({"node": node.name, "weight": weight, "shape": dims, "why": "token table kept (--no-quantize-embedding)"})
