@@ -129,6 +129,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
                    help="precision of the output head (default: the same as --quantize)")
     p.add_argument("--quantize-accuracy", type=count(0, 4), default=d.accuracy_level,
                    help=f"MatMulNBits accuracy_level (default {d.accuracy_level}: int8 compute on CPU; 0: float)")
+    p.add_argument("--quantize-keep", metavar="REGEX",
+                   help="constant-weight nodes whose name matches REGEX stay float, e.g. 'shortcut|norm.proj' (the "
+                        "residual-path matrices of a per-position rotation)")
     p.add_argument("--no-quantize-embedding", action="store_true",
                    help="keep the token table in float (default: the same precision as the weights)")
 

@@ -45,7 +45,8 @@ def quantize_config_from_args(args: argparse.Namespace, default: str = "none"):
     head = {"same": None, "int4": 4, "int8": 8}[args.quantize_head]
     return QuantizeConfig(bits=int(precision[3:]), block_size=args.quantize_block,
                           symmetric=not args.quantize_asymmetric, algorithm=args.quantize_algorithm, head_bits=head,
-                          embedding=not args.no_quantize_embedding, accuracy_level=args.quantize_accuracy).validate()
+                          embedding=not args.no_quantize_embedding, accuracy_level=args.quantize_accuracy,
+                          keep=args.quantize_keep).validate()
 
 
 def heal_config_from_args(args: argparse.Namespace, default_tokens: int | None = None):

@@ -172,6 +172,8 @@ CASES: list[Case] = [
       "HQQ quantizes asymmetrically", ("onnx",)),
     C("quantize-bad-precision", "quantize --onnx {onnx} --out {out} --quantize int3", 2, "argument --quantize",
       ("onnx",)),
+    C("quantize-keep-bad-regex", "quantize --onnx {onnx} --out {out} --quantize-keep (", 2,
+      "is not a regular expression", ("onnx",)),
     C("quantize-works", "quantize --onnx {onnx} --out {out} --quantize int8", 0, "model.onnx", ("onnx",)),
     C("export-dense-equivalent-quantized", "export --checkpoint {ck} --dense-equivalent --quantize int4 --out {out}",
       2, "must stay fp32", ("ck",)),

@@ -90,6 +90,16 @@ def test_head_precision_and_kept_reasons(tmp_path):
     assert report["kept_float"] and all("below the block size 128" in k["why"] for k in report["kept_float"])
 
 
+def test_keep_regex_leaves_matching_nodes_float(tmp_path):
+    tiny = tiny_artifact()
+    out = quantize_artifact(tiny.dir, tmp_path / "q", QuantizeConfig(block_size=16, keep="mlp"))
+    report = json.loads((out.parent / QUANT_FILE).read_text())
+    kept = [k for k in report["kept_float"] if "--quantize-keep" in k["why"]]
+    assert kept and all("mlp" in k["node"] for k in kept)
+    with pytest.raises(UserError, match="not a regular expression"):
+        QuantizeConfig(keep="(").validate()
+
+
 def test_refuses_non_artifacts_and_quantized_inputs(tmp_path):
     tiny = tiny_artifact()
     with pytest.raises(UserError, match="has no model.onnx"):
