@@ -26,12 +26,12 @@ BASE = dict(iterations=10, rotation_iters=50, calib_samples=16, calib_seq_len=51
 def main() -> None:
     import torch
 
+    from procrustes_onnx.compiler.checkpoint import load_model
     from procrustes_onnx.compiler.compress import compress_model, count_params
     from procrustes_onnx.compiler.config import CompressionConfig
-    from procrustes_onnx.environment import environment
+    from procrustes_onnx.core.environment import environment
+    from procrustes_onnx.core.texts import load_text, tokenize_corpus
     from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
-    from procrustes_onnx.sources import load_model
-    from procrustes_onnx.texts import load_text, tokenize_corpus
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", action="append", default=[], help="label=JSON of CompressionConfig overrides")

@@ -54,11 +54,11 @@ def run_one(row: str, args: argparse.Namespace) -> dict:
     """Compress (in memory) and score one row; called inside the row's subprocess."""
     import torch
 
+    from procrustes_onnx.compiler.checkpoint import load_model
     from procrustes_onnx.compiler.compress import compress_model, count_params
     from procrustes_onnx.compiler.config import CompressionConfig
+    from procrustes_onnx.core.texts import load_text, tokenize_corpus
     from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
-    from procrustes_onnx.sources import load_model
-    from procrustes_onnx.texts import load_text, tokenize_corpus
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
@@ -149,7 +149,7 @@ def _load(args) -> list[dict]:
 
 
 def _write(args, results: list[dict]) -> None:
-    from procrustes_onnx.environment import write_results
+    from procrustes_onnx.core.environment import write_results
     dense = next((r["ppl"] for r in results if r["row"] == "dense"), None)
     write_results(args.out, {"model": args.model, "protocol": "jargon, 1024-token windows, first 102,400 tokens",
                              "windows": args.windows or 100, "threads": args.threads, "dense_ppl": dense,

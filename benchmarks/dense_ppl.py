@@ -14,10 +14,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from procrustes_onnx.environment import write_results
+from procrustes_onnx.compiler.checkpoint import load_model
+from procrustes_onnx.core.environment import write_results
+from procrustes_onnx.core.texts import load_text, tokenize_corpus
 from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
-from procrustes_onnx.sources import load_model
-from procrustes_onnx.texts import load_text, tokenize_corpus
 
 CORPORA = {"jargon": 102_400, "kjv": 204_800}
 

@@ -95,12 +95,12 @@ def worker(folder: str, config: dict) -> None:
     """One model, in this process: size, perplexity, prefill, decode (ORT and genai), peak RSS."""
     import torch
 
+    from procrustes_onnx.core.sources import load_tokenizer
+    from procrustes_onnx.core.texts import load_text, tokenize_corpus
     from procrustes_onnx.runtime.benchmark import bytes_on_disk, measure_decode, measure_prefill, peak_rss_mib
     from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows
     from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn
     from procrustes_onnx.runtime.session import OnnxCausalLM
-    from procrustes_onnx.sources import load_tokenizer
-    from procrustes_onnx.texts import load_text, tokenize_corpus
 
     torch.set_num_threads(config["threads"])
     lm = OnnxCausalLM(folder, threads=config["threads"])
@@ -189,9 +189,9 @@ def main() -> int:
     if args.worker:
         worker(args.worker, json.loads(args.worker_config))
         return 0
-    from procrustes_onnx.environment import write_results
+    from procrustes_onnx.core.environment import write_results
+    from procrustes_onnx.core.sources import resolve_model_dir
     from procrustes_onnx.reference import build_reference
-    from procrustes_onnx.sources import resolve_model_dir
 
     artifacts = _pairs(args.artifact)
     work = Path(args.work)

@@ -20,15 +20,15 @@ def main() -> None:
     import torch
 
     from procrustes_onnx.compiler.calibration import calibration_windows_for, collect_grams, damp_gram, token_counts
+    from procrustes_onnx.compiler.checkpoint import load_model
     from procrustes_onnx.compiler.compress import count_params
     from procrustes_onnx.compiler.config import CompressionConfig
     from procrustes_onnx.compiler.embeddings import install_factored_embedding
     from procrustes_onnx.compiler.procrustes import token_weights
-    from procrustes_onnx.environment import write_results
+    from procrustes_onnx.core.environment import write_results
+    from procrustes_onnx.core.texts import load_text, tokenize_corpus
     from procrustes_onnx.ops.embedding import embedding_rank, project_embedding
     from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
-    from procrustes_onnx.sources import load_model
-    from procrustes_onnx.texts import load_text, tokenize_corpus
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=2)

@@ -30,16 +30,16 @@ import onnxruntime as ort
 import torch
 import transformers
 
+from procrustes_onnx.compiler.checkpoint import load_model
 from procrustes_onnx.compiler.compress import count_params, plan_for_model
 from procrustes_onnx.compiler.config import CompressionConfig
 from procrustes_onnx.compiler.fusion import fuse_norms
-from procrustes_onnx.compiler.passes import rewrite_structured_matmuls
+from procrustes_onnx.core.texts import load_text, tokenize_corpus
+from procrustes_onnx.exporters import rewrite_structured_matmuls
 from procrustes_onnx.exporters import export_onnx, inspect_onnx
 from procrustes_onnx.ops import StructuredLinear, project_to_spec
 from procrustes_onnx.runtime.generate import SamplingConfig, generate_ids
 from procrustes_onnx.runtime.session import OnnxCausalLM
-from procrustes_onnx.sources import load_model
-from procrustes_onnx.texts import load_text, tokenize_corpus
 
 
 def machine() -> dict:

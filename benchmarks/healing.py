@@ -29,9 +29,9 @@ DENSE_PPL = {4: 29.89, 100: 32.51}
 
 def ensure_checkpoint(variant: str, folder: Path) -> Path:
     """The training-free checkpoint of ``variant`` at 20% removed, with the main job's solver settings."""
+    from procrustes_onnx.core.sources import resolve_model_dir
     from procrustes_onnx.pipeline import _compress, _compression_config
     from procrustes_onnx.pipeline_options import RUN_SOLVER, RunOptions
-    from procrustes_onnx.sources import resolve_model_dir
 
     out = folder / f"{variant}-20"
     if (out / "structure.json").is_file():
@@ -48,10 +48,11 @@ def run_point(point: str, args: argparse.Namespace) -> dict:
     import torch
 
     from procrustes_onnx.compiler.checkpoint import load_compressed
+    from procrustes_onnx.compiler.checkpoint import load_model
     from procrustes_onnx.compiler.heal import HealConfig, heal_model
+    from procrustes_onnx.core.sources import cache_root
+    from procrustes_onnx.core.texts import load_text, tokenize_corpus
     from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
-    from procrustes_onnx.sources import cache_root, load_model
-    from procrustes_onnx.texts import load_text, tokenize_corpus
 
     spec, _, full = point.partition("@")
     torch.set_num_threads(args.threads)
@@ -137,7 +138,7 @@ def main() -> int:
         print("RESULT " + json.dumps(run_point(args.one, args)), flush=True)
         return 0
 
-    from procrustes_onnx.environment import write_results
+    from procrustes_onnx.core.environment import write_results
 
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if args.resume and out.is_file() else []

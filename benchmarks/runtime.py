@@ -195,11 +195,11 @@ def agreement(folder: str, model_spec: str, windows: int, limit: int) -> dict:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from procrustes_onnx.compiler.checkpoint import load_model
+    from procrustes_onnx.core.texts import load_text, tokenize_corpus
     from procrustes_onnx.runtime.lm_eval_adapter import TASK_DIR, run_eval
     from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
     from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn
-    from procrustes_onnx.sources import load_model
-    from procrustes_onnx.texts import load_text, tokenize_corpus
 
     model, tokenizer = load_model(model_spec)
     size = min(1024, getattr(model.config, "max_position_embeddings", 1024))

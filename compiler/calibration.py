@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 __all__ = ["calibration_windows", "calibration_windows_for", "collect_grams", "capture_layer_inputs", "StopForward", "token_counts", "rotate_gram", "damp_gram"]
 
@@ -37,7 +37,7 @@ def calibration_windows(tokens: torch.Tensor, n_samples: int = 32, seq_len: int 
 def calibration_windows_for(tokenizer, config, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """The seeded calibration windows of a CompressionConfig: from ``tokens`` if given, else from its
     ``calib_text`` ('kjv', a file, or 'name@N' to skip the text's first N tokens)."""
-    from procrustes_onnx.texts import load_text, tokenize_corpus
+    from procrustes_onnx.core.texts import load_text, tokenize_corpus
     need = config.calib_samples * config.calib_seq_len
     if tokens is not None:
         return calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)

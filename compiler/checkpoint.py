@@ -20,19 +20,20 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.outputs import atomic_output_dir, file_sha256, identity_id, read_identity, write_identity
+from procrustes_onnx.core.sources import (DEFAULT_MODEL, is_compressed_checkpoint, load_tokenizer, require_dense,
+                                          resolve_model_dir)
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
 from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead
-
-from ..errors import UserError
-from ..outputs import atomic_output_dir, file_sha256, identity_id, read_identity, write_identity
 from .adapters import get_adapter, get_module, set_module, surgery_state
 from .embeddings import install_factored_embedding
 from .fusion import install_fused_modules
 from .positions import position_dims
 from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
 
-__all__ = ["save_compressed", "save_compressed_into", "load_compressed", "require_checkpoint", "checkpoint_identity",
-           "materialize_dense", "replace_linear", "FORMAT_VERSION"]
+__all__ = ["load_model", "save_compressed", "save_compressed_into", "load_compressed", "require_checkpoint",
+           "checkpoint_identity", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -263,3 +264,25 @@ def materialize_dense(model: nn.Module) -> dict:
                               "factors": {k: v.detach().clone() for k, v in module.matrix.factors().items()}}
             set_module(model, name, module.to_linear())
     return manifest
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype=None, *, tokenizer: bool = True, allow_compressed: bool = False):
+    """Load (model, tokenizer or None) in eval mode, float32 unless told otherwise.
+
+    A compressed checkpoint is loaded with its structured linears (``allow_compressed``) or refused:
+    loaded as a dense model its structured linears would be random."""
+    model_dir = resolve_model_dir(spec)
+    if is_compressed_checkpoint(model_dir):
+        if not allow_compressed:
+            require_dense(model_dir, spec)
+        model, tok = load_compressed(model_dir, dtype=dtype or torch.float32)
+        if tokenizer and tok is None:
+            tok = load_tokenizer(model_dir)
+        return model, (tok if tokenizer else None)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    except (OSError, ValueError, KeyError) as exc:  # missing or foreign weight files: bad input, not a bug
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{model_dir} cannot be loaded as a causal LM ({first}): pass a folder saved with "
+                        "save_pretrained") from None
+    return model.eval(), (load_tokenizer(model_dir) if tokenizer else None)

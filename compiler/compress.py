@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
 from procrustes_onnx.ops.embedding import embedding_rank
 
@@ -197,8 +197,8 @@ def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: st
     Deterministic for ``config.seed``; rerunning with the same arguments after an interruption
     reuses the per-position rotations already in ``out_dir/work`` (a different config is refused).
     """
-    from procrustes_onnx.outputs import claim
-    from procrustes_onnx.sources import model_fingerprint
+    from procrustes_onnx.core.outputs import claim
+    from procrustes_onnx.core.sources import model_fingerprint
 
     out_dir = Path(out_dir)
     work = out_dir / "work"
@@ -231,7 +231,7 @@ def _has_results(work: Path) -> bool:
 
 def _discard_empty(out_dir: Path, work: Path, created: bool) -> None:
     """After a failed run: drop a ``work/`` with nothing to resume, and the folder if this run made it."""
-    from procrustes_onnx.outputs import MANIFEST
+    from procrustes_onnx.core.outputs import MANIFEST
     if _has_results(work):
         return
     shutil.rmtree(work, ignore_errors=True)
@@ -273,8 +273,9 @@ def _slicegpt(model, tokenizer, config, out_dir, original, echo, source) -> Path
 def compress_cli(*, model: str, out: str, config: str | None = None, overwrite: bool = False, **overrides) -> Path:
     """What the `procrustes-onnx compress` verb calls: load the model, build the config (a JSON file
     and/or keyword overrides such as ratio=0.2, structure="gs"), compress, return the folder."""
-    from procrustes_onnx.outputs import check_output
-    from procrustes_onnx.sources import load_model, resolve_model_dir
+    from procrustes_onnx.core.outputs import check_output
+    from procrustes_onnx.core.sources import resolve_model_dir
+    from .checkpoint import load_model
     base = CompressionConfig.load(config).to_dict() if config else {}
     given = {k: v for k, v in overrides.items() if v is not None}
     if "preset" in given and "ratio" in given:

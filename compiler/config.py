@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops.planner import spec_params
 
 __all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES", "Plan", "PlanEntry", "build_plan", "kron_spec",

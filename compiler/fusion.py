@@ -55,7 +55,7 @@ class Centring(nn.Module):
 
 def require_fused(model: nn.Module) -> None:
     """Raise a UserError unless `fuse_norms` has run on `model`."""
-    from ..errors import UserError
+    from procrustes_onnx.core.errors import UserError
 
     if not surgery_state(model).get("fused"):
         raise UserError("the model's norms are not fused; call compiler.fusion.fuse_norms(model) first")

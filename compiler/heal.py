@@ -34,10 +34,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.sources import model_fingerprint
 from procrustes_onnx.ops import StructuredLinear
 from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead
-from procrustes_onnx.sources import model_fingerprint
 
 from .adapters import get_adapter, get_module
 from .calibration import capture_layer_inputs
@@ -150,7 +150,7 @@ def _set_trainable(model: nn.Module, params: list[nn.Parameter]) -> None:
 def heal_windows(tokenizer, config: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(training windows, held-out windows) of ``seq_len`` tokens: non-overlapping windows of the training
     text in a seeded random order, the held-out ones first, so the two never share a token."""
-    from procrustes_onnx.texts import load_text, tokenize_corpus
+    from procrustes_onnx.core.texts import load_text, tokenize_corpus
 
     from .calibration import _split_offset
     name, skip = _split_offset(config.text)
@@ -530,7 +530,7 @@ def heal_checkpoint(checkpoint: str | Path, out: str | Path, teacher: nn.Module,
     progress lives in the sibling ``.<out>.heal-work`` until the healed checkpoint is complete."""
     import shutil
 
-    from procrustes_onnx.outputs import check_output, read_identity, register
+    from procrustes_onnx.core.outputs import check_output, read_identity, register
 
     from .checkpoint import load_compressed, require_checkpoint, save_compressed
     from .compress import saved_param_count

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import UserError
+from procrustes_onnx.core.errors import UserError
 from .adapters import get_adapter, get_module, surgery_state
 from .calibration import capture_layer_inputs
 from .checkpoint import save_compressed

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from procrustes_onnx.errors import UserError
-from procrustes_onnx.outputs import atomic_output_dir, file_sha256, read_identity, write_identity
+from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.outputs import atomic_output_dir, file_sha256, read_identity, write_identity
 
 __all__ = ["atomic_output_dir", "write_json", "folder_bytes", "check_external_data", "write_onnx_identity",
            "onnx_identity"]

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from procrustes_onnx.compiler.passes.rewrite_artifact import SIDE_FILES, load_onnx
-from procrustes_onnx.errors import UserError
-from procrustes_onnx.genai_config import GENAI_CONFIG, genai_config
-from procrustes_onnx.outputs import check_output
+from .rewrite_artifact import SIDE_FILES, load_onnx
+from procrustes_onnx.core.errors import UserError
+from .genai_config import GENAI_CONFIG, genai_config
+from procrustes_onnx.core.outputs import check_output
 
 from .artifacts import atomic_output_dir, check_external_data, onnx_identity, write_json, write_onnx_identity
 

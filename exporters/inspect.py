@@ -11,7 +11,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 from .onnx_export import MAP_FILE
 

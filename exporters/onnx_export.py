@@ -21,9 +21,9 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from procrustes_onnx.errors import UserError
-from procrustes_onnx.genai_config import GENAI_CONFIG, genai_config
-from procrustes_onnx.hf_compat import hf_compatible_files
+from procrustes_onnx.core.errors import UserError
+from .genai_config import GENAI_CONFIG, genai_config
+from .hf_compat import hf_compatible_files
 
 from .artifacts import atomic_output_dir, write_json, write_onnx_identity
 from .matmul_map import record_matmul_map
@@ -173,7 +173,7 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, with_past
     model = model.eval()
     onnx_model, mapping = traced if traced is not None else export_ir(model, with_past=with_past, opset=opset)
     if identity is None:
-        from procrustes_onnx.sources import model_fingerprint
+        from procrustes_onnx.core.sources import model_fingerprint
         identity = {"kind": "dense", "source": model_fingerprint(model)}
     identity = {"format": f"procrustes-onnx onnx {opset}", **identity, "with_past": with_past}
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:

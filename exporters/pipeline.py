@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 from .artifacts import onnx_identity
 
@@ -24,8 +24,9 @@ def export_model(model: str, out_dir: str | os.PathLike, *, with_past: bool = Tr
     """Export a dense model (alias, HF folder or .gguf; see ``sources.load_model``) with its tokenizer.
 
     The output is checked (not an input, writable, empty unless ``overwrite``) before the trace."""
-    from procrustes_onnx.outputs import check_output
-    from procrustes_onnx.sources import load_model, resolve_model_dir
+    from procrustes_onnx.compiler.checkpoint import load_model
+    from procrustes_onnx.core.outputs import check_output
+    from procrustes_onnx.core.sources import resolve_model_dir
 
     from .onnx_export import DEFAULT_OPSET, export_onnx
 
@@ -48,8 +49,8 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     is reused with this model's weights instead of tracing again, if ONNX Runtime then agrees with torch;
     otherwise the model is traced as usual."""
     from procrustes_onnx.compiler.checkpoint import checkpoint_identity, load_compressed, materialize_dense
-    from procrustes_onnx.compiler.passes import rewrite_structured_matmuls
-    from procrustes_onnx.outputs import check_output
+    from .rewrite_artifact import rewrite_structured_matmuls
+    from procrustes_onnx.core.outputs import check_output
 
     from .onnx_export import DEFAULT_OPSET, export_onnx
     from .weight_swap import swap_weights
@@ -119,8 +120,8 @@ def rewrite_model(onnx_in: str | os.PathLike, checkpoint: str | os.PathLike, out
     Refused unless the folder's identity says it is the dense-equivalent export of that very checkpoint:
     any other ONNX (a plain dense export, another checkpoint's twin) would give a wrong model."""
     from procrustes_onnx.compiler.checkpoint import checkpoint_identity
-    from procrustes_onnx.compiler.passes import rewrite_structured_matmuls
-    from procrustes_onnx.outputs import check_output
+    from .rewrite_artifact import rewrite_structured_matmuls
+    from procrustes_onnx.core.outputs import check_output
 
     folder = Path(onnx_in)
     folder = folder.parent if folder.suffix == ".onnx" else folder

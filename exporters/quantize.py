@@ -26,12 +26,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from procrustes_onnx.compiler.passes.rewrite_artifact import SIDE_FILES, load_onnx
-from procrustes_onnx.genai_config import GENAI_CONFIG, genai_config
-from procrustes_onnx.hf_compat import hf_compatible_files
-from procrustes_onnx.errors import UserError
+from .rewrite_artifact import SIDE_FILES, load_onnx
+from .genai_config import GENAI_CONFIG, genai_config
+from .hf_compat import hf_compatible_files
+from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.outputs import check_output
 from procrustes_onnx.ops.lowering import lower_gs_blocks
-from procrustes_onnx.outputs import check_output
 
 from .artifacts import atomic_output_dir, check_external_data, folder_bytes, onnx_identity, write_json, write_onnx_identity
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 __all__ = ["FactoredEmbedding", "FactoredHead", "project_embedding", "embedding_rank"]
 

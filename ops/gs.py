@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 from .base import StructuredMatrix
 

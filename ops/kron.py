@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 from .base import StructuredMatrix
 

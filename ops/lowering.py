@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 from .kron import kron_factor_layouts, kron_order
 from .spec import factor_shapes, validate_spec

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 __all__ = ["Plan", "PAPER_FRACTIONS", "parse_kept", "plan_kronecker", "plan_gs", "plan_dense", "plan_matrix",
            "kron_candidates", "gs_candidates", "spec_params"]

@@ -29,7 +29,7 @@ def project_factors(m: torch.Tensor, spec: Mapping, gram: torch.Tensor | None = 
     kw = {} if sweeps is None else {"sweeps": sweeps}
     if s["kind"] == "dense":
         if tuple(m.shape) != (s["in"], s["out"]):
-            from procrustes_onnx.errors import UserError
+            from procrustes_onnx.core.errors import UserError
             raise UserError(f"dense spec is {s['in']}x{s['out']} but M is {tuple(m.shape)}")
         return {"weight": m}
     if s["kind"] == "kron":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 from .gs import check_gs_shapes, gs_channels, gs_materialize, shuffle_perm
 from .linalg import spd_solve, weighted_sq_error

@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 from .kron import kron_materialize
 from .linalg import spd_solve, weighted_sq_error

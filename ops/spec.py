@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 from .base import StructuredMatrix
 from .dense import DenseMatrix

@@ -8,7 +8,7 @@ import os
 import sys
 
 from .cli_args import THREADS_MAX, Parser, count
-from .errors import EXIT_USER_ERROR, UserError
+from procrustes_onnx.core.errors import EXIT_USER_ERROR, UserError
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -20,7 +20,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .model_info import model_info
-    from .sources import is_compressed_checkpoint, load_model, resolve_model_dir
+    from procrustes_onnx.compiler.checkpoint import load_model
+    from procrustes_onnx.core.sources import is_compressed_checkpoint, resolve_model_dir
     from rich.console import Console
     from rich.table import Table
 
@@ -51,8 +52,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_ppl(args: argparse.Namespace) -> int:
     import torch
-    from .sources import load_model
-    from .texts import load_text, tokenize_corpus
+    from procrustes_onnx.compiler.checkpoint import load_model
+    from procrustes_onnx.core.texts import load_text, tokenize_corpus
     from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
 
     if args.max_tokens < args.window + 1:

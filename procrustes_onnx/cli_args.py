@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-from .errors import EXIT_USER_ERROR, UserError
+from procrustes_onnx.core.errors import EXIT_USER_ERROR, UserError
 
 __all__ = ["Parser", "count", "SEED_MAX", "THREADS_MAX", "fraction", "parse_kept", "parse_layers", "parse_structures", "parse_list"]
 

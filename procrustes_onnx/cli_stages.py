@@ -8,7 +8,7 @@ import os
 
 from procrustes_onnx.cli_args import (SEED_MAX, THREADS_MAX, count, fraction, parse_kept, parse_layers, parse_list,
                                       parse_structures)
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 _THREADS = os.cpu_count() or 2
 
@@ -38,8 +38,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
+    from procrustes_onnx.compiler.checkpoint import load_model
     from procrustes_onnx.compiler.heal import heal_checkpoint
-    from procrustes_onnx.sources import cache_root, load_model
+    from procrustes_onnx.core.sources import cache_root
 
     out = Path(args.out)
     unhealed = out.parent / f".{out.name}.unhealed"  # the training-free checkpoint, until the healed one is written
@@ -56,8 +57,8 @@ def _write_quantized(write, out: str, inputs: list, args: argparse.Namespace):
     import shutil
     from pathlib import Path
 
+    from procrustes_onnx.core.outputs import check_output
     from procrustes_onnx.exporters.quantize import quantize_artifact
-    from procrustes_onnx.outputs import check_output
     from procrustes_onnx.pipeline_options import quantize_config_from_args
 
     config = quantize_config_from_args(args)
@@ -146,7 +147,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from procrustes_onnx.outputs import check_output_file
+    from procrustes_onnx.core.outputs import check_output_file
     from procrustes_onnx.runtime.lm_eval_adapter import run_eval
 
     if args.limit is not None and not (0 < args.limit <= 1 or float(args.limit).is_integer()):
@@ -170,20 +171,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
+    from procrustes_onnx.compiler.checkpoint import load_model
     from procrustes_onnx.compiler.heal import heal_checkpoint
+    from procrustes_onnx.core.sources import cache_root
     from procrustes_onnx.pipeline_options import heal_config_from_args
-    from procrustes_onnx.sources import cache_root, load_model
 
     from procrustes_onnx.compiler.checkpoint import require_checkpoint
-    from procrustes_onnx.outputs import check_output
+    from procrustes_onnx.core.outputs import check_output
 
     config = heal_config_from_args(args)
     config.validate()  # bad values fail before the models load
     require_checkpoint(args.checkpoint)
     check_output(args.out, inputs=[args.checkpoint, args.model], overwrite=args.overwrite)
     teacher, tokenizer = load_model(args.model)
-    from procrustes_onnx.outputs import read_identity
-    from procrustes_onnx.sources import model_fingerprint
+    from procrustes_onnx.core.outputs import read_identity
+    from procrustes_onnx.core.sources import model_fingerprint
     source = (read_identity(args.checkpoint) or {}).get("source")
     if source and source != model_fingerprint(teacher):
         raise UserError(f"--model {args.model} is not the dense model {args.checkpoint} was compressed from (its "

@@ -65,16 +65,17 @@ def _compression_config(opts: RunOptions, variant: str):
 
 
 def _compress(model_dir: Path, config, out: Path) -> None:
+    from procrustes_onnx.compiler.checkpoint import load_model
     from procrustes_onnx.compiler.compress import compress
-    from procrustes_onnx.sources import load_model
 
     model, tokenizer = load_model(str(model_dir))
     compress(model, tokenizer, config, out)
 
 
 def _heal(checkpoint: Path, model_dir: Path, config, out: Path) -> None:
+    from procrustes_onnx.compiler.checkpoint import load_model
     from procrustes_onnx.compiler.heal import heal_checkpoint
-    from procrustes_onnx.sources import cache_root, load_model
+    from procrustes_onnx.core.sources import cache_root
 
     teacher, tokenizer = load_model(str(model_dir))
     heal_checkpoint(checkpoint, out, teacher, tokenizer, config, teacher_cache=cache_root() / "heal-teacher",
@@ -135,15 +136,15 @@ def _reference(opts: RunOptions, model_dir: Path, model_key: str, work: Path) ->
 
 
 def run_pipeline(opts: RunOptions) -> Path:
-    from procrustes_onnx.sources import require_dense, resolve_model_dir
-    from procrustes_onnx.texts import load_text
+    from procrustes_onnx.core.sources import require_dense, resolve_model_dir
+    from procrustes_onnx.core.texts import load_text
 
     from . import pipeline_measure as measure
     from .report import write_report
 
     unknown = [v for v in opts.variants if v not in VARIANTS]
     if unknown:
-        from .errors import UserError
+        from procrustes_onnx.core.errors import UserError
         raise UserError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     healing = opts.heal is not None and opts.heal.tokens > 0
     clock = _Clock(total=4 + (3 if healing else 2) * len(opts.variants) + (2 if opts.evaluate else 0)
@@ -153,7 +154,7 @@ def run_pipeline(opts: RunOptions) -> Path:
     clock.stage(f"model {opts.model}")
     eval_text = load_text(opts.text)  # a missing corpus fails here, before any long stage
     model_dir = require_dense(resolve_model_dir(opts.model), opts.model)
-    from .outputs import check_output, claim  # never inside an input; a folder of others' files needs --overwrite
+    from procrustes_onnx.core.outputs import check_output, claim  # never inside an input; a folder of others' files needs --overwrite
     checked = check_output(out, inputs=[model_dir], overwrite=opts.overwrite, resumable=True)
     if opts.evaluate:  # a task name is checked now, not after an hour of compression and export
         from procrustes_onnx.runtime.lm_eval_adapter import check_tasks

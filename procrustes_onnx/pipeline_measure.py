@@ -29,15 +29,15 @@ def weight_macs(info: dict) -> int:
 
 def _torch_model(artifact: dict):
     from procrustes_onnx.compiler.checkpoint import load_compressed
-    from procrustes_onnx.sources import load_model
+    from procrustes_onnx.compiler.checkpoint import load_model
 
     kind, path = artifact["torch"]
     return (load_model(str(path))[0] if kind == "dense" else load_compressed(path)[0]).eval()
 
 
 def _tokens(onnx_dir: Path, text: str, n: int) -> torch.Tensor:
+    from procrustes_onnx.core.texts import tokenize_corpus
     from procrustes_onnx.runtime.perplexity_ort import tokenizer_for_onnx
-    from procrustes_onnx.texts import tokenize_corpus
 
     return tokenize_corpus(tokenizer_for_onnx(onnx_dir), text, n)
 
@@ -121,8 +121,8 @@ def heal_scores(unhealed: Path, healed: Path, text: str, opts: RunOptions) -> di
     """PPL (torch) of a checkpoint before and after healing on the evaluation's first few windows, and what
     the heal stage reports (tokens used, held-out loss, seconds)."""
     from procrustes_onnx.compiler.checkpoint import load_compressed
+    from procrustes_onnx.core.texts import tokenize_corpus
     from procrustes_onnx.runtime.perplexity import PROTOCOL_TOKENS, evaluate_perplexity, make_windows, torch_logits_fn
-    from procrustes_onnx.texts import tokenize_corpus
 
     from .pipeline_options import HEAL_SCORE_WINDOWS
 

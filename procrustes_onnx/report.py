@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .environment import environment
+from procrustes_onnx.core.environment import environment
 from .pipeline_measure import weight_macs
 from .pipeline_options import RunOptions
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .outputs import MANIFEST, register, user_files
+from procrustes_onnx.core.outputs import MANIFEST, register, user_files
 
 __all__ = ["content_hash", "folder_hash", "cached_dir", "cached_json"]
 

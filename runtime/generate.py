@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.runtime.session import OnnxCausalLM
 
 __all__ = ["SamplingConfig", "GenerationResult", "TextStream", "pick_token", "generate_ids", "generate",

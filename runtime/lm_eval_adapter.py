@@ -20,7 +20,7 @@ from lm_eval.models.utils import (_add_special_kwargs, handle_stop_sequences, ha
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.runtime.generate import SamplingConfig, pick_token
 from procrustes_onnx.runtime.session import OnnxCausalLM
 from procrustes_onnx.runtime.tasks.local_tasks import LOCAL_TASKS, TASK_DIR

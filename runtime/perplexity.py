@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 __all__ = ["PerplexityResult", "make_windows", "evaluate_perplexity", "torch_logits_fn", "prefix_ppl",
            "PROTOCOL_WINDOW", "PROTOCOL_TOKENS"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.runtime.perplexity import LogitsFn
 from procrustes_onnx.runtime.session import OnnxCausalLM, resolve_onnx_path
 
@@ -24,7 +24,7 @@ def max_positions(onnx_path: str | Path) -> int | None:
 
 def tokenizer_for_onnx(path: str | Path):
     """The tokenizer saved next to model.onnx (the exporter copies it there)."""
-    from procrustes_onnx.sources import load_tokenizer
+    from procrustes_onnx.core.sources import load_tokenizer
 
     return load_tokenizer(resolve_onnx_path(path).parent)
 

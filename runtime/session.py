@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 
 __all__ = ["SessionInfo", "KVCache", "OnnxCausalLM", "create_session", "resolve_onnx_path", "providers_for"]
 

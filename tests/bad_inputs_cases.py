@@ -277,10 +277,10 @@ def build_inputs() -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, MambaConfig
 
+    from procrustes_onnx.compiler.checkpoint import load_model
     from procrustes_onnx.compiler.compress import compress
     from procrustes_onnx.exporters.pipeline import export_compressed, export_model
     from procrustes_onnx.exporters.quantize import quantize_artifact
-    from procrustes_onnx.sources import load_model
     from procrustes_onnx.testing import save_tiny_model, tiny_compression_config, tiny_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="bad-inputs-"))

@@ -15,7 +15,7 @@ from procrustes_onnx.compiler.fusion import fuse_norms
 from procrustes_onnx.compiler.positions import residual_positions
 from procrustes_onnx.compiler.rotation import random_orthogonal, rotate_global, rotate_per_position
 from procrustes_onnx.compiler.skips import Shortcut, stored_parameter_count
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops import StructuredLinear, project_factors, structured_from_spec
 from procrustes_onnx.testing import tiny_model
 

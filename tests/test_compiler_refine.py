@@ -8,7 +8,7 @@ import torch
 
 import procrustes_onnx.compiler.refine as refine_mod
 from procrustes_onnx.compiler.compress import compress_model
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.testing import relative_error, tiny_compression_config, tiny_model
 
 CALIB = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2))

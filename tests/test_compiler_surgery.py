@@ -12,7 +12,7 @@ from procrustes_onnx.compiler.positions import num_positions, position_dims, res
 from procrustes_onnx.compiler.rotation import random_orthogonal, rotate_global, rotate_per_position, rotate_position
 from procrustes_onnx.compiler.skips import (Shortcut, cayley_decode, cayley_encode, shortcut_paths,
                                             shortcut_stored_numel, stored_parameter_count)
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.testing import tiny_model
 
 ARCHS = ("llama", "qwen2", "opt")
@@ -215,7 +215,7 @@ def test_per_position_model_is_exportable(arch: str) -> None:
 def test_smollm2_per_position_rotation_keeps_logits(tmp_path) -> None:
     """Real model (opt-in): fused + per-position rotated SmolLM2, and its checkpoint, match the HF logits."""
     from procrustes_onnx.compiler.checkpoint import load_compressed, save_compressed
-    from procrustes_onnx.sources import load_model
+    from procrustes_onnx.compiler.checkpoint import load_model
 
     model, tok = load_model("smollm2-135m")
     ids = tok("The quick brown fox jumps over the lazy dog and", return_tensors="pt").input_ids

@@ -10,7 +10,7 @@ import torch
 from procrustes_onnx.compiler.checkpoint import load_compressed
 from procrustes_onnx.compiler.compress import compress, compress_model, saved_param_count
 from procrustes_onnx.compiler.config import CompressionConfig
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops import StructuredLinear
 from procrustes_onnx.testing import relative_error, tiny_compression_config, tiny_model
 

@@ -9,7 +9,7 @@ import torch
 
 from procrustes_onnx.compiler.checkpoint import load_compressed
 from procrustes_onnx.compiler.compress import compress, saved_param_count
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.exporters.matmul_map import _unslice
 from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead, embedding_rank, project_embedding
 from procrustes_onnx.testing import relative_error, tiny_compression_config, tiny_model, tiny_tokenizer

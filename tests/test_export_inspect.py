@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from procrustes_onnx.compiler.passes import rewrite_structured_matmuls
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.exporters import rewrite_structured_matmuls
 from procrustes_onnx.exporters.inspect import format_inspection, inspect_onnx
 from test_export_helpers import exported
 

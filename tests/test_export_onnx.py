@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from procrustes_onnx.compiler.skips import Shortcut
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.exporters.onnx_export import MAP_FILE, export_onnx
 from test_export_helpers import RTOL, assert_decode_matches, exported, rel_err
 

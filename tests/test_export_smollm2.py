@@ -14,7 +14,7 @@ from test_export_helpers import assert_decode_matches
 
 @pytest.mark.slow
 def test_smollm2_export_matches_torch(tmp_path):
-    from procrustes_onnx.sources import load_model
+    from procrustes_onnx.compiler.checkpoint import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     path = export_onnx(model, tmp_path / "onnx", with_past=True, tokenizer=tokenizer)

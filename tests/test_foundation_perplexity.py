@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
 from procrustes_onnx.testing import tiny_model
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from procrustes_onnx.cli import main
-from procrustes_onnx.errors import UserError
-from procrustes_onnx.sources import load_model, resolve_model_dir
+from procrustes_onnx.compiler.checkpoint import load_model
+from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.sources import resolve_model_dir
+from procrustes_onnx.core.texts import clean_paragraphs, load_text, tokenize_corpus
 from procrustes_onnx.testing import tiny_model
-from procrustes_onnx.texts import clean_paragraphs, load_text, tokenize_corpus
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_text_file_source_and_errors(tmp_path):
 
 
 def test_jargon_cleaned_when_installed():
-    from procrustes_onnx.texts import JARGON_PATH
+    from procrustes_onnx.core.texts import JARGON_PATH
     if not JARGON_PATH.is_file():
         pytest.skip("jargon-text not installed")
     text = load_text("jargon")

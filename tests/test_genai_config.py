@@ -17,12 +17,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from procrustes_onnx.compiler.passes import rewrite_structured_matmuls
+from procrustes_onnx.core.outputs import MANIFEST
+from procrustes_onnx.exporters import rewrite_structured_matmuls
+from procrustes_onnx.exporters.genai_config import GENAI_CONFIG, genai_config
+from procrustes_onnx.exporters.hf_compat import hf_compatible_files
 from procrustes_onnx.exporters.pipeline import export_model
 from procrustes_onnx.exporters.quantize import QuantizeConfig, quantize_artifact
-from procrustes_onnx.genai_config import GENAI_CONFIG, genai_config
-from procrustes_onnx.hf_compat import hf_compatible_files
-from procrustes_onnx.outputs import MANIFEST
 from procrustes_onnx.runtime.generate import SamplingConfig, generate_ids
 from procrustes_onnx.runtime.session import OnnxCausalLM
 from procrustes_onnx.testing import save_tiny_model, tiny_tokenizer

@@ -9,10 +9,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops import DenseMatrix, GSMatrix, KroneckerSum
-from procrustes_onnx.ops.lowering import lower_structured, standalone_model
 from procrustes_onnx.ops.linalg import torch_threads
+from procrustes_onnx.ops.lowering import lower_structured, standalone_model
 
 
 @pytest.fixture(autouse=True)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops import project_to_spec, structured_from_spec
-from procrustes_onnx.ops.planner import plan_gs, plan_kronecker, plan_matrix, spec_params
 from procrustes_onnx.ops.linalg import torch_threads
+from procrustes_onnx.ops.planner import plan_gs, plan_kronecker, plan_matrix, spec_params
 
 
 @pytest.fixture(autouse=True)

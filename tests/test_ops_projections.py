@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops import (GSMatrix, KroneckerSum, gs_discarded_sq, gs_materialize, kron_materialize,
                                  kron_rearrange, project_gs, project_gs_weighted, project_kronecker,
                                  project_kronecker_weighted, project_to_spec, projection_error, weighted_sq_error)

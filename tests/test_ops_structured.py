@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops import (DenseMatrix, GSMatrix, KroneckerSum, StructuredLinear, gs_channels,
                                  kron_apply, shuffle_perm, structured_from_spec)
 from procrustes_onnx.ops.linalg import torch_threads

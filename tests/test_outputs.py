@@ -12,9 +12,9 @@ import torch
 
 from bad_inputs_cases import build_inputs, error_line, fingerprints, run_cli
 from procrustes_onnx.compiler.checkpoint import load_compressed, save_compressed
-from procrustes_onnx.errors import UserError
-from procrustes_onnx.outputs import MANIFEST, atomic_output_dir, read_manifest
-from procrustes_onnx.sources import load_model
+from procrustes_onnx.compiler.checkpoint import load_model
+from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.outputs import MANIFEST, atomic_output_dir, read_manifest
 from procrustes_onnx.testing import tiny_model
 
 COMPRESS = ["compress", "--method", "frobenius", "--preset", "3/4", "--iterations", "1"]

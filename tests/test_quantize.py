@@ -12,10 +12,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.outputs import read_identity
 from procrustes_onnx.exporters.pipeline import ort_logits
 from procrustes_onnx.exporters.quantize import QUANT_FILE, QuantizeConfig, quantize_artifact, relower_gs_blocks
-from procrustes_onnx.outputs import read_identity
 from procrustes_onnx.runtime.generate import SamplingConfig, generate_ids
 from procrustes_onnx.runtime.session import OnnxCausalLM
 from test_export_helpers import STRUCTURED_DIR, exported, rel_err

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from procrustes_onnx.compiler.passes import RewriteStructuredMatmulsPass
+from procrustes_onnx.exporters import RewriteStructuredMatmulsPass
 from procrustes_onnx.ops import structured_from_spec
 
 RTOL = 1e-5  # float32, one structured product of at most a few hundred terms

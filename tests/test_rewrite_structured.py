@@ -12,11 +12,11 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from procrustes_onnx.compiler.passes import (RewriteStructuredMatmulsPass, promised_saving,
+from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.exporters import (RewriteStructuredMatmulsPass, promised_saving,
                                              rewrite_structured_matmuls)
-from procrustes_onnx.errors import UserError
-from procrustes_onnx.exporters.onnx_export import MAP_FILE
 from procrustes_onnx.exporters.inspect import inspect_onnx
+from procrustes_onnx.exporters.onnx_export import MAP_FILE
 from test_export_helpers import STRUCTURED_DIR, assert_decode_matches, exported
 
 ARCHS = ("llama", "qwen2", "opt")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.runtime.generate import SamplingConfig, generate, generate_ids, pick_token
 from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
 from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn, tokenizer_for_onnx

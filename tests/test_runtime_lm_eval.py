@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from test_runtime_helpers import tiny  # noqa: F401  (session fixture)
 
 LIMIT = 12

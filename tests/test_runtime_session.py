@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.runtime.session import OnnxCausalLM, create_session, providers_for
 from test_runtime_helpers import tiny  # noqa: F401  (session fixture)
 

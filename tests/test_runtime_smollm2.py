@@ -10,8 +10,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
+    from procrustes_onnx.compiler.checkpoint import load_model
     from procrustes_onnx.exporters import export_onnx
-    from procrustes_onnx.sources import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     out = export_onnx(model, tmp_path_factory.mktemp("smol") / "dense", with_past=True, tokenizer=tokenizer)
@@ -19,9 +19,9 @@ def smol(tmp_path_factory):
 
 
 def test_ort_ppl_equals_torch_within_0_1_percent(smol):
+    from procrustes_onnx.core.texts import load_text, tokenize_corpus
     from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
     from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn
-    from procrustes_onnx.texts import load_text, tokenize_corpus
 
     model, tokenizer, folder = smol
     windows = make_windows(tokenize_corpus(tokenizer, load_text("jargon"), 4096), 1024, 4096)

@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from ...errors import UserError
+from procrustes_onnx.core.errors import UserError
 from .base import ModelAdapter
 
 __all__ = ["OPTAdapter"]

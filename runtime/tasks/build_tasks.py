@@ -88,7 +88,7 @@ def _write(rows: list[dict], path: Path) -> None:
 
 def build(out_dir: Path = TASK_DIR) -> dict[str, int]:
     """Write {jargon,kjv}_cloze.jsonl and {jargon,kjv}_passages.jsonl; returns rows per file."""
-    from procrustes_onnx.texts import load_text
+    from procrustes_onnx.core.texts import load_text
 
     counts = {}
     for corpus in ("jargon", "kjv"):

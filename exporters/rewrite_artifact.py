@@ -18,13 +18,13 @@ from typing import Any
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from procrustes_onnx.errors import UserError
+from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.exporters.artifacts import (atomic_output_dir, check_external_data, folder_bytes, write_json,
                                                   write_onnx_identity)
 from procrustes_onnx.exporters.onnx_export import MAP_FILE
-from procrustes_onnx.genai_config import GENAI_CONFIG, genai_config
-from procrustes_onnx.hf_compat import hf_compatible_files
-from procrustes_onnx.outputs import check_output, read_identity
+from .genai_config import GENAI_CONFIG, genai_config
+from .hf_compat import hf_compatible_files
+from procrustes_onnx.core.outputs import check_output, read_identity
 
 from .rewrite_structured import RewriteStructuredMatmulsPass, normalize_manifest, promised_saving
 

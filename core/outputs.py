@@ -6,7 +6,7 @@ A folder is built in a temporary sibling and renamed into place when complete, s
 half-written model where a reader would pick it up. ``identity.json`` says what a folder is (format,
 kind, source model fingerprint, structure hash), so a verb can check that it was given what it needs.
 
-Low in the layering on purpose: it imports only ``procrustes_onnx.errors``.
+Core: it imports only ``procrustes_onnx.core.errors``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Where models come from: the embedded SmolLM2 GGUF, local folders, .gguf files, or the hub when online."""
+"""Where models come from: the embedded SmolLM2 GGUF, local folders, .gguf files, or the hub when online.
+
+Loading one into torch (dense or a compressed checkpoint) is ``compiler.checkpoint.load_model``: only the
+compiler knows a checkpoint's structured linears."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["MODEL_ALIASES", "DEFAULT_MODEL", "cache_root", "resolve_model_dir", "load_model", "load_tokenizer",
+__all__ = ["MODEL_ALIASES", "DEFAULT_MODEL", "cache_root", "resolve_model_dir", "load_tokenizer",
            "is_offline", "is_compressed_checkpoint", "require_dense", "model_fingerprint"]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -179,29 +182,3 @@ def load_tokenizer(model_dir: Path):
         raise UserError(f"{model_dir} has no tokenizer files: save the tokenizer next to the model "
                         "(tokenizer.save_pretrained)")
     return AutoTokenizer.from_pretrained(model_dir)
-
-
-def load_model(spec: str = DEFAULT_MODEL, dtype=None, *, tokenizer: bool = True, allow_compressed: bool = False):
-    """Load (model, tokenizer or None) in eval mode, float32 unless told otherwise.
-
-    A compressed checkpoint is loaded with its structured linears (``allow_compressed``) or refused:
-    loaded as a dense model its structured linears would be random."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model_dir = resolve_model_dir(spec)
-    if is_compressed_checkpoint(model_dir):
-        if not allow_compressed:
-            require_dense(model_dir, spec)
-        from procrustes_onnx.compiler.checkpoint import load_compressed
-        model, tok = load_compressed(model_dir, dtype=dtype or torch.float32)
-        if tokenizer and tok is None:
-            tok = load_tokenizer(model_dir)
-        return model, (tok if tokenizer else None)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
-    except (OSError, ValueError, KeyError) as exc:  # missing or foreign weight files: bad input, not a bug
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"{model_dir} cannot be loaded as a causal LM ({first}): pass a folder saved with "
-                        "save_pretrained") from None
-    return model.eval(), (load_tokenizer(model_dir) if tokenizer else None)
