@@ -17,6 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.texts import load_text, tokenize_corpus
+
+from .adapters import get_adapter
 
 __all__ = ["calibration_windows", "calibration_windows_for", "collect_grams", "capture_layer_inputs", "StopForward", "token_counts", "rotate_gram", "damp_gram"]
 
@@ -37,7 +40,6 @@ def calibration_windows(tokens: torch.Tensor, n_samples: int = 32, seq_len: int 
 def calibration_windows_for(tokenizer, config, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """The seeded calibration windows of a CompressionConfig: from ``tokens`` if given, else from its
     ``calib_text`` ('kjv', a file, or 'name@N' to skip the text's first N tokens)."""
-    from procrustes_onnx.core.texts import load_text, tokenize_corpus
     need = config.calib_samples * config.calib_seq_len
     if tokens is not None:
         return calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
@@ -126,7 +128,6 @@ class StopForward(Exception):
 def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> list[tuple[torch.Tensor, dict]]:
     """(hidden states entering decoder layer 0, the layer's keyword arguments) per calibration batch, so
     later passes can run the model one layer at a time."""
-    from .adapters import get_adapter
     layer0 = get_adapter(model).layers()[0]
     cached: list[tuple[torch.Tensor, dict]] = []
 

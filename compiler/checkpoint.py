@@ -17,8 +17,9 @@ from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import atomic_output_dir, file_sha256, identity_id, read_identity, write_identity
@@ -26,6 +27,7 @@ from procrustes_onnx.core.sources import (DEFAULT_MODEL, is_compressed_checkpoin
                                           resolve_model_dir)
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
 from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead
+
 from .adapters import get_adapter, get_module, set_module, surgery_state
 from .embeddings import install_factored_embedding
 from .fusion import install_fused_modules
@@ -101,9 +103,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     """``safetensors`` bytes with the JSON header re-serialized with sorted keys: the library writes its
     metadata map in hash order, so identical tensors gave different bytes from run to run. Offsets refer
     to the data after the header and the header keeps its padded length, so only the order changes."""
-    from safetensors.torch import save
-
-    blob = save(tensors, metadata=metadata)
+    blob = safetensors_bytes(tensors, metadata=metadata)
     n = int.from_bytes(blob[:8], "little")
     header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
     if len(header) <= n:
@@ -249,7 +249,6 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple
                         f"the checkpoint is incomplete: re-run compress")
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
 

@@ -19,14 +19,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.outputs import MANIFEST, check_output, claim
+from procrustes_onnx.core.sources import model_fingerprint, resolve_model_dir
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
 from procrustes_onnx.ops.embedding import embedding_rank
 
+from . import refine  # called as refine.refine_sequential: tests wrap that attribute
 from .adapters import get_adapter, get_module
 from .calibration import calibration_windows_for, collect_grams, damp_gram
+from .checkpoint import load_model, replace_linear, save_compressed
 from .config import EMBED_KEPT, CompressionConfig, Plan, build_plan
 from .embeddings import factor_embedding
+from .fusion import fuse_norms
 from .positions import residual_positions, stream_matrix
+from .rotation import rotate_global, rotate_per_position
+from .skips import shortcut_stored_numel, stored_parameter_count
+from .slicegpt import slicegpt_compress
 from .stages import gram_paths, load_group, save_group, solve_group
 
 __all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count",
@@ -37,7 +45,6 @@ log = logging.getLogger(__name__)
 
 def count_params(model: nn.Module) -> int:
     """Numbers the saved checkpoint stores: each parameter once (tied ones once), skips compactly."""
-    from .skips import stored_parameter_count
     return stored_parameter_count(model)
 
 
@@ -51,7 +58,6 @@ def _skip_params(model: nn.Module, config: CompressionConfig) -> int:
     """Stored numbers of the two skip matrices per layer that per-position rotation adds."""
     if config.rotation == "global":
         return 0
-    from .skips import shortcut_stored_numel
     adapter = get_adapter(model)
     return 2 * adapter.num_layers * shortcut_stored_numel((adapter.hidden_size, adapter.hidden_size))
 
@@ -113,7 +119,6 @@ def _solve(model, positions, specs, config, work: Path, grams, progress: bool):
 def _apply(model, positions, specs, rs, factors, rotation: str, keep_reference: bool = False) -> nn.Module | None:
     """Rotate the dense model, then replace each planned linear by a StructuredLinear from its factors.
     With ``keep_reference``, returns a copy of the rotated model taken before the swap (else None)."""
-    from .rotation import rotate_global, rotate_per_position
     if rotation == "global":
         rotate_global(model, rs[0].to(torch.float64))
     else:
@@ -124,16 +129,8 @@ def _apply(model, positions, specs, rs, factors, rotation: str, keep_reference: 
         dtype = linear.weight.dtype
         matrix = structured_from_spec(spec, {k: v.to(dtype) for k, v in factors[path].items()}, dtype=dtype)
         bias = None if linear.bias is None else linear.bias.detach()
-        _replace(model, path, StructuredLinear(matrix, bias))
+        replace_linear(model, path, StructuredLinear(matrix, bias))
     return reference
-
-
-def _replace(model, path, module) -> None:
-    try:
-        from .checkpoint import replace_linear
-    except ImportError:
-        from .adapters import set_module as replace_linear
-    replace_linear(model, path, module)
 
 
 def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work: str | Path, *,
@@ -157,7 +154,6 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
     torch.manual_seed(config.seed)
     model.eval()
     original = count_params(model)
-    from .fusion import fuse_norms
     fuse_norms(model)
     plan = plan_for_model(model, config, original)
     echo(plan.table())
@@ -171,8 +167,7 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
         rs, factors = _solve(model, positions, specs, config, work, grams, progress)
         reference = _apply(model, positions, specs, rs, factors, config.rotation, keep_reference=config.refine != "none")
         if reference is not None:
-            from .refine import refine_sequential
-            records = refine_sequential(model, reference, specs, windows, damp=config.damp,
+            records = refine.refine_sequential(model, reference, specs, windows, damp=config.damp,
                                         correct=config.refine == "corrected", work=work, progress=progress)
             if records:
                 before = sum(r["rel_before"] for r in records) / len(records)
@@ -197,9 +192,6 @@ def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: st
     Deterministic for ``config.seed``; rerunning with the same arguments after an interruption
     reuses the per-position rotations already in ``out_dir/work`` (a different config is refused).
     """
-    from procrustes_onnx.core.outputs import claim
-    from procrustes_onnx.core.sources import model_fingerprint
-
     out_dir = Path(out_dir)
     work = out_dir / "work"
     start = time.perf_counter()
@@ -231,7 +223,6 @@ def _has_results(work: Path) -> bool:
 
 def _discard_empty(out_dir: Path, work: Path, created: bool) -> None:
     """After a failed run: drop a ``work/`` with nothing to resume, and the folder if this run made it."""
-    from procrustes_onnx.core.outputs import MANIFEST
     if _has_results(work):
         return
     shutil.rmtree(work, ignore_errors=True)
@@ -255,7 +246,6 @@ def check_layers(model: nn.Module, config: CompressionConfig) -> None:
 
 def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float, source: str, keep_work: bool) -> None:
     """Save through the checkpoint module; the resumable work/ folder goes along only with ``keep_work``."""
-    from .checkpoint import save_compressed
     extra = {"compression": config.to_dict(), "promised_params": plan.promised_params,
              "original_params": plan.original_params, "removed": plan.removed, "seconds": round(seconds, 1)}
     save_compressed(model, out_dir, tokenizer=tokenizer, extra_config=extra, source=source,
@@ -263,19 +253,12 @@ def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float, source:
 
 
 def _slicegpt(model, tokenizer, config, out_dir, original, echo, source) -> Path:
-    try:
-        from .slicegpt import slicegpt_compress
-    except ImportError:
-        raise UserError("--method slicegpt is not available in this build: use frobenius or weighted") from None
     return slicegpt_compress(model, tokenizer, config, out_dir, original_params=original, echo=echo, source=source)
 
 
 def compress_cli(*, model: str, out: str, config: str | None = None, overwrite: bool = False, **overrides) -> Path:
     """What the `procrustes-onnx compress` verb calls: load the model, build the config (a JSON file
     and/or keyword overrides such as ratio=0.2, structure="gs"), compress, return the folder."""
-    from procrustes_onnx.core.outputs import check_output
-    from procrustes_onnx.core.sources import resolve_model_dir
-    from .checkpoint import load_model
     base = CompressionConfig.load(config).to_dict() if config else {}
     given = {k: v for k, v in overrides.items() if v is not None}
     if "preset" in given and "ratio" in given:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from procrustes_onnx.core.errors import UserError
+
 from .adapters import ModelAdapter, get_adapter, get_module, set_module, surgery_state
 
 __all__ = ["RMSNorm", "HeadNorm", "Centring", "fuse_norms", "install_fused_modules", "require_fused"]
@@ -55,8 +57,6 @@ class Centring(nn.Module):
 
 def require_fused(model: nn.Module) -> None:
     """Raise a UserError unless `fuse_norms` has run on `model`."""
-    from procrustes_onnx.core.errors import UserError
-
     if not surgery_state(model).get("fused"):
         raise UserError("the model's norms are not fused; call compiler.fusion.fuse_norms(model) first")
 

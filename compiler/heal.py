@@ -20,10 +20,13 @@ improving, and checkpoint their progress into ``work`` (a killed run resumes to 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,12 +38,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.outputs import check_output, read_identity, register
 from procrustes_onnx.core.sources import model_fingerprint
+from procrustes_onnx.core.texts import load_text, tokenize_corpus
 from procrustes_onnx.ops import StructuredLinear
 from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead
 
 from .adapters import get_adapter, get_module
-from .calibration import capture_layer_inputs
+from .calibration import _split_offset, capture_layer_inputs
+from .checkpoint import load_compressed, require_checkpoint, save_compressed
+from .compress import saved_param_count
 from .skips import Shortcut, is_orthogonal
 
 __all__ = ["HEAL_MODES", "HealConfig", "HealReport", "heal_model", "trainable_parameters", "heal_windows",
@@ -150,9 +157,6 @@ def _set_trainable(model: nn.Module, params: list[nn.Parameter]) -> None:
 def heal_windows(tokenizer, config: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(training windows, held-out windows) of ``seq_len`` tokens: non-overlapping windows of the training
     text in a seeded random order, the held-out ones first, so the two never share a token."""
-    from procrustes_onnx.core.texts import load_text, tokenize_corpus
-
-    from .calibration import _split_offset
     name, skip = _split_offset(config.text)
     per_batch = config.seq_len * config.batch_size                 # whole batches only: every step is alike
     n_train = math.ceil(config.tokens / per_batch) * config.batch_size
@@ -415,7 +419,6 @@ def _heal_e2e(student, teacher, train, held, config: HealConfig, work: Path, par
 
 
 def _windows_key(teacher_id: str, windows: torch.Tensor, config: HealConfig) -> str:
-    import hashlib
     h = hashlib.sha256(windows.cpu().numpy().tobytes())
     h.update(json.dumps({"k": config.topk, "teacher": teacher_id}).encode())
     return h.hexdigest()[:16]
@@ -425,7 +428,6 @@ def _windows_key(teacher_id: str, windows: torch.Tensor, config: HealConfig) -> 
 
 def _autocast(config: HealConfig):
     """bf16 autocast on a GPU (the optimizer and master weights stay fp32); nothing on the CPU."""
-    import contextlib
     if config.device == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -528,13 +530,6 @@ def heal_checkpoint(checkpoint: str | Path, out: str | Path, teacher: nn.Module,
                     echo: Callable[[str], None] = print) -> Path:
     """Heal a compressed checkpoint folder into ``out`` (same tensor names, shapes and count). Resumable:
     progress lives in the sibling ``.<out>.heal-work`` until the healed checkpoint is complete."""
-    import shutil
-
-    from procrustes_onnx.core.outputs import check_output, read_identity, register
-
-    from .checkpoint import load_compressed, require_checkpoint, save_compressed
-    from .compress import saved_param_count
-
     config.validate()
     checkpoint = require_checkpoint(checkpoint)
     out = check_output(out, inputs=[checkpoint], overwrite=overwrite)
@@ -564,7 +559,6 @@ def heal_checkpoint(checkpoint: str | Path, out: str | Path, teacher: nn.Module,
 
 def _check_settings(work: Path, config: HealConfig) -> None:
     """A resumed run must have the same settings as the one that left ``work``; else its state is dropped."""
-    import shutil
     saved = work / "heal-config.json"
     wanted = {k: v for k, v in config.to_dict().items() if k not in ("threads", "device")}
     if saved.is_file() and json.loads(saved.read_text()) != wanted:

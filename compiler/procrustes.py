@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
+import scipy.linalg
 import torch
 
 __all__ = [
@@ -54,8 +56,6 @@ def polar(m: torch.Tensor) -> torch.Tensor:
     q = u @ vh
     eye = torch.eye(q.shape[1], dtype=q.dtype)
     if not bool(torch.isfinite(q).all()) or float((q.T @ q - eye).abs().max()) > 1e-8:
-        import numpy as np
-        import scipy.linalg
         u, _, vh = scipy.linalg.svd(np.nan_to_num(m.numpy()), lapack_driver="gesvd")
         q = torch.from_numpy(u @ vh)
     return q

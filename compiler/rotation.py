@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from procrustes_onnx.core.errors import UserError
+
 from .adapters import get_adapter, get_module, surgery_state
 from .fusion import require_fused
 from .positions import num_positions, position_dims, residual_positions

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from procrustes_onnx.core.errors import UserError
+
 from .adapters import get_adapter, get_module, surgery_state
-from .calibration import capture_layer_inputs
+from .calibration import calibration_windows_for, capture_layer_inputs
 from .checkpoint import save_compressed
 from .fusion import fuse_norms
 from .positions import residual_positions
@@ -146,8 +147,6 @@ def slice_model(model: nn.Module, windows: torch.Tensor, *, ratio: float | None 
 def slicegpt_compress(model: nn.Module, tokenizer, config, out_dir: str | Path, *, original_params: int,
                       echo: Callable[[str], None] = print, source: str | None = None) -> Path:
     """The `--method slicegpt` path of `compress`: calibrate on config's text, slice to config.ratio, save."""
-
-    from .calibration import calibration_windows_for
 
     if config.ratio is None:
         raise UserError("--method slicegpt needs --ratio (fraction of parameters removed), not a --preset")

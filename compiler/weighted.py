@@ -22,6 +22,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from procrustes_onnx.ops import project_factors, spd_solve
+
+from .procrustes import polar
+
 __all__ = ["WeightedTerm", "WeightedResult", "WeightedProjection", "weighted_loss", "term_loss", "project_weighted",
            "solve_rotation", "weighted_stage", "balance_weights"]
 
@@ -150,7 +154,6 @@ def solve_rotation(terms: Sequence[WeightedTerm], approx: Sequence[torch.Tensor]
         if decrease <= tol * max(abs(f), 1e-300):
             break
     # re-orthogonalise against drift from repeated solves
-    from .procrustes import polar
     return polar(r), trace
 
 
@@ -221,7 +224,6 @@ def _wsq(m: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> float:
 
 def _kron_in(m, c, a, b, sweeps):
     """Reader: W (d x n) slab i = sum_s a[s, i] B_s, B_s h x n; C (d x d) couples slabs."""
-    from procrustes_onnx.ops import spd_solve
     r, q = a.shape
     _, h, n = b.shape
     c4 = c.reshape(q, h, q, h)
@@ -252,7 +254,6 @@ def _kron_in(m, c, a, b, sweeps):
 def _kron_out(m, c, a, b, sweeps):
     """Writer: W (n x d) column slab j = sum_s a[s, j] B_s, B_s n x h; C (n x n) acts on rows only,
     so the B-step is the unweighted one (C cancels) and the a-step is an r x r system per slab."""
-    from procrustes_onnx.ops import spd_solve
     r, q = a.shape
     _, n, h = b.shape
     wj = m.reshape(n, q, h).permute(1, 0, 2).reshape(q, n * h)
@@ -276,7 +277,6 @@ def _kron_out(m, c, a, b, sweeps):
 def project_weighted(m: torch.Tensor, gram: torch.Tensor, spec: dict, *, sweeps: int = 3) -> dict[str, torch.Tensor]:
     """Factors of the structured W minimising ||C^{1/2}(M - W)||_F (M in x out, C in x in), started at
     the Frobenius projection; never worse than it. Fast path for the paper's Kronecker shapes."""
-    from procrustes_onnx.ops import project_factors
     m64, c64 = m.detach().to(torch.float64), gram.detach().to(torch.float64)
     init = project_factors(m64, spec)
     if spec["kind"] != "kron":

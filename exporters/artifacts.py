@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import atomic_output_dir, file_sha256, read_identity, write_identity
 
@@ -29,8 +31,6 @@ def check_external_data(onnx_path: str | os.PathLike) -> None:
     """Every external-data file an ONNX model names exists beside it and is long enough; else one line
     naming the missing file (ONNX Runtime and onnx_ir would fail later, with a traceback or a vague error).
     Reads the graph only, never the weights."""
-    import onnx
-
     path = Path(onnx_path)
     try:
         proto = onnx.load(str(path), load_external_data=False)

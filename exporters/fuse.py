@@ -13,13 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import ort_fusions
 
-from .rewrite_artifact import SIDE_FILES, load_onnx
 from procrustes_onnx.core.errors import UserError
-from .genai_config import GENAI_CONFIG, genai_config
 from procrustes_onnx.core.outputs import check_output
 
 from .artifacts import atomic_output_dir, check_external_data, onnx_identity, write_json, write_onnx_identity
+from .genai_config import GENAI_CONFIG, genai_config
+from .pipeline import ort_logits
+from .rewrite_artifact import SIDE_FILES, load_onnx
 
 __all__ = ["fuse_artifact", "FUSE_FILE", "FUSED_TOLERANCE"]
 
@@ -31,10 +33,6 @@ FUSED_TOLERANCE = 1e-4  # relative, fp32: the validation tolerance of an unfused
 
 def fuse_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """fp32 artifact folder -> the same model with ORT's fused ops, atomically; returns its model.onnx."""
-    from onnxscript.rewriter import ort_fusions
-
-    from .pipeline import ort_logits
-
     src = Path(onnx_in)
     src = src.parent if src.suffix == ".onnx" else src
     if not (src / "model.onnx").is_file():

@@ -16,9 +16,11 @@ import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import onnx_ir as ir
+from transformers import AutoConfig
 
 __all__ = ["GENAI_CONFIG", "genai_config"]
 
@@ -43,10 +45,6 @@ def _read(path: Path) -> dict[str, Any]:
 def _model_config(folder: Path) -> Any:
     """transformers' config of the folder (it maps GPT-2's ``n_embd`` etc. to the common names), or the
     raw config.json where transformers does not know the model type."""
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(folder)
     except (ValueError, KeyError, OSError):

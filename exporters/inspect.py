@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from procrustes_onnx.core.errors import UserError
 
+from .artifacts import check_external_data
 from .onnx_export import MAP_FILE
 
 __all__ = ["inspect_onnx", "format_inspection"]
@@ -54,7 +55,6 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         src = src / "model.onnx"
     if not src.is_file():
         raise UserError(f"{src} does not exist; pass an exported folder or its model.onnx")
-    from .artifacts import check_external_data
     check_external_data(src)
     model = _load(src)
     graph = model.graph

@@ -19,13 +19,17 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 import torch
+from onnxscript import optimizer, rewriter
+from onnxscript.rewriter.rules import common as rules
 
 from procrustes_onnx.core.errors import UserError
-from .genai_config import GENAI_CONFIG, genai_config
-from .hf_compat import hf_compatible_files
+from procrustes_onnx.core.sources import model_fingerprint
 
 from .artifacts import atomic_output_dir, write_json, write_onnx_identity
+from .genai_config import GENAI_CONFIG, genai_config
+from .hf_compat import hf_compatible_files
 from .matmul_map import record_matmul_map
 from .wrappers import KVCacheWrapper, LogitsWrapper, example_inputs, io_spec
 
@@ -85,8 +89,6 @@ def dedupe_transposed_initializers(model: ir.Model, min_elements: int = 1024) ->
 
 def _cleanup_rules() -> list:
     """The few onnxscript rewrite rules that change a decoder graph: no-op Slices/Expands/Casts and chains."""
-    from onnxscript.rewriter.rules import common as rules
-
     return [rules.collapse_slice_rule, rules.collapse_slice2_rule, rules.no_op_expand_rule, rules.no_op_transpose_rule,
             rules.no_op_cast_rule, rules.cast_cast_rule, rules.reshape_reshape_rule, rules.transpose_transpose_rule,
             rules.unsqueeze_unsqueeze_rule, rules.add_0_rule, rules.sub_0_rule, rules.mul_by_1_rule,
@@ -99,9 +101,6 @@ def optimize_exported(model: ir.Model) -> None:
     This is onnxscript's ``optimize_ir`` with a small rule set: its default set (what ``torch.onnx.export(
     optimize=True)`` runs) spent over half of a 30-layer export matching rules that never fire on a
     decoder, and the graph it left was the same but for two Reshapes (docs/export.md)."""
-    import onnx_ir.passes.common as common
-    from onnxscript import optimizer, rewriter
-
     optimizer.inline(model)
     for _ in range(2):  # a rewrite can expose new constants, as in optimize_ir's two rounds
         folded = optimizer.fold_constants_ir(model, onnx_shape_inference=True)
@@ -173,7 +172,6 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, with_past
     model = model.eval()
     onnx_model, mapping = traced if traced is not None else export_ir(model, with_past=with_past, opset=opset)
     if identity is None:
-        from procrustes_onnx.core.sources import model_fingerprint
         identity = {"kind": "dense", "source": model_fingerprint(model)}
     identity = {"format": f"procrustes-onnx onnx {opset}", **identity, "with_past": with_past}
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:

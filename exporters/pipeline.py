@@ -10,9 +10,20 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from procrustes_onnx.compiler.checkpoint import checkpoint_identity, load_compressed, load_model, materialize_dense
 from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.outputs import check_output
+from procrustes_onnx.core.sources import resolve_model_dir
 
 from .artifacts import onnx_identity
+from .inspect import inspect_onnx
+from .onnx_export import DEFAULT_OPSET, export_onnx
+from .rewrite_artifact import rewrite_structured_matmuls
+from .weight_swap import swap_weights
 
 __all__ = ["export_model", "export_compressed", "rewrite_model", "inspect_model"]
 
@@ -24,12 +35,6 @@ def export_model(model: str, out_dir: str | os.PathLike, *, with_past: bool = Tr
     """Export a dense model (alias, HF folder or .gguf; see ``sources.load_model``) with its tokenizer.
 
     The output is checked (not an input, writable, empty unless ``overwrite``) before the trace."""
-    from procrustes_onnx.compiler.checkpoint import load_model
-    from procrustes_onnx.core.outputs import check_output
-    from procrustes_onnx.core.sources import resolve_model_dir
-
-    from .onnx_export import DEFAULT_OPSET, export_onnx
-
     check_output(out_dir, inputs=[resolve_model_dir(model)], overwrite=overwrite)
     torch_model, tokenizer = load_model(model)
     return export_onnx(torch_model, out_dir, with_past=with_past, opset=opset or DEFAULT_OPSET, tokenizer=tokenizer,
@@ -48,13 +53,6 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     model, or another globally rotated model's dense twin); the first whose graph takes every parameter
     is reused with this model's weights instead of tracing again, if ONNX Runtime then agrees with torch;
     otherwise the model is traced as usual."""
-    from procrustes_onnx.compiler.checkpoint import checkpoint_identity, load_compressed, materialize_dense
-    from .rewrite_artifact import rewrite_structured_matmuls
-    from procrustes_onnx.core.outputs import check_output
-
-    from .onnx_export import DEFAULT_OPSET, export_onnx
-    from .weight_swap import swap_weights
-
     check_output(out_dir, inputs=[checkpoint, dense_dir], overwrite=overwrite)
     ck = checkpoint_identity(checkpoint)
     origin = {"source": ck.get("source"), "structure": ck.get("structure"), "checkpoint": ck["id"]}
@@ -88,9 +86,6 @@ def ort_logits(onnx_path: str | os.PathLike, ids):
     """Logits [B, T, V] of ``ids`` [B, T] (int64) from a fresh ONNX Runtime session, empty past if it has one.
 
     The exporter's own check; it drives ORT directly, since runtime/ builds on exporters/ and not back."""
-    import numpy as np
-    import onnxruntime as ort
-
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     batch, seq = ids.shape
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
@@ -103,9 +98,6 @@ def ort_logits(onnx_path: str | os.PathLike, ids):
 
 def _agrees_with_torch(model, onnx_path: Path, tol: float = 1e-4) -> bool:
     """Logits of a short fixed input from ONNX Runtime and torch agree to ``tol`` (relative)."""
-    import numpy as np
-    import torch
-
     ids = torch.arange(1, 17).remainder(model.config.vocab_size)[None]
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits.double().numpy()
@@ -119,10 +111,6 @@ def rewrite_model(onnx_in: str | os.PathLike, checkpoint: str | os.PathLike, out
 
     Refused unless the folder's identity says it is the dense-equivalent export of that very checkpoint:
     any other ONNX (a plain dense export, another checkpoint's twin) would give a wrong model."""
-    from procrustes_onnx.compiler.checkpoint import checkpoint_identity
-    from .rewrite_artifact import rewrite_structured_matmuls
-    from procrustes_onnx.core.outputs import check_output
-
     folder = Path(onnx_in)
     folder = folder.parent if folder.suffix == ".onnx" else folder
     if not folder.is_dir():
@@ -147,6 +135,4 @@ def rewrite_model(onnx_in: str | os.PathLike, checkpoint: str | os.PathLike, out
 
 def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
     """``inspect_onnx`` for the CLI (print ``format_inspection`` of it, or the dict as JSON)."""
-    from .inspect import inspect_onnx
-
     return inspect_onnx(path)

@@ -23,17 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+import onnxruntime
+from onnx import helper, numpy_helper
 from onnx_ir.passes import common as common_passes
+from transformers import AutoTokenizer
 
-from .rewrite_artifact import SIDE_FILES, load_onnx
-from .genai_config import GENAI_CONFIG, genai_config
-from .hf_compat import hf_compatible_files
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import check_output
 from procrustes_onnx.ops.lowering import lower_gs_blocks
 
-from .artifacts import atomic_output_dir, check_external_data, folder_bytes, onnx_identity, write_json, write_onnx_identity
+from .artifacts import (atomic_output_dir, check_external_data, folder_bytes, onnx_identity, write_json,
+                        write_onnx_identity)
+from .genai_config import GENAI_CONFIG, genai_config
+from .hf_compat import hf_compatible_files
+from .pipeline import ort_logits
+from .rewrite_artifact import SIDE_FILES, load_onnx
 
 __all__ = ["QuantizeConfig", "quantize_artifact", "relower_gs_blocks", "untie_matmul_weights", "QUANT_FILE",
            "PRECISIONS"]
@@ -246,8 +252,6 @@ _CHECK_TEXT = ("Before you change a program, read it once from the top: what eac
 def _check_ids(folder: Path, vocab: int) -> np.ndarray:
     """A fixed English sentence in the folder's own tokenizer (fixed ids where it has none), [1, T]."""
     try:
-        from transformers import AutoTokenizer
-
         ids = AutoTokenizer.from_pretrained(str(folder))(_CHECK_TEXT)["input_ids"]
     except Exception:  # a folder without tokenizer files: still a check, on arbitrary ids
         ids = []
@@ -258,8 +262,6 @@ def _check_ids(folder: Path, vocab: int) -> np.ndarray:
 def _quantize_gathers_8bit(proto, names: list[str], config: QuantizeConfig):
     """Token-table Gathers -> 8-bit GatherBlockQuantized (ONNX Runtime runs bits=8, but its quantizer only
     writes 4): per block of ``block_size`` along the hidden axis, symmetric about the zero point 128."""
-    from onnx import helper, numpy_helper
-
     inits = {t.name: t for t in proto.graph.initializer}
     wanted = set(names)
     for i, node in enumerate(proto.graph.node):
@@ -290,8 +292,6 @@ def _quantize_gathers_8bit(proto, names: list[str], config: QuantizeConfig):
 
 def _logits_check(fp32: Path, quantized: Path, vocab: int) -> dict[str, float]:
     """Relative error and top-1 agreement of the quantized logits against the fp32 artifact's."""
-    from .pipeline import ort_logits
-
     ids = _check_ids(fp32.parent, vocab)
     ref = ort_logits(fp32, ids).astype(np.float64)
     got = ort_logits(quantized, ids).astype(np.float64)
@@ -303,9 +303,6 @@ def quantize_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, co
                       *, overwrite: bool = True) -> Path:
     """fp32 artifact folder (dense or structured, from ``export``/``rewrite``) -> a weight-only quantized
     folder beside it, atomically; returns its model.onnx. The input is never changed."""
-    import onnx
-    import onnxruntime
-
     config.validate()
     src = Path(onnx_in)
     src = src.parent if src.suffix == ".onnx" else src

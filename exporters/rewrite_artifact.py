@@ -18,14 +18,15 @@ from typing import Any
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense
 from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.outputs import check_output, read_identity
 from procrustes_onnx.exporters.artifacts import (atomic_output_dir, check_external_data, folder_bytes, write_json,
-                                                  write_onnx_identity)
+                                                 write_onnx_identity)
 from procrustes_onnx.exporters.onnx_export import MAP_FILE
+
 from .genai_config import GENAI_CONFIG, genai_config
 from .hf_compat import hf_compatible_files
-from procrustes_onnx.core.outputs import check_output, read_identity
-
 from .rewrite_structured import RewriteStructuredMatmulsPass, normalize_manifest, promised_saving
 
 __all__ = ["rewrite_structured_matmuls", "load_onnx", "manifest_from_checkpoint", "initializer_bytes"]
@@ -56,8 +57,6 @@ def load_onnx(path: str | os.PathLike) -> ir.Model:
 
 def manifest_from_checkpoint(checkpoint: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The structured-module manifest of a compressed checkpoint folder (via the compressor's own loader)."""
-    from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense
-
     model, _ = load_compressed(checkpoint)
     return materialize_dense(model)
 

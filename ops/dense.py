@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from procrustes_onnx.core.errors import UserError
+
 from .base import StructuredMatrix
 
 __all__ = ["DenseMatrix"]
@@ -16,7 +18,6 @@ class DenseMatrix(StructuredMatrix):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         if weight.dim() != 2:
-            from procrustes_onnx.core.errors import UserError
             raise UserError(f"DenseMatrix needs a 2-D weight [in, out], got shape {tuple(weight.shape)}")
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
         self.in_features, self.out_features = (int(s) for s in weight.shape)

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
+from procrustes_onnx.core.errors import UserError
+
 from .base import StructuredMatrix
 from .dense import DenseMatrix
 from .gs import GSMatrix
@@ -29,7 +31,6 @@ def project_factors(m: torch.Tensor, spec: Mapping, gram: torch.Tensor | None = 
     kw = {} if sweeps is None else {"sweeps": sweeps}
     if s["kind"] == "dense":
         if tuple(m.shape) != (s["in"], s["out"]):
-            from procrustes_onnx.core.errors import UserError
             raise UserError(f"dense spec is {s['in']}x{s['out']} but M is {tuple(m.shape)}")
         return {"weight": m}
     if s["kind"] == "kron":

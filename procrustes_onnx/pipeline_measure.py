@@ -8,15 +8,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .pipeline_options import RunOptions
+from procrustes_onnx.compiler.checkpoint import load_compressed, load_model
+from procrustes_onnx.core.texts import tokenize_corpus
+from procrustes_onnx.exporters.pipeline import inspect_model
+from procrustes_onnx.exporters.quantize import QUANT_FILE
+from procrustes_onnx.runtime.benchmark import measure_decode, measure_prefill
+from procrustes_onnx.runtime.generate import SamplingConfig, generate_ids
+from procrustes_onnx.runtime.perplexity import PROTOCOL_TOKENS, evaluate_perplexity, make_windows, torch_logits_fn
+from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn, tokenizer_for_onnx
+from procrustes_onnx.runtime.session import OnnxCausalLM
+
+from .pipeline_options import HEAL_SCORE_WINDOWS, RunOptions
 
 __all__ = ["inspect", "validate", "perplexity", "tasks", "benchmark", "compression_summary", "weight_macs",
            "heal_scores"]
 
 
 def inspect(folder: Path) -> dict:
-    from procrustes_onnx.exporters.pipeline import inspect_model
-
     info = inspect_model(folder)
     return {k: info[k] for k in ("nodes", "op_counts", "parameters_by_kind", "parameters", "total_bytes", "matmuls")}
 
@@ -28,25 +36,16 @@ def weight_macs(info: dict) -> int:
 
 
 def _torch_model(artifact: dict):
-    from procrustes_onnx.compiler.checkpoint import load_compressed
-    from procrustes_onnx.compiler.checkpoint import load_model
-
     kind, path = artifact["torch"]
     return (load_model(str(path))[0] if kind == "dense" else load_compressed(path)[0]).eval()
 
 
 def _tokens(onnx_dir: Path, text: str, n: int) -> torch.Tensor:
-    from procrustes_onnx.core.texts import tokenize_corpus
-    from procrustes_onnx.runtime.perplexity_ort import tokenizer_for_onnx
-
     return tokenize_corpus(tokenizer_for_onnx(onnx_dir), text, n)
 
 
 def validate(artifact: dict, text: str, opts: RunOptions) -> dict:
     """ONNX Runtime vs torch on real text: logits of 2 windows of 512 tokens, and 32 greedy tokens with the cache."""
-    from procrustes_onnx.runtime.generate import SamplingConfig, generate_ids
-    from procrustes_onnx.runtime.session import OnnxCausalLM
-
     torch.set_num_threads(opts.threads)
     model = _torch_model(artifact)
     lm = OnnxCausalLM(artifact["path"], threads=opts.threads)
@@ -74,9 +73,6 @@ def validate(artifact: dict, text: str, opts: RunOptions) -> dict:
 
 def perplexity(artifact: dict, text: str, opts: RunOptions, windows: int | None = None) -> dict:
     """ONNX Runtime perplexity on the protocol's windows (the first ``windows`` of them; default --eval-windows)."""
-    from procrustes_onnx.runtime.perplexity import PROTOCOL_TOKENS, evaluate_perplexity, make_windows
-    from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn
-
     windows = make_windows(_tokens(artifact["path"], text, PROTOCOL_TOKENS), max_windows=windows or opts.eval_windows)
     fn = ort_logits_fn(artifact["path"], threads=opts.threads, device="cpu")
     return evaluate_perplexity(fn, windows, desc=f"ppl {Path(artifact['path']).name}").to_dict()
@@ -96,8 +92,6 @@ def tasks(artifact: dict, opts: RunOptions) -> dict:
 
 def quantize_summary(folder: Path) -> dict:
     """What quantize.json says of a weight-only artifact: sizes, ops, what stayed float, the logits check."""
-    from procrustes_onnx.exporters.quantize import QUANT_FILE
-
     q = json.loads((Path(folder) / QUANT_FILE).read_text())
     return {"label": q["label"], "bytes": q["bytes_after"], "bytes_fp32": q["bytes_before"],
             "quantized_ops": q["quantized_ops"], "kept_float": len(q["kept_float"]),
@@ -106,9 +100,6 @@ def quantize_summary(folder: Path) -> dict:
 
 def benchmark(artifact: dict, opts: RunOptions) -> dict:
     """Prefill latency (batch 1) per sequence length, decode tokens/s with the cache, session creation."""
-    from procrustes_onnx.runtime.benchmark import measure_decode, measure_prefill
-    from procrustes_onnx.runtime.session import OnnxCausalLM
-
     lm = OnnxCausalLM(artifact["path"], threads=opts.threads)
     prefill = {seq: 1000 * measure_prefill(lm, 1, seq, repeats=3 if seq <= 512 else 2)["seconds"]
                for seq in opts.prefill_seqs}
@@ -120,12 +111,6 @@ def benchmark(artifact: dict, opts: RunOptions) -> dict:
 def heal_scores(unhealed: Path, healed: Path, text: str, opts: RunOptions) -> dict:
     """PPL (torch) of a checkpoint before and after healing on the evaluation's first few windows, and what
     the heal stage reports (tokens used, held-out loss, seconds)."""
-    from procrustes_onnx.compiler.checkpoint import load_compressed
-    from procrustes_onnx.core.texts import tokenize_corpus
-    from procrustes_onnx.runtime.perplexity import PROTOCOL_TOKENS, evaluate_perplexity, make_windows, torch_logits_fn
-
-    from .pipeline_options import HEAL_SCORE_WINDOWS
-
     torch.set_num_threads(opts.threads)
     out = {"windows": HEAL_SCORE_WINDOWS}
     for name, folder in (("before", unhealed), ("after", healed)):

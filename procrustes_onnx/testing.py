@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, PretrainedConfig, Qwen2Config
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, LlamaConfig, OPTConfig, PretrainedConfig, PreTrainedTokenizerFast,
+                          Qwen2Config)
+
+from procrustes_onnx.compiler.config import CompressionConfig
 
 __all__ = ["TINY_ARCHITECTURES", "tiny_config", "tiny_model", "tiny_tokenizer", "save_tiny_model"]
 
@@ -46,9 +50,6 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch
 
 def tiny_tokenizer():
     """A byte-level tokenizer (256 byte tokens + <|endoftext|> = id 256), built offline in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab["<|endoftext|>"] = len(vocab)
@@ -78,7 +79,6 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def tiny_compression_config(**overrides):
     """A CompressionConfig cheap enough for tiny models in tests (weighted, 3/4 kept, short solves)."""
-    from procrustes_onnx.compiler.config import CompressionConfig
     base = dict(ratio=None, preset="3/4", method="weighted", iterations=5, rotation_iters=20, calib_samples=4,
                 calib_seq_len=32)
     base.update(overrides)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
 from procrustes_onnx.runtime.session import OnnxCausalLM, resolve_onnx_path
 
@@ -119,7 +121,6 @@ def matmul_macs_per_token(path: str | Path) -> dict:
             total += macs
             lm_head += macs if name.endswith("lm_head") else 0
         return {"source": "matmul_map.json", "macs_per_token": total, "lm_head_macs": lm_head}
-    import onnx_ir as ir
 
     model = ir.load(onnx_path)
     inits = model.graph.initializers
@@ -143,9 +144,6 @@ def fusion_report(path: str | Path, out_path: str | Path | None = None) -> dict:
     """Apply onnxscript's ORT transformer fusions; report what fused and which op types changed.
 
     `out_path` (an .onnx file) keeps the fused model for timing."""
-    import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
     onnx_path = resolve_onnx_path(path)
     model = ir.load(onnx_path)
     before = _op_counts(model)

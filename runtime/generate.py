@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from procrustes_onnx.core.errors import UserError
-from procrustes_onnx.runtime.session import OnnxCausalLM
+from procrustes_onnx.runtime.session import OnnxCausalLM, max_positions, tokenizer_for_onnx
 
 __all__ = ["SamplingConfig", "GenerationResult", "TextStream", "pick_token", "generate_ids", "generate",
            "eos_ids_for"]
@@ -146,14 +146,11 @@ def generate(onnx_path: str | Path, prompt: str, *, max_new_tokens: int = 64, te
              stream: Callable[[str], None] | None = _stdout, lm: OnnxCausalLM | None = None,
              tokenizer=None) -> GenerationResult:
     """Prompt -> generated text, streamed piece by piece to `stream` (stdout by default; None for silence)."""
-    from procrustes_onnx.runtime.perplexity_ort import tokenizer_for_onnx
-
     lm = lm or OnnxCausalLM(onnx_path, device, threads)
     tokenizer = tokenizer or tokenizer_for_onnx(lm.path)
     config = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)
     eos = eos_ids_for(lm.path, tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    from procrustes_onnx.runtime.perplexity_ort import max_positions
     limit = max_positions(lm.path)
     if limit and len(prompt_ids) + config.max_new_tokens > limit:
         raise UserError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens {config.max_new_tokens} "

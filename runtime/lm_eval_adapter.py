@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import (_add_special_kwargs, handle_stop_sequences, has_bos_prefix,
-                                  normalize_gen_kwargs, postprocess_generated_text, resolve_max_length)
+from lm_eval.models.utils import (_add_special_kwargs, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
+                                  postprocess_generated_text, resolve_max_length)
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.runtime.generate import SamplingConfig, pick_token
-from procrustes_onnx.runtime.session import OnnxCausalLM
+from procrustes_onnx.runtime.session import OnnxCausalLM, tokenizer_for_onnx
 from procrustes_onnx.runtime.tasks.local_tasks import LOCAL_TASKS, TASK_DIR
 
 __all__ = ["OnnxLM", "run_eval", "check_tasks", "LOCAL_TASKS", "TASK_DIR"]
@@ -48,9 +49,6 @@ class OnnxLM(TemplateLM):
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
                  tokenizer=None, batch_size: int | str = 1, **_: Any) -> None:
         super().__init__()
-        from transformers import AutoConfig
-
-        from procrustes_onnx.runtime.perplexity_ort import tokenizer_for_onnx
 
         self.lm = pretrained if isinstance(pretrained, OnnxCausalLM) else OnnxCausalLM(
             pretrained, device, int(threads) if threads else None)

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.runtime.perplexity import LogitsFn
-from procrustes_onnx.runtime.session import OnnxCausalLM, resolve_onnx_path
+from procrustes_onnx.runtime.session import OnnxCausalLM, max_positions, tokenizer_for_onnx
 
 __all__ = ["ort_logits_fn", "tokenizer_for_onnx", "max_positions"]
-
-
-def max_positions(onnx_path: str | Path) -> int | None:
-    """`max_position_embeddings` from the config.json exported beside the model, if there is one."""
-    config = resolve_onnx_path(onnx_path).parent / "config.json"
-    if not config.is_file():
-        return None
-    return json.loads(config.read_text()).get("max_position_embeddings")
-
-
-def tokenizer_for_onnx(path: str | Path):
-    """The tokenizer saved next to model.onnx (the exporter copies it there)."""
-    from procrustes_onnx.core.sources import load_tokenizer
-
-    return load_tokenizer(resolve_onnx_path(path).parent)
 
 
 def ort_logits_fn(path: str | Path | OnnxCausalLM, threads: int | None = None, device: str = "cpu",

@@ -8,6 +8,7 @@ the device through IOBinding; on CPU it is plain numpy.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -17,10 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.sources import load_tokenizer
+from procrustes_onnx.exporters.artifacts import check_external_data
 
-__all__ = ["SessionInfo", "KVCache", "OnnxCausalLM", "create_session", "resolve_onnx_path", "providers_for"]
+__all__ = ["SessionInfo", "KVCache", "OnnxCausalLM", "create_session", "resolve_onnx_path", "providers_for",
+           "max_positions", "tokenizer_for_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +62,26 @@ def resolve_onnx_path(path: str | Path) -> Path:
 
 def check_onnx_files(path: str | Path) -> Path:
     """``resolve_onnx_path``, plus: the external-data files the graph names exist (one clear line if not)."""
-    from procrustes_onnx.exporters.artifacts import check_external_data
-
     onnx_path = resolve_onnx_path(path)
     check_external_data(onnx_path)
     return onnx_path
 
 
+def max_positions(onnx_path: str | Path) -> int | None:
+    """`max_position_embeddings` from the config.json exported beside the model, if there is one."""
+    config = resolve_onnx_path(onnx_path).parent / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("max_position_embeddings")
+
+
+def tokenizer_for_onnx(path: str | Path):
+    """The tokenizer saved next to model.onnx (the exporter copies it there)."""
+    return load_tokenizer(resolve_onnx_path(path).parent)
+
+
 def providers_for(device: str) -> list[str]:
     """Execution providers for `device`; CUDA without onnxruntime's CUDA build warns once and falls back to CPU."""
-    import onnxruntime as ort
-
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device != "cuda":
@@ -80,8 +94,6 @@ def providers_for(device: str) -> list[str]:
 
 
 def _opt_level(level: str | int):
-    import onnxruntime as ort
-
     table = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 0: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, 1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -97,8 +109,6 @@ def create_session(path: str | Path, device: str = "cpu", threads: int | None = 
     """An `onnxruntime.InferenceSession` plus a `SessionInfo` with the time its creation took.
 
     `threads=None` lets ORT choose; a corrupt or foreign file becomes a one-line UserError."""
-    import onnxruntime as ort
-
     onnx_path = check_onnx_files(path)
     providers = providers_for(device)
     options = ort.SessionOptions()
@@ -138,8 +148,6 @@ class KVCache:
 
 def _folder_head_size(folder: Path) -> int | None:
     """Head size from the folder's genai_config.json or config.json, for graphs that leave it symbolic."""
-    import json
-
     try:
         if (folder / "genai_config.json").is_file():
             return int(json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from procrustes_onnx.core.errors import UserError
+
 from .base import LinearRef, ModelAdapter, get_module, set_module, surgery_state
 from .llama import LlamaAdapter
 from .opt import OPTAdapter

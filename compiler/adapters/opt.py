@@ -7,6 +7,7 @@ from typing import Callable
 from torch import nn
 
 from procrustes_onnx.core.errors import UserError
+
 from .base import ModelAdapter
 
 __all__ = ["OPTAdapter"]

@@ -14,6 +14,8 @@ import random
 import re
 from pathlib import Path
 
+from procrustes_onnx.core.texts import load_text
+
 __all__ = ["split_sentences", "cloze_items", "passages", "build", "TASK_DIR"]
 
 TASK_DIR = Path(__file__).resolve().parent
@@ -88,8 +90,6 @@ def _write(rows: list[dict], path: Path) -> None:
 
 def build(out_dir: Path = TASK_DIR) -> dict[str, int]:
     """Write {jargon,kjv}_cloze.jsonl and {jargon,kjv}_passages.jsonl; returns rows per file."""
-    from procrustes_onnx.core.texts import load_text
-
     counts = {}
     for corpus in ("jargon", "kjv"):
         text = load_text(corpus)
