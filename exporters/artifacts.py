@@ -1,5 +1,5 @@
 """Artifact-folder helpers. ``atomic_output_dir`` (write into a temp sibling, rename when complete, keep
-the user's files) lives in ``procrustes_onnx.outputs``, the one owner of output-folder safety."""
+the user's files) lives in ``procrustes_onnx.core.outputs``, the one owner of output-folder safety."""
 
 from __future__ import annotations
 

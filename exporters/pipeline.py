@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 def export_model(model: str, out_dir: str | os.PathLike, *, with_past: bool = True, opset: int | None = None,
                  overwrite: bool = True) -> Path:
-    """Export a dense model (alias, HF folder or .gguf; see ``sources.load_model``) with its tokenizer.
+    """Export a dense model (alias, HF folder or .gguf; see ``compiler.checkpoint.load_model``) with its tokenizer.
 
     The output is checked (not an input, writable, empty unless ``overwrite``) before the trace."""
     check_output(out_dir, inputs=[resolve_model_dir(model)], overwrite=overwrite)
