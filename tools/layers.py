@@ -39,7 +39,10 @@ class Edge:
 
 
 def layer_of(module: str) -> str:
+    """The root package itself (its version only) runs before any module of any layer: core."""
     parts = module.split(".")
+    if parts == [TOP]:
+        return "core"
     return parts[1] if len(parts) > 1 and parts[1] in RANK and parts[1] != "app" else "app"
 
 
