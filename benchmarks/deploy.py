@@ -40,7 +40,7 @@ def _pairs(items: list[str]) -> dict[str, Path]:
 
 def _precision_folder(name: str, src: Path, precision: str, work: Path) -> Path:
     """The fp32 artifact itself, or its quantized copy in ``work`` (reused while its source is unchanged)."""
-    from procrustes_onnx.exporters.artifacts import onnx_identity
+    from procrustes_onnx.core.artifacts import onnx_identity
     from procrustes_onnx.exporters.quantize import QuantizeConfig, quantize_artifact
 
     if precision == "fp32":

@@ -1,5 +1,9 @@
-"""Artifact-folder helpers. ``atomic_output_dir`` (write into a temp sibling, rename when complete, keep
-the user's files) lives in ``procrustes_onnx.core.outputs``, the one owner of output-folder safety."""
+"""Artifact-folder helpers, the one owner of each: which folder or model.onnx a path means, loading it with
+one-line errors, its bytes on disk, its external data, its identity. ``atomic_output_dir`` (write into a
+temp sibling, rename when complete, keep the user's files) lives in ``core.outputs``, re-exported here.
+
+Every layer that reads an artifact uses these: the exporters, and the ORT runtime (which imports no torch,
+so this module must not either)."""
 
 from __future__ import annotations
 
@@ -9,12 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 
-from procrustes_onnx.core.errors import UserError
-from procrustes_onnx.core.outputs import atomic_output_dir, file_sha256, read_identity, write_identity
+from .errors import UserError
+from .outputs import atomic_output_dir, file_sha256, read_identity, write_identity
 
-__all__ = ["atomic_output_dir", "write_json", "folder_bytes", "check_external_data", "write_onnx_identity",
-           "onnx_identity"]
+__all__ = ["atomic_output_dir", "write_json", "SIDE_FILES", "artifact_folder", "source_folder", "model_file",
+           "load_onnx", "onnx_files", "folder_bytes", "check_external_data", "write_onnx_identity", "onnx_identity"]
+
+SIDE_FILES = ("config.json", "generation_config.json", "export.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -22,9 +30,50 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def artifact_folder(path: str | os.PathLike) -> Path:
+    """The folder of an artifact given as the folder or as its .onnx file."""
+    path = Path(path)
+    return path.parent if path.suffix == ".onnx" else path
+
+
+def source_folder(onnx_in: str | os.PathLike) -> Path:
+    """An artifact folder (or its model.onnx) that a stage reads: it holds model.onnx and its external data."""
+    src = artifact_folder(onnx_in)
+    if not (src / "model.onnx").is_file():
+        raise UserError(f"{onnx_in} has no model.onnx: pass a folder written by `procrustes-onnx export` or `rewrite`")
+    check_external_data(src / "model.onnx")
+    return src
+
+
+def model_file(path: str | os.PathLike) -> Path:
+    """An exported folder or its model.onnx -> the model.onnx, which exists with all its external data."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass an exported folder or its model.onnx")
+    check_external_data(path)
+    return path
+
+
+def load_onnx(path: str | os.PathLike) -> ir.Model:
+    """``ir.load`` with a one-line UserError for files that are not ONNX (or lack their external data)."""
+    try:
+        return ir.load(path)
+    except Exception as exc:  # protobuf raises DecodeError, missing data raises OSError: both mean bad input
+        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it") from None
+
+
+def onnx_files(onnx_path: str | os.PathLike) -> dict[str, int]:
+    """Bytes on disk of an ONNX file and of its external data beside it (the files named after it)."""
+    path = Path(onnx_path)
+    return {p.name: p.stat().st_size for p in sorted(path.parent.iterdir())
+            if p.is_file() and p.name.startswith(path.name)}
+
+
 def folder_bytes(path: str | os.PathLike) -> int:
     """Total size of the ONNX files (graph + external data) in a folder."""
-    return sum(p.stat().st_size for p in Path(path).iterdir() if p.name.startswith("model.onnx"))
+    return sum(onnx_files(Path(path) / "model.onnx").values())
 
 
 def check_external_data(onnx_path: str | os.PathLike) -> None:

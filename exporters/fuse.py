@@ -15,13 +15,13 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import ort_fusions
 
+from procrustes_onnx.core.artifacts import (SIDE_FILES, atomic_output_dir, load_onnx, onnx_identity, source_folder,
+                                            write_json, write_onnx_identity)
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import check_output
 
-from .artifacts import atomic_output_dir, check_external_data, onnx_identity, write_json, write_onnx_identity
 from .genai_config import GENAI_CONFIG, genai_config
 from .pipeline import ort_logits
-from .rewrite_artifact import SIDE_FILES, load_onnx
 
 __all__ = ["fuse_artifact", "FUSE_FILE", "FUSED_TOLERANCE"]
 
@@ -33,11 +33,7 @@ FUSED_TOLERANCE = 1e-4  # relative, fp32: the validation tolerance of an unfused
 
 def fuse_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """fp32 artifact folder -> the same model with ORT's fused ops, atomically; returns its model.onnx."""
-    src = Path(onnx_in)
-    src = src.parent if src.suffix == ".onnx" else src
-    if not (src / "model.onnx").is_file():
-        raise UserError(f"{onnx_in} has no model.onnx: pass a folder written by `procrustes-onnx export` or `rewrite`")
-    check_external_data(src / "model.onnx")
+    src = source_folder(onnx_in)
     identity = onnx_identity(src)
     if identity is None:
         raise UserError(f"{src} has no identity.json, so it is not an artifact procrustes-onnx wrote: export it first")

@@ -6,26 +6,17 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
-from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.artifacts import load_onnx, model_file, onnx_files
 
-from .artifacts import check_external_data
 from .onnx_export import MAP_FILE
 
 __all__ = ["inspect_onnx", "format_inspection"]
 
 _WEIGHT_OPS = ("MatMul", "Gemm")
-
-
-def _load(path: Path) -> ir.Model:
-    try:
-        return ir.load(path)
-    except Exception as exc:  # protobuf DecodeError and friends: all mean "not an ONNX file"
-        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it") from None
 
 
 def _kind(value: ir.Value, structured: set[str]) -> str:
@@ -50,13 +41,8 @@ def _kind(value: ir.Value, structured: set[str]) -> str:
 def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
     """Statistics of ``path`` (an artifact folder or a model.onnx); ``matmul_map.json`` next to it, when
     present, tells which modules are structured."""
-    src = Path(path)
-    if src.is_dir():
-        src = src / "model.onnx"
-    if not src.is_file():
-        raise UserError(f"{src} does not exist; pass an exported folder or its model.onnx")
-    check_external_data(src)
-    model = _load(src)
+    src = model_file(path)
+    model = load_onnx(src)
     graph = model.graph
     map_path = src.parent / MAP_FILE
     mapping = json.loads(map_path.read_text()) if map_path.is_file() else {}
@@ -70,7 +56,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
                                                           and n.inputs[1].producer().op_type == "Transpose"
                                                           and n.inputs[1].producer().inputs[0].is_initializer()))]
     structured_nodes = [n for n in by_constant if any((n.name or "").startswith(f"{m}/") for m in structured)]
-    files = {p.name: p.stat().st_size for p in sorted(src.parent.iterdir()) if p.name.startswith(src.name)}
+    files = onnx_files(src)
     return {
         "path": str(src),
         "opset": graph.opset_imports.get("", None),

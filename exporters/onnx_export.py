@@ -24,10 +24,10 @@ import torch
 from onnxscript import optimizer, rewriter
 from onnxscript.rewriter.rules import common as rules
 
+from procrustes_onnx.core.artifacts import atomic_output_dir, write_json, write_onnx_identity
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.sources import model_fingerprint
 
-from .artifacts import atomic_output_dir, write_json, write_onnx_identity
 from .genai_config import GENAI_CONFIG, genai_config
 from .hf_compat import hf_compatible_files
 from .matmul_map import record_matmul_map

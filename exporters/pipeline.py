@@ -15,11 +15,11 @@ import onnxruntime as ort
 import torch
 
 from procrustes_onnx.compiler.checkpoint import checkpoint_identity, load_compressed, load_model, materialize_dense
+from procrustes_onnx.core.artifacts import artifact_folder, onnx_identity
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import check_output
 from procrustes_onnx.core.sources import resolve_model_dir
 
-from .artifacts import onnx_identity
 from .inspect import inspect_onnx
 from .onnx_export import DEFAULT_OPSET, export_onnx
 from .rewrite_artifact import rewrite_structured_matmuls
@@ -111,8 +111,7 @@ def rewrite_model(onnx_in: str | os.PathLike, checkpoint: str | os.PathLike, out
 
     Refused unless the folder's identity says it is the dense-equivalent export of that very checkpoint:
     any other ONNX (a plain dense export, another checkpoint's twin) would give a wrong model."""
-    folder = Path(onnx_in)
-    folder = folder.parent if folder.suffix == ".onnx" else folder
+    folder = artifact_folder(onnx_in)
     if not folder.is_dir():
         raise UserError(f"--onnx {onnx_in} does not exist: pass the folder `export --dense-equivalent` wrote")
     check_output(out_dir, inputs=[folder, checkpoint], overwrite=overwrite)

@@ -30,16 +30,15 @@ from onnx import helper, numpy_helper
 from onnx_ir.passes import common as common_passes
 from transformers import AutoTokenizer
 
+from procrustes_onnx.core.artifacts import (SIDE_FILES, atomic_output_dir, folder_bytes, load_onnx, onnx_identity,
+                                            source_folder, write_json, write_onnx_identity)
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import check_output
 from procrustes_onnx.ops.lowering import lower_gs_blocks
 
-from .artifacts import (atomic_output_dir, check_external_data, folder_bytes, onnx_identity, write_json,
-                        write_onnx_identity)
 from .genai_config import GENAI_CONFIG, genai_config
 from .hf_compat import hf_compatible_files
 from .pipeline import ort_logits
-from .rewrite_artifact import SIDE_FILES, load_onnx
 
 __all__ = ["QuantizeConfig", "quantize_artifact", "relower_gs_blocks", "untie_matmul_weights", "QUANT_FILE",
            "PRECISIONS"]
@@ -304,11 +303,7 @@ def quantize_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, co
     """fp32 artifact folder (dense or structured, from ``export``/``rewrite``) -> a weight-only quantized
     folder beside it, atomically; returns its model.onnx. The input is never changed."""
     config.validate()
-    src = Path(onnx_in)
-    src = src.parent if src.suffix == ".onnx" else src
-    if not (src / "model.onnx").is_file():
-        raise UserError(f"{onnx_in} has no model.onnx: pass a folder written by `procrustes-onnx export` or `rewrite`")
-    check_external_data(src / "model.onnx")
+    src = source_folder(onnx_in)
     identity = onnx_identity(src)
     if identity is None:
         raise UserError(f"{src} has no identity.json, so it is not an artifact procrustes-onnx wrote: export it with "

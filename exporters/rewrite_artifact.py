@@ -19,40 +19,19 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense
+from procrustes_onnx.core.artifacts import (SIDE_FILES, atomic_output_dir, folder_bytes, load_onnx, model_file,
+                                            write_json, write_onnx_identity)
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import check_output, read_identity
-from procrustes_onnx.exporters.artifacts import (atomic_output_dir, check_external_data, folder_bytes, write_json,
-                                                 write_onnx_identity)
-from procrustes_onnx.exporters.onnx_export import MAP_FILE
 
 from .genai_config import GENAI_CONFIG, genai_config
 from .hf_compat import hf_compatible_files
+from .onnx_export import MAP_FILE
 from .rewrite_structured import RewriteStructuredMatmulsPass, normalize_manifest, promised_saving
 
-__all__ = ["rewrite_structured_matmuls", "load_onnx", "manifest_from_checkpoint", "initializer_bytes"]
+__all__ = ["rewrite_structured_matmuls", "manifest_from_checkpoint", "initializer_bytes"]
 
 logger = logging.getLogger(__name__)
-
-SIDE_FILES = ("config.json", "generation_config.json", "export.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
-
-
-def _resolve_input(onnx_in: str | os.PathLike) -> Path:
-    path = Path(onnx_in).resolve()
-    if path.is_dir():
-        path = path / "model.onnx"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass an exported folder or its model.onnx")
-    check_external_data(path)
-    return path
-
-
-def load_onnx(path: str | os.PathLike) -> ir.Model:
-    """``ir.load`` with a one-line UserError for files that are not ONNX (or lack their external data)."""
-    try:
-        return ir.load(path)
-    except Exception as exc:  # protobuf raises DecodeError, missing data raises OSError: both mean bad input
-        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it") from None
 
 
 def manifest_from_checkpoint(checkpoint: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -76,7 +55,7 @@ def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.Pa
     ``manifest`` (``materialize_dense``'s output) or of the compressed ``checkpoint`` folder; write the
     folder ``onnx_out`` (model.onnx + model.onnx.data + updated matmul_map.json + rewrite.json), with
     ``identity`` (what the result is) as identity.json."""
-    src = _resolve_input(onnx_in)
+    src = model_file(Path(onnx_in).resolve())
     out = check_output(onnx_out, inputs=[src.parent, checkpoint], overwrite=overwrite)
     if (manifest is None) == (checkpoint is None):
         raise UserError("rewrite needs exactly one of a manifest or a compressed checkpoint folder")

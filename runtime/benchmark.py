@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+from procrustes_onnx.core.artifacts import onnx_files
 from procrustes_onnx.runtime.session import OnnxCausalLM, resolve_onnx_path
 
 __all__ = ["measure_prefill", "measure_decode", "measure_model", "bytes_on_disk", "matmul_macs_per_token",
@@ -38,9 +39,7 @@ def peak_rss_mib() -> float:
 
 def bytes_on_disk(path: str | Path) -> int:
     """model.onnx plus every external-data file next to it that the graph names (model.onnx.data ...)."""
-    onnx_path = resolve_onnx_path(path)
-    return sum(f.stat().st_size for f in onnx_path.parent.iterdir()
-               if f.is_file() and f.name.startswith(onnx_path.name))
+    return sum(onnx_files(resolve_onnx_path(path)).values())
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -106,7 +105,7 @@ def matmul_macs_per_token(path: str | Path) -> dict:
     onnx_path = resolve_onnx_path(path)
     mapping = onnx_path.parent / "matmul_map.json"
     if mapping.is_file():
-        import torch
+        import torch  # here only: the ORT runtime (session, generate, benchmark) loads without torch
 
         from procrustes_onnx.ops.spec import factor_shapes, structured_from_spec
 

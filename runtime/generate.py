@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from procrustes_onnx.core.artifacts import artifact_folder
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.runtime.session import OnnxCausalLM, max_positions, tokenizer_for_onnx
 
@@ -125,7 +126,7 @@ class TextStream:
 
 def eos_ids_for(onnx_path: str | Path, tokenizer=None) -> list[int]:
     """EOS ids from generation_config.json / config.json beside the model, else the tokenizer's."""
-    folder = Path(onnx_path).parent if Path(onnx_path).suffix == ".onnx" else Path(onnx_path)
+    folder = artifact_folder(onnx_path)
     for name in ("generation_config.json", "config.json"):
         f = folder / name
         if f.is_file():

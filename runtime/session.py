@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from procrustes_onnx.core.artifacts import check_external_data
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.sources import load_tokenizer
-from procrustes_onnx.exporters.artifacts import check_external_data
 
 __all__ = ["SessionInfo", "KVCache", "OnnxCausalLM", "create_session", "resolve_onnx_path", "providers_for",
            "max_positions", "tokenizer_for_onnx"]
