@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,32 +24,27 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
-import transformers
 
 from procrustes_onnx.compiler.checkpoint import load_model
 from procrustes_onnx.compiler.compress import count_params, plan_for_model
 from procrustes_onnx.compiler.config import CompressionConfig
 from procrustes_onnx.compiler.fusion import fuse_norms
+from procrustes_onnx.core.environment import cpu_model, package_versions
 from procrustes_onnx.core.texts import load_text, tokenize_corpus
-from procrustes_onnx.exporters import rewrite_structured_matmuls
-from procrustes_onnx.exporters import export_onnx, inspect_onnx
+from procrustes_onnx.exporters import export_onnx, inspect_onnx, rewrite_structured_matmuls
 from procrustes_onnx.ops import StructuredLinear, project_to_spec
 from procrustes_onnx.runtime.generate import SamplingConfig, generate_ids
 from procrustes_onnx.runtime.session import OnnxCausalLM
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return {"cores": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
+    return {"cores": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
             "load_average_1m_at_start": os.getloadavg()[0]}  # the box is shared: timings are indicative
 
 
 def versions() -> dict:
-    return {"torch": torch.__version__, "onnxruntime": ort.__version__, "transformers": transformers.__version__,
-            "onnx": onnx.__version__, "python": sys.version.split()[0]}
+    return {**package_versions(("torch", "onnxruntime", "transformers", "onnx")), "python": platform.python_version()}
 
 
 def structured_variant(model: torch.nn.Module, structure: str, ratio: float) -> tuple[torch.nn.Module, dict, dict]:

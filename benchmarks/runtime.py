@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from procrustes_onnx.core.environment import cpu_model, package_versions
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"prefill": [(b, s) for b in (1, 4) for s in (128, 512, 1024)], "decode_tokens": 128, "repeats": 5}
@@ -28,21 +30,13 @@ QUICK = {"prefill": [(1, 128), (4, 128), (1, 512)], "decode_tokens": 32, "repeat
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return {"cores": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
+    return {"cores": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
             "load_avg_at_start": os.getloadavg()}
 
 
 def versions() -> dict:
-    import onnx
-    import onnxruntime
-    import onnxscript
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "transformers": transformers.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
-            "python": sys.version.split()[0]}
+    return {**package_versions(("torch", "onnxruntime", "transformers", "onnx", "onnxscript")),
+            "python": platform.python_version()}
 
 
 def _pairs(items: list[str] | None) -> dict[str, str]:

@@ -16,7 +16,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 
+from procrustes_onnx.core.environment import cpu_model, package_versions
 from procrustes_onnx.ops import structured_from_spec
 from procrustes_onnx.ops.lowering import standalone_model
 from procrustes_onnx.ops.planner import plan_matrix, plan_dense
@@ -51,16 +51,11 @@ def set_threads(n: int) -> None:
 
 
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    return {"cores": os.cpu_count(), "cpu": cpu, "threads": THREADS, "load_avg_start": os.getloadavg()}
+    return {"cores": os.cpu_count(), "cpu": cpu_model(), "threads": THREADS, "load_avg_start": os.getloadavg()}
 
 
 def versions() -> dict:
-    import onnx
-    import transformers
-    return {"torch": torch.__version__, "onnxruntime": ort.__version__, "transformers": transformers.__version__,
-            "onnx": onnx.__version__, "onnx_ir": ir.__version__, "numpy": np.__version__}
+    return package_versions(("torch", "onnxruntime", "transformers", "onnx", "onnx_ir", "numpy"))
 
 
 def bench(fn, budget_s: float, min_reps: int = 3, max_reps: int = 200) -> float:
