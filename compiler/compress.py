@@ -35,7 +35,7 @@ from .positions import residual_positions, stream_matrix
 from .rotation import rotate_global, rotate_per_position
 from .skips import shortcut_stored_numel, stored_parameter_count
 from .slicegpt import slicegpt_compress
-from .stages import gram_paths, load_group, save_group, solve_group
+from .solve import gram_paths, load_group, save_group, solve_group
 
 __all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count",
            "check_layers"]

@@ -27,7 +27,7 @@ __all__ = ["MANIFEST", "IDENTITY", "check_output", "check_output_file", "atomic_
 
 MANIFEST = ".procrustes-files.json"
 IDENTITY = "identity.json"
-_STAGE_MARKER = ".stage.json"  # procrustes_onnx.stages' marker: a folder holding it (and no manifest) is a
+_STAGE_MARKER = ".stage.json"  # procrustes_onnx.cache's marker: a folder holding it (and no manifest) is a
                                # stage folder of `run` written before manifests existed: all of it is ours
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .pipeline_options import VARIANTS, RunOptions
-from .stages import cached_dir, cached_json, content_hash, folder_hash
+from .cache import cached_dir, cached_json, content_hash, folder_hash
 
 __all__ = ["run_pipeline"]
 

@@ -137,7 +137,7 @@ def test_a_changed_checkpoint_is_refused(inputs, tmp_path):
 def test_stage_folders_list_what_the_stage_wrote_after_its_atomic_build(tmp_path):
     """cached_dir registers the marker and files a stage adds after the atomic write (README,
     structure.json), so a rebuild replaces them, while a user's file in the folder is kept."""
-    from procrustes_onnx.stages import cached_dir
+    from procrustes_onnx.cache import cached_dir
 
     def build(d):
         with atomic_output_dir(d) as tmp:

@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 
 from procrustes_onnx import pipeline_measure
+from procrustes_onnx.cache import folder_hash
 from procrustes_onnx.exporters.quantize import QuantizeConfig
 from procrustes_onnx.pipeline import run_pipeline
 from procrustes_onnx.pipeline_options import RunOptions
-from procrustes_onnx.stages import folder_hash
 from procrustes_onnx.testing import save_tiny_model
 
 WORDS = "the a hacker file system kernel bug fix user program data net mail code time word byte".split()
