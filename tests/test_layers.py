@@ -10,8 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_spec = importlib.util.spec_from_file_location("layers", ROOT / "tools" / "layers.py")
-layers = importlib.util.module_from_spec(_spec)
+_spec = importlib.util.spec_from_file_location("tools_layers", ROOT / "tools" / "layers.py")
+layers = sys.modules.setdefault("tools_layers", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(layers)
 
 # In a fresh interpreter: import every module, bottom layer first; after each layer, no module of a higher
