@@ -67,7 +67,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "decode_profile.json"))
     args = parser.parse_args()
-    from procrustes_onnx.environment import write_results
+    from procrustes_onnx.core.environment import write_results
 
     rows = {}
     for item in args.models:
