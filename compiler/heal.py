@@ -46,8 +46,6 @@ from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead
 
 from .adapters import get_adapter, get_module
 from .calibration import _split_offset, capture_layer_inputs
-from .checkpoint import load_compressed, require_checkpoint, save_compressed
-from .compress import saved_param_count
 from .skips import Shortcut, is_orthogonal
 
 __all__ = ["HEAL_MODES", "HealConfig", "HealReport", "heal_model", "trainable_parameters", "heal_windows",
@@ -530,6 +528,9 @@ def heal_checkpoint(checkpoint: str | Path, out: str | Path, teacher: nn.Module,
                     echo: Callable[[str], None] = print) -> Path:
     """Heal a compressed checkpoint folder into ``out`` (same tensor names, shapes and count). Resumable:
     progress lives in the sibling ``.<out>.heal-work`` until the healed checkpoint is complete."""
+    from .checkpoint import load_compressed, require_checkpoint, save_compressed
+    from .compress import saved_param_count
+
     config.validate()
     checkpoint = require_checkpoint(checkpoint)
     out = check_output(out, inputs=[checkpoint], overwrite=overwrite)

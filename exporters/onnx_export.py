@@ -21,8 +21,6 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import torch
-from onnxscript import optimizer, rewriter
-from onnxscript.rewriter.rules import common as rules
 
 from procrustes_onnx.core.artifacts import atomic_output_dir, write_json, write_onnx_identity
 from procrustes_onnx.core.errors import UserError
@@ -89,6 +87,8 @@ def dedupe_transposed_initializers(model: ir.Model, min_elements: int = 1024) ->
 
 def _cleanup_rules() -> list:
     """The few onnxscript rewrite rules that change a decoder graph: no-op Slices/Expands/Casts and chains."""
+    from onnxscript.rewriter.rules import common as rules
+
     return [rules.collapse_slice_rule, rules.collapse_slice2_rule, rules.no_op_expand_rule, rules.no_op_transpose_rule,
             rules.no_op_cast_rule, rules.cast_cast_rule, rules.reshape_reshape_rule, rules.transpose_transpose_rule,
             rules.unsqueeze_unsqueeze_rule, rules.add_0_rule, rules.sub_0_rule, rules.mul_by_1_rule,
@@ -101,6 +101,8 @@ def optimize_exported(model: ir.Model) -> None:
     This is onnxscript's ``optimize_ir`` with a small rule set: its default set (what ``torch.onnx.export(
     optimize=True)`` runs) spent over half of a 30-layer export matching rules that never fire on a
     decoder, and the graph it left was the same but for two Reshapes (docs/export.md)."""
+    from onnxscript import optimizer, rewriter
+
     optimizer.inline(model)
     for _ in range(2):  # a rewrite can expose new constants, as in optimize_ir's two rounds
         folded = optimizer.fold_constants_ir(model, onnx_shape_inference=True)

@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
-from procrustes_onnx.compiler.checkpoint import checkpoint_identity, load_compressed, load_model, materialize_dense
 from procrustes_onnx.core.artifacts import artifact_folder, onnx_identity
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import check_output
@@ -35,6 +33,8 @@ def export_model(model: str, out_dir: str | os.PathLike, *, with_past: bool = Tr
     """Export a dense model (alias, HF folder or .gguf; see ``compiler.checkpoint.load_model``) with its tokenizer.
 
     The output is checked (not an input, writable, empty unless ``overwrite``) before the trace."""
+    from procrustes_onnx.compiler.checkpoint import load_model
+
     check_output(out_dir, inputs=[resolve_model_dir(model)], overwrite=overwrite)
     torch_model, tokenizer = load_model(model)
     return export_onnx(torch_model, out_dir, with_past=with_past, opset=opset or DEFAULT_OPSET, tokenizer=tokenizer,
@@ -53,6 +53,8 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     model, or another globally rotated model's dense twin); the first whose graph takes every parameter
     is reused with this model's weights instead of tracing again, if ONNX Runtime then agrees with torch;
     otherwise the model is traced as usual."""
+    from procrustes_onnx.compiler.checkpoint import checkpoint_identity, load_compressed, materialize_dense
+
     check_output(out_dir, inputs=[checkpoint, dense_dir], overwrite=overwrite)
     ck = checkpoint_identity(checkpoint)
     origin = {"source": ck.get("source"), "structure": ck.get("structure"), "checkpoint": ck["id"]}
@@ -86,6 +88,8 @@ def ort_logits(onnx_path: str | os.PathLike, ids):
     """Logits [B, T, V] of ``ids`` [B, T] (int64) from a fresh ONNX Runtime session, empty past if it has one.
 
     The exporter's own check; it drives ORT directly, since runtime/ builds on exporters/ and not back."""
+    import onnxruntime as ort
+
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     batch, seq = ids.shape
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
@@ -111,6 +115,8 @@ def rewrite_model(onnx_in: str | os.PathLike, checkpoint: str | os.PathLike, out
 
     Refused unless the folder's identity says it is the dense-equivalent export of that very checkpoint:
     any other ONNX (a plain dense export, another checkpoint's twin) would give a wrong model."""
+    from procrustes_onnx.compiler.checkpoint import checkpoint_identity
+
     folder = artifact_folder(onnx_in)
     if not folder.is_dir():
         raise UserError(f"--onnx {onnx_in} does not exist: pass the folder `export --dense-equivalent` wrote")

@@ -23,12 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime
-from onnx import helper, numpy_helper
 from onnx_ir.passes import common as common_passes
-from transformers import AutoTokenizer
 
 from procrustes_onnx.core.artifacts import (SIDE_FILES, atomic_output_dir, folder_bytes, load_onnx, onnx_identity,
                                             source_folder, write_json, write_onnx_identity)
@@ -251,6 +247,8 @@ _CHECK_TEXT = ("Before you change a program, read it once from the top: what eac
 def _check_ids(folder: Path, vocab: int) -> np.ndarray:
     """A fixed English sentence in the folder's own tokenizer (fixed ids where it has none), [1, T]."""
     try:
+        from transformers import AutoTokenizer
+
         ids = AutoTokenizer.from_pretrained(str(folder))(_CHECK_TEXT)["input_ids"]
     except Exception:  # a folder without tokenizer files: still a check, on arbitrary ids
         ids = []
@@ -261,6 +259,8 @@ def _check_ids(folder: Path, vocab: int) -> np.ndarray:
 def _quantize_gathers_8bit(proto, names: list[str], config: QuantizeConfig):
     """Token-table Gathers -> 8-bit GatherBlockQuantized (ONNX Runtime runs bits=8, but its quantizer only
     writes 4): per block of ``block_size`` along the hidden axis, symmetric about the zero point 128."""
+    from onnx import helper, numpy_helper
+
     inits = {t.name: t for t in proto.graph.initializer}
     wanted = set(names)
     for i, node in enumerate(proto.graph.node):
@@ -302,6 +302,9 @@ def quantize_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, co
                       *, overwrite: bool = True) -> Path:
     """fp32 artifact folder (dense or structured, from ``export``/``rewrite``) -> a weight-only quantized
     folder beside it, atomically; returns its model.onnx. The input is never changed."""
+    import onnx
+    import onnxruntime
+
     config.validate()
     src = source_folder(onnx_in)
     identity = onnx_identity(src)

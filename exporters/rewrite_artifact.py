@@ -18,7 +18,6 @@ from typing import Any
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense
 from procrustes_onnx.core.artifacts import (SIDE_FILES, atomic_output_dir, folder_bytes, load_onnx, model_file,
                                             write_json, write_onnx_identity)
 from procrustes_onnx.core.errors import UserError
@@ -36,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 def manifest_from_checkpoint(checkpoint: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The structured-module manifest of a compressed checkpoint folder (via the compressor's own loader)."""
+    from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense
+
     model, _ = load_compressed(checkpoint)
     return materialize_dense(model)
 
