@@ -184,7 +184,7 @@ def _size_ppl_plot(out: Path, rows: list[dict]) -> str | None:
                  {"marker": "o" if label == "fp32" else "^", "s": 50})
         ax.scatter(mb, ppl, **style)
         ax.annotate(name if label == "reference" else f"{name} {label.split()[0]}", (mb, ppl), fontsize=7,
-                    xytext=(3, 2), textcoords="offset points")
+                    xytext=(3, -10) if label == "reference" else (3, 2), textcoords="offset points")
     ax.set_xscale("log"), ax.set_yscale("log")
     ax.set_xlabel("MB on disk"), ax.set_ylabel(f"perplexity (first {rows[0]['windows']} windows)")
     ax.set_title("Size vs perplexity: does structure pay on top of quantization?")
