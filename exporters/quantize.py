@@ -63,6 +63,7 @@ class QuantizeConfig:
     accuracy_level: int = 4
     min_elements: int = 4096
     keep: str | None = None  # a regular expression: constant-weight nodes whose name matches it stay float
+    share_table: bool = True  # a tied head and the token table keep one copy of their quantized blocks
 
     def validate(self) -> "QuantizeConfig":
         if self.bits not in (4, 8):
@@ -256,7 +257,7 @@ def _check_ids(folder: Path, vocab: int) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)[None]
 
 
-def _quantize_gathers_8bit(proto, names: list[str], config: QuantizeConfig):
+def _quantize_gathers_8bit(proto, names: list[str], config: QuantizeConfig, skipped: list[dict]):
     """Token-table Gathers -> 8-bit GatherBlockQuantized (ONNX Runtime runs bits=8, but its quantizer only
     writes 4): per block of ``block_size`` along the hidden axis, symmetric about the zero point 128."""
     from onnx import helper, numpy_helper
@@ -269,6 +270,8 @@ def _quantize_gathers_8bit(proto, names: list[str], config: QuantizeConfig):
         table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
         rows, cols = table.shape
         if cols % config.block_size:
+            skipped.append({"node": node.name, "weight": node.input[0], "shape": [rows, cols],
+                            "why": f"width {cols} is not a multiple of the block size {config.block_size} (8-bit table)"})
             continue
         blocks = table.reshape(rows, cols // config.block_size, config.block_size)
         scale = np.maximum(np.abs(blocks).max(-1), 1e-12) / 127.0
@@ -287,6 +290,69 @@ def _quantize_gathers_8bit(proto, names: list[str], config: QuantizeConfig):
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return proto
+
+
+def _dequantized_blocks(data: np.ndarray, scales: np.ndarray, zero: np.ndarray | float, bits: int,
+                        block: int) -> np.ndarray:
+    """[rows, cols] float values of blocks quantized along the columns (uint8 packs two int4, low first)."""
+    if bits == 4 and data.dtype == np.uint8:
+        data = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(data.shape[0], -1)
+    values = data.astype(np.float32) - np.repeat(np.broadcast_to(zero, scales.shape), block, axis=1)[:, :data.shape[1]]
+    return values * np.repeat(scales.astype(np.float32), block, axis=1)[:, :data.shape[1]]
+
+
+def _share_token_table(proto, tied: bool) -> bool:
+    """A tied head and its token table, both quantized: keep one copy of the quantized blocks, the head's.
+
+    The Gather then reads the head's packed uint8 blocks, and the head's MatMulNBits reads them through a
+    Reshape that ONNX Runtime folds at load. ORT's Gather and MatMul quantizers may round a few values
+    differently, so the two are shared only if every value agrees within one step. Returns True if shared;
+    nothing changes otherwise."""
+    from onnx import helper, numpy_helper
+
+    if not tied:
+        return False
+    inits = {t.name: t for t in proto.graph.initializer}
+    gathers = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized" and n.input[0] in inits]
+    heads = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output and n.input[1] in inits]
+    if len(gathers) != 1 or len(heads) != 1:
+        return False
+    gather, head = gathers[0], heads[0]
+    g_attr = {a.name: helper.get_attribute_value(a) for a in gather.attribute}
+    h_attr = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    bits, block = g_attr.get("bits", 4), g_attr.get("block_size")
+    if (g_attr.get("gather_axis", 0), g_attr.get("quantize_axis", 1)) != (0, 1) or bits != h_attr.get("bits") \
+            or block != h_attr.get("block_size") or len(head.input) > 3:
+        return False
+    table, blocks = numpy_helper.to_array(inits[gather.input[0]]), numpy_helper.to_array(inits[head.input[1]])
+    g_scales, h_scales = numpy_helper.to_array(inits[gather.input[2]]), numpy_helper.to_array(inits[head.input[2]])
+    rows = blocks.shape[0]
+    h_scales = h_scales.reshape(g_scales.shape)
+    offset = 8 if bits == 4 else 128
+    g_zero = numpy_helper.to_array(inits[gather.input[3]]) if len(gather.input) > 3 else (offset if table.dtype == np.uint8 else 0)
+    cols = table.shape[1] * (2 if bits == 4 and table.dtype == np.uint8 else 1)
+    if blocks.shape[1] * block != cols:  # padded blocks: the Gather would return the padding too
+        return False
+    theirs = _dequantized_blocks(blocks.reshape(rows, -1), h_scales, offset, bits, block)
+    mine = _dequantized_blocks(table, g_scales, g_zero, bits, block)
+    step = np.repeat(np.maximum(np.abs(g_scales), np.abs(h_scales)), block, axis=1)
+    if theirs.shape != mine.shape or not np.all(np.abs(theirs - mine) <= 1.01 * step):
+        return False
+    name = f"{gather.input[0]}.shared"
+    proto.graph.initializer.extend([numpy_helper.from_array(blocks.reshape(rows, -1), name),
+                                    numpy_helper.from_array(np.array(blocks.shape, np.int64), f"{name}.head_shape")])
+    proto.graph.node.insert(0, helper.make_node("Reshape", [name, f"{name}.head_shape"], [f"{name}.head"],
+                                                name=f"{name}/Reshape"))
+    for old in {gather.input[0], head.input[1], gather.input[2], *gather.input[3:]} - {head.input[2]}:
+        proto.graph.initializer.remove(inits[old])
+    indices = gather.input[1]
+    del gather.input[:]
+    gather.input.extend([name, indices, head.input[2]])
+    if bits == 8:  # uint8 about 128, as the head's symmetric blocks (4-bit uint8 defaults to 8 itself)
+        proto.graph.initializer.append(numpy_helper.from_array(np.full(g_scales.shape, 128, np.uint8), f"{name}.zero"))
+        gather.input.append(f"{name}.zero")
+    head.input[1] = f"{name}.head"
+    return True
 
 
 def _logits_check(fp32: Path, quantized: Path, vocab: int) -> dict[str, float]:
@@ -317,7 +383,10 @@ def quantize_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, co
     start = time.perf_counter()
     model = load_onnx(src / "model.onnx")
     gs_modules = relower_gs_blocks(model)
+    tables = {n.inputs[0].name for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value is not None}
     untied = untie_matmul_weights(model)
+    tied = any(v.name.removesuffix(".transposed") in tables for n in model.graph if n.name in untied
+               for v in n.inputs[1:2])
     for p in (common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass()):
         p(model)
     proto = ir.to_proto(ir.external_data.load_to_model(model))  # ORT's quantizer reads weights from the proto
@@ -327,9 +396,10 @@ def quantize_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, co
     proto = _run_quantizer(proto, groups["matmul"], config.bits, config)
     proto = _run_quantizer(proto, groups["head"], head_bits, config)
     if config.bits == 8:
-        proto = _quantize_gathers_8bit(proto, groups["gather"], config)
+        proto = _quantize_gathers_8bit(proto, groups["gather"], config, kept)
     else:
         proto = _run_quantizer(proto, groups["gather"], 4, config)
+    shared = config.share_table and _share_token_table(proto, tied)
     ops = {}
     for node in proto.graph.node:
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
@@ -355,7 +425,7 @@ def quantize_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, co
         write_json(tmp / QUANT_FILE, {
             "config": asdict(config), "label": label, "source": str(src.resolve()), "quantized_ops": ops,
             "kept_float": kept, "gs_relowered_in_blocks": len(gs_modules), "untied_heads": untied,
-            "groups": {k: len(v) for k, v in groups.items()}, "embedding_bits": config.bits if groups["gather"] else None,
+            "groups": {k: len(v) for k, v in groups.items()}, "token_table_shared_with_head": shared, "embedding_bits": config.bits if groups["gather"] else None,
             "bytes_before": folder_bytes(src), "bytes_after": folder_bytes(tmp), **check,
             "seconds": round(time.perf_counter() - start, 2), "onnxruntime": onnxruntime.__version__,
         })

@@ -127,3 +127,21 @@ def test_fused_artifact_matches_unfused_and_quantizes(structured, tmp_path):
     assert report["fusions"], "nothing fused in the structured artifact"
     q = quantize_artifact(out.parent, tmp_path / "fused-int4", QuantizeConfig(block_size=16))
     assert read_identity(q.parent)["fused"] and read_identity(q.parent)["quantized"] == "int4"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tied_table_is_stored_once_and_logits_do_not_move(tmp_path, bits):
+    tiny = tiny_artifact()  # tied embeddings
+    ids = _ids(256, 10, seed=2)
+    outs = {share: quantize_artifact(tiny.dir, tmp_path / f"{share}", QuantizeConfig(bits=bits, block_size=16,
+                                                                                       share_table=share))
+            for share in (True, False)}
+    reports = {k: json.loads((v.parent / QUANT_FILE).read_text()) for k, v in outs.items()}
+    assert reports[True]["token_table_shared_with_head"] and not reports[False]["token_table_shared_with_head"]
+    table_bytes = 257 * 64 * bits // 8
+    assert reports[False]["bytes_after"] - reports[True]["bytes_after"] >= 0.9 * table_bytes
+    shared, separate = ort_logits(outs[True], ids), ort_logits(outs[False], ids)
+    if bits == 4:  # the same blocks, byte for byte
+        np.testing.assert_array_equal(shared, separate)
+    else:          # the head's rounding of the table instead of the Gather's own: within int8 noise
+        assert rel_err(shared, separate) < 0.01
