@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -15,13 +14,13 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import ort_fusions
 
-from procrustes_onnx.core.artifacts import (SIDE_FILES, atomic_output_dir, load_onnx, onnx_identity, source_folder,
+from procrustes_onnx.core.artifacts import (atomic_output_dir, load_onnx, onnx_identity, source_folder,
                                             write_json, write_onnx_identity)
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import check_output
 
-from .genai_config import GENAI_CONFIG, genai_config
-from .pipeline import ort_logits
+from .genai_config import write_runtime_files
+from .pipeline import compare_logits
 
 __all__ = ["fuse_artifact", "FUSE_FILE", "FUSED_TOLERANCE"]
 
@@ -51,14 +50,9 @@ def fuse_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, *, ove
         ir.save(model, tmp / "model.onnx", external_data="model.onnx.data")
         del model
         write_onnx_identity(tmp, new_identity)
-        for name in SIDE_FILES + ("rewrite.json",):
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        write_json(tmp / GENAI_CONFIG, genai_config(tmp, ir.load(tmp / "model.onnx").graph))
+        write_runtime_files(tmp, ir.load(tmp / "model.onnx").graph, src=src, extra=("rewrite.json",))
         ids = (np.arange(1, 25, dtype=np.int64) * 7919 % 200)[None]
-        ref = ort_logits(src / "model.onnx", ids).astype(np.float64)
-        got = ort_logits(tmp / "model.onnx", ids).astype(np.float64)
-        err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+        err = compare_logits(src / "model.onnx", tmp / "model.onnx", ids)["logits_rel_error"]
         if not err < FUSED_TOLERANCE:
             raise UserError(f"the fused graph of {src} disagrees with it (relative error {err:.2e} > "
                             f"{FUSED_TOLERANCE:g}): use the unfused artifact")

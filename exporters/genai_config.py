@@ -22,7 +22,7 @@ from typing import Any
 import onnx_ir as ir
 from transformers import AutoConfig
 
-__all__ = ["GENAI_CONFIG", "genai_config"]
+__all__ = ["GENAI_CONFIG", "genai_config", "write_runtime_files"]
 
 GENAI_CONFIG = "genai_config.json"
 _LAYER = re.compile(r"\d+")
@@ -131,3 +131,21 @@ def genai_config(folder: str | os.PathLike, graph: ir.Graph, filename: str = "mo
         },
         "search": search,
     }
+
+
+def write_runtime_files(folder: Path, graph: ir.Graph, *, src: Path | None = None, extra: tuple[str, ...] = ()) -> None:
+    """The files a runtime reads beside model.onnx, for a folder being written: the side files copied from
+    ``src`` (plus ``extra``), config/tokenizer files that transformers 4.x and 5.x both read, and
+    genai_config.json rebuilt from ``graph`` (so a folder made from an older export gets one too)."""
+    import shutil
+
+    from procrustes_onnx.core.artifacts import SIDE_FILES, write_json
+
+    from .hf_compat import hf_compatible_files
+
+    for name in (SIDE_FILES + extra) if src is not None else ():
+        if (src / name).is_file():
+            shutil.copy2(src / name, folder / name)
+    for name, data in hf_compatible_files(folder).items():
+        write_json(folder / name, data)
+    write_json(folder / GENAI_CONFIG, genai_config(folder, graph))

@@ -26,8 +26,7 @@ from procrustes_onnx.core.artifacts import atomic_output_dir, write_json, write_
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.sources import model_fingerprint
 
-from .genai_config import GENAI_CONFIG, genai_config
-from .hf_compat import hf_compatible_files
+from .genai_config import write_runtime_files
 from .matmul_map import record_matmul_map
 from .wrappers import KVCacheWrapper, LogitsWrapper, example_inputs, io_spec
 
@@ -188,9 +187,7 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, with_past
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, data in hf_compatible_files(tmp).items():
-            write_json(tmp / name, data)
-        write_json(tmp / GENAI_CONFIG, genai_config(tmp, onnx_model.graph))
+        write_runtime_files(tmp, onnx_model.graph)
         write_json(tmp / "export.json", {
             "with_past": with_past, "opset": opset, "dtype": str(next(model.parameters()).dtype),
             "inputs": [v.name for v in onnx_model.graph.inputs],

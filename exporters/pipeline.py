@@ -100,6 +100,16 @@ def ort_logits(onnx_path: str | os.PathLike, ids):
     return session.run(["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[0]
 
 
+def compare_logits(ref_onnx: str | os.PathLike, onnx_path: str | os.PathLike, ids) -> dict[str, float]:
+    """Relative error and top-1 agreement of one ONNX model's logits against another's, on ``ids`` [B, T]."""
+    import numpy as np
+
+    ref = ort_logits(ref_onnx, ids).astype(np.float64)
+    got = ort_logits(onnx_path, ids).astype(np.float64)
+    return {"logits_rel_error": float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
+            "top1_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1)))}
+
+
 def _agrees_with_torch(model, onnx_path: Path, tol: float = 1e-4) -> bool:
     """Logits of a short fixed input from ONNX Runtime and torch agree to ``tol`` (relative)."""
     ids = torch.arange(1, 17).remainder(model.config.vocab_size)[None]

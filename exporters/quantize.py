@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,15 +25,14 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from procrustes_onnx.core.artifacts import (SIDE_FILES, atomic_output_dir, folder_bytes, load_onnx, onnx_identity,
+from procrustes_onnx.core.artifacts import (atomic_output_dir, folder_bytes, load_onnx, onnx_identity,
                                             source_folder, write_json, write_onnx_identity)
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import check_output
 from procrustes_onnx.ops.lowering import lower_gs_blocks
 
-from .genai_config import GENAI_CONFIG, genai_config
-from .hf_compat import hf_compatible_files
-from .pipeline import ort_logits
+from .genai_config import write_runtime_files
+from .pipeline import compare_logits
 
 __all__ = ["QuantizeConfig", "quantize_artifact", "relower_gs_blocks", "untie_matmul_weights", "QUANT_FILE",
            "PRECISIONS"]
@@ -358,10 +356,7 @@ def _share_token_table(proto, tied: bool) -> bool:
 def _logits_check(fp32: Path, quantized: Path, vocab: int) -> dict[str, float]:
     """Relative error and top-1 agreement of the quantized logits against the fp32 artifact's."""
     ids = _check_ids(fp32.parent, vocab)
-    ref = ort_logits(fp32, ids).astype(np.float64)
-    got = ort_logits(quantized, ids).astype(np.float64)
-    return {"logits_rel_error": float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
-            "top1_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))), "check_tokens": int(ids.shape[1])}
+    return {**compare_logits(fp32, quantized, ids), "check_tokens": int(ids.shape[1])}
 
 
 def quantize_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, config: QuantizeConfig = QuantizeConfig(),
@@ -415,12 +410,7 @@ def quantize_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, co
                   location="model.onnx.data", size_threshold=1024)
         del proto
         write_onnx_identity(tmp, new_identity)
-        for name in SIDE_FILES + ("rewrite.json",):
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        for name, data in hf_compatible_files(tmp).items():
-            write_json(tmp / name, data)
-        write_json(tmp / GENAI_CONFIG, genai_config(tmp, ir.load(tmp / "model.onnx").graph))
+        write_runtime_files(tmp, ir.load(tmp / "model.onnx").graph, src=src, extra=("rewrite.json",))
         check = _logits_check(src / "model.onnx", tmp / "model.onnx", vocab)
         write_json(tmp / QUANT_FILE, {
             "config": asdict(config), "label": label, "source": str(src.resolve()), "quantized_ops": ops,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,12 @@ from typing import Any
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from procrustes_onnx.core.artifacts import (SIDE_FILES, atomic_output_dir, folder_bytes, load_onnx, model_file,
+from procrustes_onnx.core.artifacts import (atomic_output_dir, folder_bytes, load_onnx, model_file,
                                             write_json, write_onnx_identity)
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import check_output, read_identity
 
-from .genai_config import GENAI_CONFIG, genai_config
-from .hf_compat import hf_compatible_files
+from .genai_config import write_runtime_files
 from .onnx_export import MAP_FILE
 from .rewrite_structured import RewriteStructuredMatmulsPass, normalize_manifest, promised_saving
 
@@ -82,12 +80,7 @@ def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.Pa
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         ir.save(model, tmp / "model.onnx", external_data="model.onnx.data")
         write_onnx_identity(tmp, identity)
-        for name in SIDE_FILES:
-            if (src.parent / name).is_file():
-                shutil.copy2(src.parent / name, tmp / name)
-        for name, data in hf_compatible_files(tmp).items():
-            write_json(tmp / name, data)
-        write_json(tmp / GENAI_CONFIG, genai_config(tmp, model.graph))  # rebuilt, so an older export gets one too
+        write_runtime_files(tmp, model.graph, src=src.parent)
         write_json(tmp / MAP_FILE, new_map)
         write_json(tmp / "rewrite.json", {
             "source": str(src), "modules": sorted(plan), "modified": result.modified,
