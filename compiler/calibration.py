@@ -21,7 +21,7 @@ from procrustes_onnx.core.texts import load_text, tokenize_corpus
 
 from .adapters import get_adapter
 
-__all__ = ["calibration_windows", "calibration_windows_for", "collect_grams", "capture_layer_inputs", "StopForward", "token_counts", "rotate_gram", "damp_gram"]
+__all__ = ["calibration_windows", "calibration_windows_for", "calibration_split", "collect_grams", "collect_curvature", "capture_layer_inputs", "StopForward", "token_counts", "rotate_gram", "damp_gram"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,33 @@ def calibration_windows_for(tokenizer, config, tokens: torch.Tensor | None = Non
     name, skip = _split_offset(config.calib_text)
     tokens = tokenize_corpus(tokenizer, load_text(name), max_tokens=skip + max(4 * need, need + 1))[skip:]
     return calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
+
+
+def calibration_split(tokenizer, config, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration windows, held-out windows): the same seeded calibration windows as
+    `calibration_windows_for`, and ``config.heldout_samples`` non-overlapping windows of the text that
+    follows the range they are drawn from, so the two never share a token (given ``tokens``: its last
+    windows are held out and the calibration draws from the rest)."""
+    need = config.calib_samples * config.calib_seq_len
+    held = config.heldout_samples * config.calib_seq_len
+    if tokens is not None:
+        tokens = tokens.flatten().long()
+        if tokens.numel() < held + config.calib_seq_len + 1:
+            raise UserError(f"calibration tokens ({tokens.numel()}) cannot hold {config.heldout_samples} held-out "
+                            f"windows of {config.calib_seq_len} and one calibration window: pass more tokens")
+        calib = calibration_windows(tokens[:-held], config.calib_samples, config.calib_seq_len, config.seed)
+        return calib, tokens[-held:].reshape(config.heldout_samples, config.calib_seq_len)
+    if tokenizer is None:
+        raise UserError("the held-out loss needs the model's tokenizer for the calibration text: pass it")
+    name, skip = _split_offset(config.calib_text)
+    span = max(4 * need, need + 1)
+    stream = tokenize_corpus(tokenizer, load_text(name), max_tokens=skip + span + held)[skip:]
+    if stream.numel() < span + held:
+        raise UserError(f"calibration text {config.calib_text!r} has {stream.numel():,} tokens after its offset, fewer "
+                        f"than the {span + held:,} that calibration and the held-out slice need: lower "
+                        "--calib-samples or --heldout-samples, or pass a longer text")
+    calib = calibration_windows(stream[:span], config.calib_samples, config.calib_seq_len, config.seed)
+    return calib, stream[span: span + held].reshape(config.heldout_samples, config.calib_seq_len).clone()
 
 
 def _split_offset(calib_text: str) -> tuple[str, int]:
@@ -104,6 +131,63 @@ def collect_grams(model: nn.Module, windows: torch.Tensor, paths: Iterable[str],
     if missing:
         raise RuntimeError(f"calibration hooks never fired for {missing[:3]}")
     return {p: grams[p] / counts[p] for p in paths}
+
+
+def collect_curvature(model: nn.Module, windows: torch.Tensor, paths: Iterable[str], *, batch_size: int = 2,
+                      progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(C, G) per module in ``paths``, float64: C = X^T X / N of its input and G = sum_t g_t g_t^T / N of
+    the gradient g_t of the summed next-token loss at its output, over all N calibration tokens.
+
+    Together they are the Kronecker-factored (K-FAC) curvature of the loss in that module's weight, so
+    0.5 tr(dW^T C dW G) estimates the loss a weight error dW adds. Gradients flow only to activations:
+    every parameter is frozen for the pass and restored after it."""
+    paths = list(dict.fromkeys(paths))
+    grams: dict[str, torch.Tensor] = {}
+    fishers: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def accumulate(store: dict, path: str, t: torch.Tensor) -> None:
+        t = t.detach().reshape(-1, t.shape[-1]).to(torch.float64)
+        if path not in store:
+            store[path] = torch.zeros(t.shape[1], t.shape[1], dtype=torch.float64)
+        store[path].addmm_(t.T, t)
+
+    def make_hook(path: str):
+        def hook(_module, args, out):
+            accumulate(grams, path, args[0])
+            if out.requires_grad:
+                out.register_hook(lambda g: accumulate(fishers, path, g))
+        return hook
+
+    embed = model.get_submodule(get_adapter(model).embed_path)
+    handles.append(embed.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True)))
+    for p in paths:
+        handles.append(model.get_submodule(p).register_forward_hook(make_hook(p)))
+    flags = [(prm, prm.requires_grad) for prm in model.parameters()]
+    for prm, _ in flags:
+        prm.requires_grad_(False)
+    n_tokens = 0
+    try:
+        with torch.enable_grad():
+            bar = tqdm(total=windows.shape[0], desc="curvature", unit="seq", disable=not progress, leave=False)
+            for i in range(0, windows.shape[0], batch_size):
+                batch = windows[i: i + batch_size]
+                logits = model(input_ids=batch, use_cache=False).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                         batch[:, 1:].reshape(-1), reduction="sum")
+                loss.backward()
+                n_tokens += batch.numel()
+                bar.update(batch.shape[0])
+            bar.close()
+    finally:
+        for h in handles:
+            h.remove()
+        for prm, flag in flags:
+            prm.requires_grad_(flag)
+    missing = [p for p in paths if p not in fishers]
+    if missing:
+        raise RuntimeError(f"curvature hooks never saw a gradient for {missing[:3]}")
+    return {p: grams[p] / n_tokens for p in paths}, {p: fishers[p] / n_tokens for p in paths}
 
 
 def damp_gram(gram: torch.Tensor, damp: float) -> torch.Tensor:

@@ -26,7 +26,8 @@ from procrustes_onnx.ops.embedding import embedding_rank
 
 from . import refine  # called as refine.refine_sequential: tests wrap that attribute
 from .adapters import get_adapter, get_module
-from .calibration import calibration_windows_for, collect_grams, damp_gram
+from .allocate import allocate_measured
+from .calibration import calibration_split, calibration_windows_for, collect_grams, damp_gram
 from .checkpoint import load_model, replace_linear, save_compressed
 from .config import EMBED_KEPT, CompressionConfig, Plan, build_plan
 from .embeddings import factor_embedding
@@ -38,7 +39,7 @@ from .slicegpt import slicegpt_compress
 from .solve import gram_paths, load_group, save_group, solve_group
 
 __all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count",
-           "check_layers"]
+           "check_layers", "solve_positions", "rotate_solved"]
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def _embedding_plan(model: nn.Module, config: CompressionConfig) -> dict | None:
 
 # --------------------------------------------------------------------------------------------- stages
 
-def _solve(model, positions, specs, config, work: Path, grams, progress: bool):
+def solve_positions(model, positions, specs, config, work: Path, grams, progress: bool):
     """Per group of positions (each position, or all at once): R and factors, from ``work`` if a previous
     run finished that group. Returns one R per position and the factors of every planned linear."""
     groups = [[p] for p in positions] if config.rotation == "per-position" else [positions]
@@ -116,13 +117,18 @@ def _solve(model, positions, specs, config, work: Path, grams, progress: bool):
     return rs, factors
 
 
-def _apply(model, positions, specs, rs, factors, rotation: str, keep_reference: bool = False) -> nn.Module | None:
-    """Rotate the dense model, then replace each planned linear by a StructuredLinear from its factors.
-    With ``keep_reference``, returns a copy of the rotated model taken before the swap (else None)."""
+def rotate_solved(model, rs, rotation: str) -> None:
+    """Rotate the fused dense model by the solved rotations (exact: its function does not change)."""
     if rotation == "global":
         rotate_global(model, rs[0].to(torch.float64))
     else:
         rotate_per_position(model, [r.to(torch.float64) for r in rs])
+
+
+def _apply(model, positions, specs, rs, factors, rotation: str, keep_reference: bool = False) -> nn.Module | None:
+    """Rotate the dense model, then replace each planned linear by a StructuredLinear from its factors.
+    With ``keep_reference``, returns a copy of the rotated model taken before the swap (else None)."""
+    rotate_solved(model, rs, rotation)
     reference = copy.deepcopy(model) if keep_reference else None
     for path, spec in specs.items():
         linear = get_module(model, path)
@@ -143,7 +149,11 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
     check_layers(model, config)
     # bad calibration text fails here, before work/ records these settings (a failed run blocks nothing)
     needs_text = config.method == "weighted" or config.compress_embeddings
-    windows = calibration_windows_for(tokenizer, config, calib_tokens) if needs_text else None
+    heldout = None
+    if config.measured:
+        windows, heldout = calibration_split(tokenizer, config, calib_tokens)
+    else:
+        windows = calibration_windows_for(tokenizer, config, calib_tokens) if needs_text else None
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     saved_cfg = work / "config.json"
@@ -164,8 +174,16 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
         if config.method == "weighted":
             grams = collect_grams(model, windows, gram_paths(positions, specs), progress=progress)
             grams = {k: damp_gram(v, config.damp) for k, v in grams.items()}
-        rs, factors = _solve(model, positions, specs, config, work, grams, progress)
-        reference = _apply(model, positions, specs, rs, factors, config.rotation, keep_reference=config.refine != "none")
+        rs, factors = solve_positions(model, positions, specs, config, work, grams, progress)
+        del grams
+        if config.measured:
+            rotate_solved(model, rs, config.rotation)
+            plan, plan.allocation = allocate_measured(model, plan, factors, windows, heldout, config, echo=echo,
+                                                      progress=progress)
+            reference = None
+        else:
+            reference = _apply(model, positions, specs, rs, factors, config.rotation,
+                               keep_reference=config.refine != "none")
         if reference is not None:
             records = refine.refine_sequential(model, reference, specs, windows, damp=config.damp,
                                         correct=config.refine == "corrected", work=work, progress=progress)
@@ -248,6 +266,8 @@ def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float, source:
     """Save through the checkpoint module; the resumable work/ folder goes along only with ``keep_work``."""
     extra = {"compression": config.to_dict(), "promised_params": plan.promised_params,
              "original_params": plan.original_params, "removed": plan.removed, "seconds": round(seconds, 1)}
+    if plan.allocation is not None:
+        extra["allocation"] = plan.allocation
     save_compressed(model, out_dir, tokenizer=tokenizer, extra_config=extra, source=source,
                     carry=("work",) if keep_work else ())
 
@@ -264,10 +284,14 @@ def compress_cli(*, model: str, out: str, config: str | None = None, overwrite: 
     if "preset" in given and "ratio" in given:
         raise UserError("--preset and --ratio both given: pass one (a preset fixes the kept fraction per matrix, "
                         "--ratio the fraction of all parameters removed)")
-    if "preset" in given:
-        base["ratio"] = None                 # a preset replaces the default (or the config file's) ratio
+    if "max_loss" in given and ("ratio" in given or "preset" in given):
+        raise UserError("--max-loss and --ratio/--preset both given: pass one (--max-loss finds the removal itself)")
+    if "max_loss" in given:
+        base["ratio"] = base["preset"] = None
+    elif "preset" in given:
+        base["ratio"] = base["max_loss"] = None  # a preset replaces the default (or the config file's) ratio
     elif "ratio" in given:
-        base["preset"] = None
+        base["preset"] = base["max_loss"] = None
     base.update(given)
     cfg = CompressionConfig.from_dict(base)
     calib = cfg.calib_text.rpartition("@")[0] or cfg.calib_text

@@ -21,6 +21,10 @@ STRUCTURES = ("kron", "gs", "dense")
 ROTATIONS = ("global", "per-position")
 METHODS = ("frobenius", "weighted", "slicegpt")
 BALANCES = ("relative", "paper", "none")
+ALLOCATIONS = ("middle", "first", "last", "measured")
+#: with --max-loss the rotation is solved for a uniform plan removing this share; the search then moves
+#: the removal over the measured ladder at that rotation
+MAX_LOSS_ROTATION_RATIO = 0.1
 
 
 @dataclass
@@ -56,7 +60,11 @@ class CompressionConfig:
     damp: float = 0.01                                          # Gram += damp * mean(diag) I (as SliceGPT)
     seed: int = 0
     kron_q: int | None = 8                                      # slabs of the hidden side (None: search)
-    allocation: str = "middle"                                  # which layers shrink first to hit --ratio
+    allocation: str = "middle"                                  # which layers shrink first to hit --ratio;
+                                                                # "measured": kept shares by estimated loss
+    max_loss: float | None = None                               # largest removal whose held-out perplexity
+                                                                # stays within (1 + max_loss) x dense
+    heldout_samples: int = 8                                    # held-out windows of the calibration text
     kron_split: str = "input"                                   # slab side: "input" (weighting acts there) or
                                                                 # "hidden" (the paper: the rotated side)
     refine: str = "none"                                        # after the solve: "sequential" re-fits each
@@ -68,9 +76,19 @@ class CompressionConfig:
 
     def validate(self) -> None:
         """Raise UserError naming the bad field and the fix."""
-        if (self.ratio is None) == (self.preset is None):
-            raise UserError("set exactly one of --ratio (fraction of parameters removed) and --preset "
-                            f"({', '.join(PRESETS)})")
+        if self.max_loss is not None:
+            if self.ratio is not None or self.preset is not None:
+                raise UserError("--max-loss and --ratio/--preset both given: pass one (--max-loss finds the removal "
+                                "itself)")
+            if not 0.0 <= float(self.max_loss) < 10.0:
+                raise UserError(f"--max-loss {self.max_loss} is outside [0, 10): it is the allowed rise of held-out "
+                                "perplexity over dense, e.g. 0.1 for 10%")
+            if self.method != "weighted":
+                raise UserError(f"--max-loss needs calibration statistics: use it with --method weighted, not "
+                                f"{self.method}")
+        elif (self.ratio is None) == (self.preset is None):
+            raise UserError("set exactly one of --ratio (fraction of parameters removed), --preset "
+                            f"({', '.join(PRESETS)}) and --max-loss")
         if self.preset is not None and self.preset not in PRESETS:
             raise UserError(f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
         if self.ratio is not None and not 0.0 < float(self.ratio) < 0.9:
@@ -89,7 +107,17 @@ class CompressionConfig:
         _choice("rotation", self.rotation, ROTATIONS)
         _choice("method", self.method, METHODS)
         _choice("balance", self.balance, BALANCES)
-        _choice("allocation", self.allocation, ("middle", "first", "last"))
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        if self.measured:
+            if self.method != "weighted":
+                raise UserError("--allocation measured needs calibration statistics: use it with --method weighted")
+            if self.preset is not None:
+                raise UserError("--allocation measured chooses kept shares itself: use --ratio or --max-loss, "
+                                "not --preset")
+            if self.refine != "none":
+                raise UserError(f"--refine {self.refine} does not combine with measured allocation: drop one")
+            if self.kept:
+                raise UserError("--kept fixes shares by role, which measured allocation chooses: drop one")
         _choice("kron split", self.kron_split, ("input", "hidden"))
         if "embed" in self.kept and not self.compress_embeddings:
             raise UserError("--kept embed=... needs --compress-embeddings (the embedding is dense otherwise)")
@@ -104,12 +132,23 @@ class CompressionConfig:
             raise UserError(f"--refine {self.refine} needs calibration: use it with --method weighted")
         _choice("token weighting", self.token_weighting, ("sqrt", "log"))
         for name, flag, least in (("iterations", "--iterations", 0), ("calib_samples", "--calib-samples", 1),
+                                  ("heldout_samples", "--heldout-samples", 1),
                                   ("calib_seq_len", "--calib-seq-len", 2), ("rotation_iters", "rotation_iters", 1)):
             if int(getattr(self, name)) < least:
                 raise UserError(f"{flag} {getattr(self, name)} is too small: it must be at least {least}")
         if self.calib_samples * self.calib_seq_len > 128 * 2048:
             raise UserError("calibration is capped at the paper's 128 x 2048 tokens: lower --calib-samples or "
                             "--calib-seq-len")
+
+    @property
+    def measured(self) -> bool:
+        """Whether kept shares come from the measured loss ladder (`--allocation measured`, `--max-loss`)."""
+        return self.allocation == "measured" or self.max_loss is not None
+
+    @property
+    def plan_ratio(self) -> float | None:
+        """The removal the uniform plan (and so the rotation) is built for."""
+        return MAX_LOSS_ROTATION_RATIO if self.max_loss is not None else self.ratio
 
     def structure_of(self, role: str, layer: int | None = None) -> str:
         """'kron', 'gs' or 'dense' for one matrix."""
@@ -185,6 +224,7 @@ class Plan:
     promised_params: int        # what the saved checkpoint will store
     skip_params: int = 0
     embedding: dict | None = None   # low-rank token embedding: path, shape [V, d], rank, params, tied
+    allocation: dict | None = None  # measured allocation: what it chose and the held-out losses it measured
 
     @property
     def removed(self) -> float:
@@ -295,7 +335,7 @@ def build_plan(candidates: list[tuple[str, str, int | None, tuple[int, int], str
 
     if config.preset is not None:
         return make(PRESETS[config.preset])
-    target = float(config.ratio)
+    target = float(config.plan_ratio)
     # the smallest uniform plan that still keeps too much, then shrink single matrices in allocation order
     plans = [make(i / 200) for i in range(200, 9, -1)]
     start = max((p for p in plans if p.removed <= target), key=lambda p: p.removed, default=plans[0])
@@ -320,7 +360,7 @@ def build_plan(candidates: list[tuple[str, str, int | None, tuple[int, int], str
         if not changed:
             break
     if abs(best.removed - target) > 0.02:
-        raise UserError(f"--ratio {config.ratio} cannot be reached (nearest: {best.removed:.3f} removed with "
+        raise UserError(f"--ratio {target} cannot be reached (nearest: {best.removed:.3f} removed with "
                         f"these matrices compressed): compress more roles or pick a ratio near {best.removed:.2f}")
     return best
 
@@ -331,5 +371,5 @@ def _priority(entry: PlanEntry, allocation: str, candidates) -> tuple:
     layers = [c[2] for c in candidates if c[2] is not None]
     top = max(layers) if layers else 0
     layer = entry.layer if entry.layer is not None else top
-    key = {"middle": abs(layer - top / 2), "first": layer, "last": -layer}[allocation]
+    key = {"first": layer, "last": -layer}.get(allocation, abs(layer - top / 2))  # measured: middle first
     return (key, layer, entry.role)

@@ -19,7 +19,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     overrides = {"structure": args.structure, "ratio": args.ratio, "preset": args.preset, "rotation": args.rotation,
                  "method": args.method, "iterations": args.iterations, "calib_text": args.calib,
                  "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
-                 "compress_embeddings": args.compress_embeddings or None, "refine": args.refine}
+                 "compress_embeddings": args.compress_embeddings or None, "refine": args.refine,
+                 "allocation": args.allocation, "max_loss": args.max_loss, "heldout_samples": args.heldout_samples}
     if args.kept:
         overrides["kept"] = parse_kept("--kept", args.kept)
     if args.dense_layers is not None:
@@ -195,6 +196,19 @@ def cmd_heal(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_budget_arguments(p: argparse.ArgumentParser) -> None:
+    """The accuracy-budget flags of `compress` and `run`: measured allocation and --max-loss."""
+    p.add_argument("--allocation", choices=["middle", "first", "last", "measured"],
+                   help="which matrices give up parameters: by layer order (default middle first), or measured: "
+                        "kept shares chosen by each matrix's estimated effect on the loss (shipped only when it "
+                        "beats the uniform plan on held-out calibration text)")
+    p.add_argument("--max-loss", type=fraction(0, 10, low_open=False, high_open=True),
+                   help="instead of --ratio: the largest removal whose perplexity on held-out calibration text stays "
+                        "within (1 + F) x dense, e.g. 0.1 (never measured on the evaluation text)")
+    p.add_argument("--heldout-samples", type=count(),
+                   help="held-out calibration windows that --max-loss and --allocation measured score (default 8)")
+
+
 def add_heal_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
     """The healing flags; on `heal` the budget is --heal-tokens as well, so one spelling works everywhere."""
     from procrustes_onnx.compiler.heal import DEFAULT_LR, HEAL_MODES, HealConfig
@@ -268,6 +282,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="low-rank token embedding (a tied head reads the same factors); kept share --kept embed=F, "
                         "default 0.75")
     p.add_argument("--seed", type=count(0, SEED_MAX))
+    add_budget_arguments(p)
     add_heal_arguments(p, verb="compress")
     p.set_defaults(func=cmd_compress)
 
@@ -336,6 +351,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _model(p)
     from procrustes_onnx.pipeline_options import add_run_arguments
     add_run_arguments(p)
+    add_budget_arguments(p)
     add_heal_arguments(p, verb="run")
     add_quantize_arguments(p, verb="run")
     p.set_defaults(func=cmd_run)
