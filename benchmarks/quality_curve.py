@@ -182,7 +182,7 @@ def phase_structured(structure: str, args, emit) -> None:
             emit_choice({"row": f"{name}-maxloss-{max_loss:g}", "method": name, "allocation": "measured",
                          "max_loss": max_loss, "limit_nll": limit, "promised_heldout_ppl_ratio":
                          None if nll is None else math.exp(nll - dense_nll), "probes": probes, "steps": n},
-                        choice_after(ladders, steps, n), True)
+                        choice_after(ladders, steps, n), args.full_max_loss)
 
 
 def main() -> None:
@@ -193,6 +193,7 @@ def main() -> None:
     ap.add_argument("--full", default="0.05,0.14", help="ratios also scored on the full protocol")
     ap.add_argument("--measured", default="gs", help="structures that get measured-allocation rows")
     ap.add_argument("--max-loss", default="0.05,0.1")
+    ap.add_argument("--full-max-loss", action="store_true", help="score the --max-loss rows on the full protocol")
     ap.add_argument("--calib", default="mix")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)

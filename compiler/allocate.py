@@ -251,7 +251,8 @@ def allocate_measured(model: nn.Module, plan: Plan, uniform_factors: dict[str, F
         if n == 0:
             nll = dense_nll
             echo(f"--max-loss {config.max_loss}: no ladder step keeps the held-out perplexity within "
-                 f"{1 + float(config.max_loss):.3f} x dense; the dense model is returned (0.00% removed)")
+                 f"{1 + float(config.max_loss):.3f} x dense; the dense model is returned (every linear dense, "
+                 f"{100 * plan_of(plan, ladders, choice).removed:.2f}% removed by folding norms)")
     else:
         budget = sum(e.params for e in plan.entries)
         choice, n = allocate(ladders, steps, budget)

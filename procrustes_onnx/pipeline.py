@@ -61,7 +61,19 @@ def _compression_config(opts: RunOptions, variant: str):
     if VARIANTS[variant].get("method") != "slicegpt":
         base.update(opts.solver)
     base.update({k: v for k, v in overrides.items() if v is not None})
+    if VARIANTS[variant].get("method") != "slicegpt":  # the accuracy budget is a ProcrustesGPT setting
+        budget = {"allocation": opts.allocation, "max_loss": opts.max_loss, "heldout_samples": opts.heldout_samples}
+        base.update({k: v for k, v in budget.items() if v is not None})
+        if opts.max_loss is not None:
+            base["ratio"] = None
     return CompressionConfig.from_dict(base)
+
+
+def _removal_label(config: dict) -> tuple[str, str]:
+    """How a variant's folder and title name its size: the removal asked, or the loss budget."""
+    if config.get("max_loss") is not None:
+        return f"maxloss{config['max_loss']:g}", f"at most {config['max_loss']:.0%} higher held-out perplexity"
+    return f"{round(100 * config['ratio'])}", f"{config['ratio']:.0%} of parameters removed"
 
 
 def _compress(model_dir: Path, config, out: Path) -> None:
@@ -162,12 +174,12 @@ def run_pipeline(opts: RunOptions) -> Path:
     claim(checked, [".work"])
     model_key = folder_hash(model_dir)
     text_key = content_hash(eval_text)  # the text's content, not its name: an edited file is re-measured
-    slug, pct = _slug(opts.model), f"{round(100 * opts.ratio)}"
+    slug = _slug(opts.model)
 
     entries: dict[str, dict] = {}
     for variant in opts.variants:
-        clock.stage(f"compress {variant} at {opts.ratio:.0%} removed")
         config = _compression_config(opts, variant)
+        clock.stage(f"compress {variant}, {_removal_label(config.to_dict())[1]}")
         key = {"model": model_key, "config": config.to_dict()}
         # one folder per configuration: a partial run of other settings is never clobbered or mixed in
         ckpt = cached_dir(work / f"{variant}-{content_hash(key)}", key, lambda d, c=config: _compress(model_dir, c, d),
@@ -200,7 +212,8 @@ def run_pipeline(opts: RunOptions) -> Path:
     twins: list[Path] = []  # dense twins of globally rotated variants: same graph, other weights
     for variant, entry in entries.items():
         clock.stage(f"export + rewrite {variant}")
-        folder = out / f"{slug}-{variant}-{pct}"
+        label, title = _removal_label(entry["config"])
+        folder = out / f"{slug}-{variant}-{label}"
         key = {"checkpoint": entry["key"], "stage": "export-rewrite"}
 
         same_shape = entry["config"]["rotation"] == "global" and entry["config"]["method"] != "slicegpt"
@@ -209,7 +222,7 @@ def run_pipeline(opts: RunOptions) -> Path:
         def build(d: Path, e=entry, v=variant, twin=twin) -> None:
             export_compressed(e["checkpoint"], d, dense_dir=twin, templates=[dense_dir, *twins] if twin else ())
             shutil.copy2(Path(e["checkpoint"]) / "structure.json", d / "structure.json")  # the structure manifest
-            _write_artifact_readme(d, f"{opts.model}, {v}, {opts.ratio:.0%} of parameters removed",
+            _write_artifact_readme(d, f"{opts.model}, {v}, {title}",
                                    {"compression": e["config"]})
         cached_dir(folder, key, build, clock.note)
         if twin is not None and (twin / "model.onnx").is_file():

@@ -125,5 +125,5 @@ def heal_scores(unhealed: Path, healed: Path, text: str, opts: RunOptions) -> di
 
 def compression_summary(checkpoint: Path) -> dict:
     config = json.loads((Path(checkpoint) / "config.json").read_text()).get("procrustes", {})
-    keep = ("promised_params", "original_params", "removed", "seconds")
+    keep = ("promised_params", "original_params", "removed", "seconds", "allocation")
     return {k: config[k] for k in keep if k in config}

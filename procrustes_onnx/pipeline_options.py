@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from procrustes_onnx.core.errors import UserError
+
 __all__ = ["VARIANTS", "RUN_TASKS", "RUN_HEAL_TOKENS", "RunOptions", "add_run_arguments", "heal_config_from_args",
            "quantize_config_from_args", "QUANT_WINDOWS"]
 
@@ -68,6 +70,9 @@ class RunOptions:
     model: str = "smollm2-135m"
     out: str = "artifacts"
     ratio: float = 0.2
+    max_loss: float | None = None        # ProcrustesGPT variants find their own removal (SliceGPT keeps ratio)
+    allocation: str | None = None        # None: the compressor's default (middle layers first)
+    heldout_samples: int | None = None
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     rotation: str | None = None
     calib_samples: int | None = None
@@ -101,7 +106,12 @@ class RunOptions:
                  "calib_seq_len": args.calib_seq_len}
         solver.update({k: v for k, v in given.items() if v is not None})
         tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks else RUN_TASKS
-        opts = cls(model=args.model, out=args.out, ratio=args.ratio, variants=variants, rotation=args.rotation,
+        if args.max_loss is not None and args.ratio is not None:
+            raise UserError("--max-loss and --ratio both given: pass one (--max-loss lets each ProcrustesGPT variant "
+                            "find its removal; SliceGPT then runs at the default 20%)")
+        opts = cls(model=args.model, out=args.out, ratio=0.2 if args.ratio is None else args.ratio,
+                   max_loss=args.max_loss, allocation=args.allocation, heldout_samples=args.heldout_samples,
+                   variants=variants, rotation=args.rotation,
                    calib_samples=solver.pop("calib_samples"), calib_seq_len=solver.pop("calib_seq_len"),
                    iterations=solver.pop("iterations"), text=args.text, calib=args.calib, quick=args.quick,
                    evaluate=not args.no_eval, benchmark=not args.no_bench, threads=args.threads,
@@ -123,7 +133,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="artifacts", help="artifact folder (default: artifacts/; a rerun resumes)")
     p.add_argument("--overwrite", action="store_true",
                    help="use a non-empty --out that procrustes-onnx did not make (files in it are kept)")
-    p.add_argument("--ratio", type=fraction(0, 0.9, high_open=True), default=0.2,
+    p.add_argument("--ratio", type=fraction(0, 0.9, high_open=True),
                    help="fraction of parameters removed (default 0.2)")
     p.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} "
                                       f"(default {','.join(DEFAULT_VARIANTS)})")

@@ -115,6 +115,61 @@ def _healing_lines(results: dict) -> list[str]:
                     "the top-k KL to the dense model in nats per token.", ""]
 
 
+def _budget_lines(results: dict, rows: list[dict]) -> list[str]:
+    """Measured allocation / --max-loss: what each variant chose, the held-out loss it promised on calibration
+    text, and the perplexity the evaluation text then measured (both as ratios to dense)."""
+    budgeted = {name: r["compression"]["allocation"] for name, r in results.items()
+                if r.get("compression", {}).get("allocation")}
+    if not budgeted:
+        return []
+    ppl = {r["name"]: r["ppl"] for r in rows}
+    lines = ["## Accuracy budget", "",
+             "Kept shares chosen per matrix from each linear's loss ladder (`--allocation measured`, `--max-loss`; "
+             "docs/compression_quality.md). The promise is measured on held-out calibration text, never on the "
+             "evaluation text; the last column is what the evaluation text measured.", "",
+             "| variant | plan shipped | budget | removed % | held-out PPL x dense (promised) | "
+             "evaluation PPL x dense |", "|---|---|---|---|---|---|"]
+    for name, a in budgeted.items():
+        budget = f"--max-loss {a['max_loss']:g}" if "max_loss" in a else "--ratio"
+        measured = ppl.get(name) / ppl["dense"] if ppl.get(name) and ppl.get("dense") else None
+        lines.append(f"| {name} | {a['shipped']} | {budget} | {100 * a['removed']:.2f} | {a['heldout_ppl_ratio']:.3f} | "
+                     f"{_fmt(measured, '.3f')} |")
+    return lines + [""]
+
+
+def quality_curve_plot(out: Path, curve: dict) -> str | None:
+    """PPL vs removed % from `benchmarks/quality_curve.py` rows: one line per method and allocation, the
+    `--max-loss` operating points marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in curve.get("rows", []) if not r["row"].endswith("@full") and r.get("ppl")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if "max_loss" in r or r["method"] == "dense":
+            continue
+        label = r["method"] + (f" ({r['allocation']})" if r.get("allocation") else "")
+        series.setdefault(label, []).append((r["removed_pct"], r["ppl"]))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    for r in rows:
+        if "max_loss" in r:
+            ax.scatter(r["removed_pct"], r["ppl"], marker="*", s=160, color="k", zorder=5)
+            ax.annotate(f"--max-loss {r['max_loss']:g}", (r["removed_pct"], r["ppl"]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+    if curve.get("dense_ppl"):
+        ax.axhline(curve["dense_ppl"], color="grey", linestyle="--", label="dense")
+    ax.set_yscale("log"), ax.set_xlabel("parameters removed (%)"), ax.set_ylabel("perplexity (log)")
+    ax.set_title(f"Quality vs size ({curve.get('protocol', '')[:40]})", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, out / "quality_curve.png")
+
+
 def quantized_rows(results: dict, reference: dict | None = None) -> list[dict]:
     """fp32 and weight-only rows on the same first windows (the fp32 PPL re-scored from its per-window
     NLLs), then the onnxruntime-genai builder's model as the reference point."""
@@ -223,6 +278,16 @@ def write_report(out: Path, results: dict, opts: RunOptions, timing: dict, refer
               "Ideal = dense weight-MatMul MACs per token / this artifact's (tied head included). "
               "Solver: " + ", ".join(f"{k} {v}" for k, v in solver.items()) + ".", ""]
     lines += _healing_lines(results)
+    lines += _budget_lines(results, rows)
+    curve_path = Path(__file__).resolve().parent.parent / "docs" / "results" / "quality_curve.json"
+    if curve_path.is_file() and Path(opts.model).name.lower().startswith("smollm2"):
+        curve = json.loads(curve_path.read_text())
+        plot = quality_curve_plot(out, curve)
+        if plot:
+            lines += ["## Quality vs size (benchmark)", "", "From `benchmarks/quality_curve.py` "
+                      f"(docs/results/quality_curve.json, {curve.get('date', '')}, {curve.get('protocol', '')}): "
+                      "the curve this run's variants sit on; stars mark `--max-loss` operating points.", "",
+                      f"![{plot}]({plot})", ""]
     lines += _quantized_lines(qrows, out)
     lines += [f"![{p}]({p})" for p in plots]
     lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]

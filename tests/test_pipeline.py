@@ -130,3 +130,18 @@ def test_main_job_heals_each_variant_and_reports_before_and_after(tmp_path):
     assert "## Healing" in report and f"{healing['ppl_after']:,.1f}" in report
     assert results["results"]["w-gs"]["validation"]["relative_error"] < 1e-4  # the artifact is the healed model
     assert json.loads((tmp_path / "artifacts" / "tiny-w-gs-20" / "structure.json").read_text())["structured"]
+
+
+def test_main_job_with_max_loss_names_the_budget_and_reports_the_promise(tmp_path):
+    model = save_tiny_model(tmp_path / "tiny")
+    calib = _text(tmp_path / "calib.txt", 1)
+    opts = RunOptions(model=str(model), out=str(tmp_path / "artifacts"), variants=["w-gs"], max_loss=0.5,
+                      text=_text(tmp_path / "eval.txt", 0), calib=calib, iterations=2, calib_samples=2,
+                      calib_seq_len=64, heldout_samples=2, threads=1, evaluate=False, benchmark=False)
+    report = run_pipeline(opts).read_text()
+    results = json.loads((tmp_path / "artifacts" / "results.json").read_text())
+    alloc = results["results"]["w-gs"]["compression"]["allocation"]
+    assert alloc["max_loss"] == 0.5 and alloc["heldout_nll"] <= alloc["limit_nll"]
+    assert (tmp_path / "artifacts" / "tiny-w-gs-maxloss0.5" / "model.onnx").is_file()
+    assert "## Accuracy budget" in report and "--max-loss 0.5" in report
+    assert results["results"]["w-gs"]["validation"]["relative_error"] < 1e-4
