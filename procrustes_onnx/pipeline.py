@@ -179,7 +179,8 @@ def run_pipeline(opts: RunOptions) -> Path:
     entries: dict[str, dict] = {}
     for variant in opts.variants:
         config = _compression_config(opts, variant)
-        clock.stage(f"compress {variant}, {_removal_label(config.to_dict())[1]}")
+        clock.stage(f"compress {variant} " + (f"at {config.ratio:.0%} removed" if config.max_loss is None
+                                              else f"within --max-loss {config.max_loss:g}"))
         key = {"model": model_key, "config": config.to_dict()}
         # one folder per configuration: a partial run of other settings is never clobbered or mixed in
         ckpt = cached_dir(work / f"{variant}-{content_hash(key)}", key, lambda d, c=config: _compress(model_dir, c, d),
