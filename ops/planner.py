@@ -2,7 +2,7 @@
 configs for a kept fraction, and their exact parameter counts.
 
 Two families of planners share the spec layout and counts here:
-- ``plan_kronecker`` / ``plan_gs`` / ``plan_matrix`` (a `Plan` each): the paper's named configs and
+- ``plan_kronecker`` / ``plan_gs`` / ``plan_matrix`` (a `MatrixPlan` each): the paper's named configs and
   a search over every valid split, for benchmarks and shape studies;
 - ``kron_spec`` / ``gs_spec`` / ``shrink_spec`` (a spec dict each): what the compressor stores, one fixed
   family per structure (q = 8 slabs; kl = kr = k blocks) so ``compiler.config.build_plan`` can meet a
@@ -25,7 +25,7 @@ from fractions import Fraction
 
 from procrustes_onnx.core.errors import UserError
 
-__all__ = ["Plan", "PAPER_FRACTIONS", "parse_kept", "plan_kronecker", "plan_gs", "plan_dense", "plan_matrix",
+__all__ = ["MatrixPlan", "PAPER_FRACTIONS", "parse_kept", "plan_kronecker", "plan_gs", "plan_dense", "plan_matrix",
            "kron_candidates", "gs_candidates", "spec_params", "spec_shapes", "kron_spec", "gs_spec", "shrink_spec"]
 
 PAPER_FRACTIONS = {"3/4": Fraction(3, 4), "5/8": Fraction(5, 8), "1/2": Fraction(1, 2)}
@@ -37,7 +37,7 @@ CLOSE_ENOUGH = 0.01   # among plans this close to the target, the one with the f
 
 
 @dataclass(frozen=True)
-class Plan:
+class MatrixPlan:
     """One planned matrix: its spec (for `structured_from_spec`), exact parameter counts and kept share."""
 
     spec: dict
@@ -108,24 +108,24 @@ def _gs_factors(n_in: int, n_out: int, kl: int, kr: int, inner: int) -> dict:
             "in": n_in, "out": n_out}
 
 
-def _kron_plan(n_in: int, n_out: int, rotated: str, r: int, q: int) -> Plan:
+def _kron_plan(n_in: int, n_out: int, rotated: str, r: int, q: int) -> MatrixPlan:
     _check_side(n_in, n_out, rotated)
     spec = _kron_factors(n_in, n_out, rotated, r, q)
-    return Plan(spec, spec_params(spec), n_in * n_out)
+    return MatrixPlan(spec, spec_params(spec), n_in * n_out)
 
 
-def kron_candidates(n_in: int, n_out: int, rotated: str, max_q: int = 64) -> list[Plan]:
+def kron_candidates(n_in: int, n_out: int, rotated: str, max_q: int = 64) -> list[MatrixPlan]:
     """Every valid (r, q) with q | d, 2 <= q <= max_q, 1 <= r < q (rank r <= q is the rearranged rank bound)."""
     d, _ = _check_side(n_in, n_out, rotated)
     return [_kron_plan(n_in, n_out, rotated, r, q) for q in range(2, max_q + 1) if d % q == 0 for r in range(1, q)]
 
 
-def _nearest(cands: list[Plan], f: Fraction, k: int = 4) -> str:
+def _nearest(cands: list[MatrixPlan], f: Fraction, k: int = 4) -> str:
     best = sorted(cands, key=lambda p: (abs(p.kept - float(f)), p.params))[:k]
     return "; ".join(p.describe() for p in best) or "none"
 
 
-def plan_kronecker(n_in: int, n_out: int, rotated: str, kept: float | str) -> Plan:
+def plan_kronecker(n_in: int, n_out: int, rotated: str, kept: float | str) -> MatrixPlan:
     """Kronecker plan: the paper's (r, q) for a named fraction, else the smallest q within CLOSE_ENOUGH
     of the target (else the nearest). UserError with the nearest valid choices if none fits."""
     f, name = parse_kept(kept)
@@ -144,7 +144,7 @@ def plan_kronecker(n_in: int, n_out: int, rotated: str, kept: float | str) -> Pl
     return _pick(cands, f, lambda p: p.spec["a_shape"][0] * p.spec["a_shape"][1])
 
 
-def _gs_plan(n_in: int, n_out: int, kl: int, kr: int, f: Fraction) -> Plan | None:
+def _gs_plan(n_in: int, n_out: int, kl: int, kr: int, f: Fraction) -> MatrixPlan | None:
     """GS with the given block counts and the inner dim nearest budget f; None if impossible."""
     if n_in % kl or n_out % kr:
         return None
@@ -155,17 +155,17 @@ def _gs_plan(n_in: int, n_out: int, kl: int, kr: int, f: Fraction) -> Plan | Non
     if inner < step:
         return None
     spec = _gs_factors(n_in, n_out, kl, kr, inner)
-    return Plan(spec, spec_params(spec), n_in * n_out)
+    return MatrixPlan(spec, spec_params(spec), n_in * n_out)
 
 
-def gs_candidates(n_in: int, n_out: int, kept: float | str) -> list[Plan]:
+def gs_candidates(n_in: int, n_out: int, kept: float | str) -> list[MatrixPlan]:
     """All GS plans with power-of-two block counts 2..64 (kl, kr), each at the inner dim nearest the budget."""
     f, _ = parse_kept(kept)
     plans = (_gs_plan(n_in, n_out, kl, kr, f) for kl in BLOCK_COUNTS for kr in BLOCK_COUNTS)
     return [p for p in plans if p is not None]
 
 
-def plan_gs(n_in: int, n_out: int, rotated: str, kept: float | str) -> Plan:
+def plan_gs(n_in: int, n_out: int, rotated: str, kept: float | str) -> MatrixPlan:
     """GS plan: the paper's block counts for a named fraction (mirrored when the output side is rotated),
     else the fewest blocks within CLOSE_ENOUGH of the target (else the nearest)."""
     f, name = parse_kept(kept)
@@ -191,20 +191,20 @@ def plan_gs(n_in: int, n_out: int, rotated: str, kept: float | str) -> Plan:
     return _pick(cands, f, lambda p: p.spec["left"][0] + p.spec["right"][0])
 
 
-def _pick(cands: list[Plan], f: Fraction, size) -> Plan:
+def _pick(cands: list[MatrixPlan], f: Fraction, size) -> MatrixPlan:
     close = [p for p in cands if abs(p.kept - float(f)) <= CLOSE_ENOUGH]
     if close:
         return min(close, key=lambda p: (size(p), abs(p.kept - float(f))))
     return min(cands, key=lambda p: (abs(p.kept - float(f)), size(p)))
 
 
-def plan_dense(n_in: int, n_out: int) -> Plan:
+def plan_dense(n_in: int, n_out: int) -> MatrixPlan:
     spec = {"kind": "dense", "in": n_in, "out": n_out}
-    return Plan(spec, n_in * n_out, n_in * n_out)
+    return MatrixPlan(spec, n_in * n_out, n_in * n_out)
 
 
-def plan_matrix(n_in: int, n_out: int, rotated: str, kept: float | str) -> dict[str, Plan]:
-    """Both structured plans for one matrix: {"kron": Plan, "gs": Plan}."""
+def plan_matrix(n_in: int, n_out: int, rotated: str, kept: float | str) -> dict[str, MatrixPlan]:
+    """Both structured plans for one matrix: {"kron": MatrixPlan, "gs": MatrixPlan}."""
     return {"kron": plan_kronecker(n_in, n_out, rotated, kept), "gs": plan_gs(n_in, n_out, rotated, kept)}
 
 
