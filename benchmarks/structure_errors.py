@@ -21,14 +21,13 @@ def main() -> None:
 
     from procrustes_onnx.compiler.calibration import calibration_windows, collect_grams, damp_gram
     from procrustes_onnx.compiler.checkpoint import load_model
-    from procrustes_onnx.compiler.config import kron_spec
     from procrustes_onnx.compiler.fusion import fuse_norms
     from procrustes_onnx.compiler.weighted import project_weighted
     from procrustes_onnx.core.environment import write_results
     from procrustes_onnx.core.texts import load_text, tokenize_corpus
     from procrustes_onnx.ops import gs_materialize, kron_materialize, project_gs_weighted
     from procrustes_onnx.ops import projection_error as rel
-    from procrustes_onnx.ops.planner import spec_params
+    from procrustes_onnx.ops.planner import kron_spec, spec_params
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", default="5,20")

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
+from procrustes_onnx.ops.planner import gs_spec, kron_spec, spec_params
 
 from .adapters import get_module
 from .calibration import collect_curvature, damp_gram
 from .checkpoint import replace_linear
-from .config import PlanEntry, Plan, gs_spec, kron_spec, spec_params
+from .config import PlanEntry, Plan
 from .weighted import project_weighted
 
 __all__ = ["LADDER_KEPT", "Option", "Ladder", "build_ladders", "option_for", "greedy_steps", "choice_after",

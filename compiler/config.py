@@ -8,10 +8,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from procrustes_onnx.core.errors import UserError
-from procrustes_onnx.ops.planner import spec_params
+from procrustes_onnx.ops.planner import gs_spec, kron_spec, shrink_spec, spec_params, spec_shapes
 
-__all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES", "Plan", "PlanEntry", "build_plan", "kron_spec",
-           "gs_spec", "spec_params", "shrink_spec"]
+__all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES", "Plan", "PlanEntry", "build_plan"]
 
 #: the paper's fixed configurations: name -> fraction of each compressed matrix KEPT
 PRESETS = {"3/4": 0.75, "5/8": 0.625, "1/2": 0.5, "full": 1.0}  # "full": exact (lossless), for checks
@@ -218,6 +217,9 @@ class PlanEntry:
 
 @dataclass
 class Plan:
+    """A whole model's plan: one `PlanEntry` per compressed linear and the parameter totals it promises
+    (per-matrix shapes come from `ops.planner`)."""
+
     entries: list[PlanEntry]
     kept: float                 # per-matrix kept fraction the plan was built for
     original_params: int        # the model before any surgery (tied weights once)
@@ -234,7 +236,7 @@ class Plan:
         """Per matrix type: structure, shapes, parameters (printed before any work starts)."""
         rows: dict[tuple, list[PlanEntry]] = {}
         for e in self.entries:
-            key = (e.role, e.spec["kind"], e.shape, _spec_shapes(e.spec))
+            key = (e.role, e.spec["kind"], e.shape, spec_shapes(e.spec))
             rows.setdefault(key, []).append(e)
         def line(role, kind, shape, shapes, count, params) -> str:
             return (f"{role:6} {kind:5} {f'{shape[0]}x{shape[1]}':>10} {shapes:34} {count:5d} {params:9d} "
@@ -250,66 +252,6 @@ class Plan:
         lines.append(f"skip matrices: {self.skip_params} params; stored {self.promised_params:,} of "
                      f"{self.original_params:,} -> {100 * self.removed:.2f}% removed")
         return "\n".join(lines)
-
-
-def _spec_shapes(spec: dict) -> str:
-    if spec["kind"] == "kron":
-        return f"r={spec['rank']} a{tuple(spec['a_shape'])} b{tuple(spec['b_shape'])}"
-    if spec["kind"] == "gs":
-        return f"L{tuple(spec['left'])} R{tuple(spec['right'])}"
-    return "dense"
-
-
-def kron_spec(n_in: int, n_out: int, side: str, kept: float, q: int | None = 8) -> dict:
-    """Paper Kronecker shapes splitting only the rotated side into q slabs, rank r (method §3.2):
-    side 'in': a [r, q, 1], b [r, in/q, out]; side 'out': a [r, 1, q], b [r, in, out/q].
-    With ``q`` set (default 8, as the paper's 5/8 configs) r = round(kept q); with q None, or a q that
-    does not divide the hidden side, q is searched in 4..64 for the kept fraction nearest ``kept``."""
-    h, n = (n_in, n_out) if side == "in" else (n_out, n_in)
-    if q is not None and h % q == 0:
-        best = (0.0, q, min(q, max(1, round(kept * q + 1e-9))))
-    else:
-        best = None
-        for qq in (4, 8, 16, 32, 64):
-            if h % qq:
-                continue
-            cand = min((abs(r * (qq + h * n // qq) / (h * n) - kept), qq, r) for r in range(1, qq + 1))
-            if best is None or cand[0] < best[0] - 1e-9:
-                best = cand
-            if best[0] <= 0.0125:  # the paper's small q whenever it is close enough
-                break
-    if best is None:
-        raise UserError(f"hidden size {h} is not divisible by 4: no Kronecker split; use --structure gs")
-    _, q, r = best
-    a, b = ((q, 1), (h // q, n)) if side == "in" else ((1, q), (n, h // q))
-    return {"kind": "kron", "rank": r, "a_shape": list(a), "b_shape": list(b), "in": n_in, "out": n_out}
-
-
-def shrink_spec(spec: dict) -> dict | None:
-    """The next smaller spec of the same family (Kronecker rank - 1, GS inner width - k^2), or None."""
-    if spec["kind"] == "kron":
-        return None if spec["rank"] <= 1 else {**spec, "rank": spec["rank"] - 1}
-    if spec["kind"] == "gs":
-        (k, bl1, bl2), (kr, _, br2) = spec["left"], spec["right"]
-        m = k * bl2 - k * kr
-        if m < k * kr or k != kr:
-            return None
-        return {**spec, "left": [k, bl1, m // k], "right": [kr, m // kr, br2]}
-    return None
-
-
-def gs_spec(n_in: int, n_out: int, kept: float) -> dict:
-    """GS shapes with kl = kr = k blocks (k = 4 when it divides both sides, else 2) and an inner width m,
-    a multiple of k^2, so that m (in/k + out/k) params are nearest ``kept`` of in x out."""
-    for k in (4, 2, 1):
-        if n_in % k == 0 and n_out % k == 0:
-            break
-    per = n_in // k + n_out // k
-    if kept >= 1.0:  # every block (l, r) of full rank: bl2 / kr = min(in, out) / k channels
-        m = k * min(n_in, n_out)
-    else:
-        m = max(k * k, round(kept * n_in * n_out / per / (k * k)) * k * k)
-    return {"kind": "gs", "left": [k, n_in // k, m // k], "right": [k, m // k, n_out // k], "in": n_in, "out": n_out}
 
 
 def build_plan(candidates: list[tuple[str, str, int | None, tuple[int, int], str]], config: CompressionConfig,

@@ -15,6 +15,7 @@ import torch
 
 from procrustes_onnx.core.artifacts import artifact_folder, onnx_identity
 from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.graph_io import decoder_feeds, empty_past, past_layout
 from procrustes_onnx.core.outputs import check_output
 from procrustes_onnx.core.sources import resolve_model_dir
 
@@ -84,20 +85,18 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def ort_logits(onnx_path: str | os.PathLike, ids):
+def ort_logits(onnx_path: str | os.PathLike, ids) -> np.ndarray:
     """Logits [B, T, V] of ``ids`` [B, T] (int64) from a fresh ONNX Runtime session, empty past if it has one.
 
-    The exporter's own check; it drives ORT directly, since runtime/ builds on exporters/ and not back."""
+    The exporter's own check; it drives ORT directly (runtime/ builds on exporters/, not back), with the
+    feeds of ``core.graph_io`` that the runtime uses too."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    batch, seq = ids.shape
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-             "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()}
-    for i in session.get_inputs():
-        if i.name.startswith("past_key_values"):
-            feeds[i.name] = np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
-    return session.run(["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}})[0]
+    inputs = session.get_inputs()
+    layout, dtype = past_layout(inputs, str(onnx_path))
+    feeds, _ = decoder_feeds({i.name for i in inputs}, ids, empty_past(layout, dtype, len(ids)))
+    return session.run(["logits"], feeds)[0]
 
 
 def compare_logits(ref_onnx: str | os.PathLike, onnx_path: str | os.PathLike, ids) -> dict[str, float]:

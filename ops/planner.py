@@ -1,4 +1,12 @@
-"""Shape planner: Kronecker (r, q) and GS (kl, bl1, bl2 | kr, br1, br2) configs for a kept fraction.
+"""Shape planner, the one owner of per-matrix specs: Kronecker (r, q) and GS (kl, bl1, bl2 | kr, br1, br2)
+configs for a kept fraction, and their exact parameter counts.
+
+Two families of planners share the spec layout and counts here:
+- ``plan_kronecker`` / ``plan_gs`` / ``plan_matrix`` (a `MatrixPlan` each): the paper's named configs and
+  a search over every valid split, for benchmarks and shape studies;
+- ``kron_spec`` / ``gs_spec`` / ``shrink_spec`` (a spec dict each): what the compressor stores, one fixed
+  family per structure (q = 8 slabs; kl = kr = k blocks) so ``compiler.config.build_plan`` can meet a
+  parameter ratio by shrinking single matrices one step at a time.
 
 Only the rotated (hidden) side is split, as in the paper (method.md §3.2, §3.3):
 - Kronecker, input side rotated (W d x n): a [r, q, 1], b [r, d/q, n]; output side (W n x d):
@@ -17,8 +25,8 @@ from fractions import Fraction
 
 from procrustes_onnx.core.errors import UserError
 
-__all__ = ["Plan", "PAPER_FRACTIONS", "parse_kept", "plan_kronecker", "plan_gs", "plan_dense", "plan_matrix",
-           "kron_candidates", "gs_candidates", "spec_params"]
+__all__ = ["MatrixPlan", "PAPER_FRACTIONS", "parse_kept", "plan_kronecker", "plan_gs", "plan_dense", "plan_matrix",
+           "kron_candidates", "gs_candidates", "spec_params", "spec_shapes", "kron_spec", "gs_spec", "shrink_spec"]
 
 PAPER_FRACTIONS = {"3/4": Fraction(3, 4), "5/8": Fraction(5, 8), "1/2": Fraction(1, 2)}
 PAPER_KRON = {"3/4": (3, 4), "5/8": (5, 8), "1/2": (1, 2)}                # (r, q)
@@ -29,7 +37,7 @@ CLOSE_ENOUGH = 0.01   # among plans this close to the target, the one with the f
 
 
 @dataclass(frozen=True)
-class Plan:
+class MatrixPlan:
     """One planned matrix: its spec (for `structured_from_spec`), exact parameter counts and kept share."""
 
     spec: dict
@@ -42,9 +50,7 @@ class Plan:
 
     def describe(self) -> str:
         s = self.spec
-        shapes = (f"r={s['rank']} a{tuple(s['a_shape'])} b{tuple(s['b_shape'])}" if s["kind"] == "kron"
-                  else f"L{tuple(s['left'])} R{tuple(s['right'])}" if s["kind"] == "gs" else "dense")
-        return f"{s['kind']} {s['in']}x{s['out']} {shapes}: {self.params} params ({self.kept:.4f} kept)"
+        return f"{s['kind']} {s['in']}x{s['out']} {spec_shapes(s)}: {self.params} params ({self.kept:.4f} kept)"
 
 
 def spec_params(spec: dict) -> int:
@@ -55,6 +61,15 @@ def spec_params(spec: dict) -> int:
     if spec["kind"] == "gs":
         return math.prod(spec["left"]) + math.prod(spec["right"])
     return spec["in"] * spec["out"]
+
+
+def spec_shapes(spec: dict) -> str:
+    """Factor shapes of a spec in one short string, as plan tables and error messages print them."""
+    if spec["kind"] == "kron":
+        return f"r={spec['rank']} a{tuple(spec['a_shape'])} b{tuple(spec['b_shape'])}"
+    if spec["kind"] == "gs":
+        return f"L{tuple(spec['left'])} R{tuple(spec['right'])}"
+    return "dense"
 
 
 def parse_kept(kept: float | str | Fraction) -> tuple[Fraction, str | None]:
@@ -80,25 +95,37 @@ def _check_side(n_in: int, n_out: int, rotated: str) -> tuple[int, int]:
     return (n_in, n_out) if rotated == "in" else (n_out, n_in)
 
 
-def _kron_plan(n_in: int, n_out: int, rotated: str, r: int, q: int) -> Plan:
-    d, n = _check_side(n_in, n_out, rotated)
+def _kron_factors(n_in: int, n_out: int, rotated: str, r: int, q: int) -> dict:
+    """The Kronecker spec of rank r whose rotated side is split into q slabs."""
+    d, n = (n_in, n_out) if rotated == "in" else (n_out, n_in)
     a, b = ((q, 1), (d // q, n)) if rotated == "in" else ((1, q), (n, d // q))
-    spec = {"kind": "kron", "rank": r, "a_shape": list(a), "b_shape": list(b), "in": n_in, "out": n_out}
-    return Plan(spec, spec_params(spec), n_in * n_out)
+    return {"kind": "kron", "rank": r, "a_shape": list(a), "b_shape": list(b), "in": n_in, "out": n_out}
 
 
-def kron_candidates(n_in: int, n_out: int, rotated: str, max_q: int = 64) -> list[Plan]:
+def _gs_factors(n_in: int, n_out: int, kl: int, kr: int, inner: int) -> dict:
+    """The GS spec with kl left and kr right blocks and ``inner`` channels between them."""
+    return {"kind": "gs", "left": [kl, n_in // kl, inner // kl], "right": [kr, inner // kr, n_out // kr],
+            "in": n_in, "out": n_out}
+
+
+def _kron_plan(n_in: int, n_out: int, rotated: str, r: int, q: int) -> MatrixPlan:
+    _check_side(n_in, n_out, rotated)
+    spec = _kron_factors(n_in, n_out, rotated, r, q)
+    return MatrixPlan(spec, spec_params(spec), n_in * n_out)
+
+
+def kron_candidates(n_in: int, n_out: int, rotated: str, max_q: int = 64) -> list[MatrixPlan]:
     """Every valid (r, q) with q | d, 2 <= q <= max_q, 1 <= r < q (rank r <= q is the rearranged rank bound)."""
     d, _ = _check_side(n_in, n_out, rotated)
     return [_kron_plan(n_in, n_out, rotated, r, q) for q in range(2, max_q + 1) if d % q == 0 for r in range(1, q)]
 
 
-def _nearest(cands: list[Plan], f: Fraction, k: int = 4) -> str:
+def _nearest(cands: list[MatrixPlan], f: Fraction, k: int = 4) -> str:
     best = sorted(cands, key=lambda p: (abs(p.kept - float(f)), p.params))[:k]
     return "; ".join(p.describe() for p in best) or "none"
 
 
-def plan_kronecker(n_in: int, n_out: int, rotated: str, kept: float | str) -> Plan:
+def plan_kronecker(n_in: int, n_out: int, rotated: str, kept: float | str) -> MatrixPlan:
     """Kronecker plan: the paper's (r, q) for a named fraction, else the smallest q within CLOSE_ENOUGH
     of the target (else the nearest). UserError with the nearest valid choices if none fits."""
     f, name = parse_kept(kept)
@@ -117,7 +144,7 @@ def plan_kronecker(n_in: int, n_out: int, rotated: str, kept: float | str) -> Pl
     return _pick(cands, f, lambda p: p.spec["a_shape"][0] * p.spec["a_shape"][1])
 
 
-def _gs_plan(n_in: int, n_out: int, kl: int, kr: int, f: Fraction) -> Plan | None:
+def _gs_plan(n_in: int, n_out: int, kl: int, kr: int, f: Fraction) -> MatrixPlan | None:
     """GS with the given block counts and the inner dim nearest budget f; None if impossible."""
     if n_in % kl or n_out % kr:
         return None
@@ -127,18 +154,18 @@ def _gs_plan(n_in: int, n_out: int, kl: int, kr: int, f: Fraction) -> Plan | Non
     inner = min(inner, kl * kr * min(bl1, br2) // step * step)   # more channels than block rank is waste
     if inner < step:
         return None
-    spec = {"kind": "gs", "left": [kl, bl1, inner // kl], "right": [kr, inner // kr, br2], "in": n_in, "out": n_out}
-    return Plan(spec, spec_params(spec), n_in * n_out)
+    spec = _gs_factors(n_in, n_out, kl, kr, inner)
+    return MatrixPlan(spec, spec_params(spec), n_in * n_out)
 
 
-def gs_candidates(n_in: int, n_out: int, kept: float | str) -> list[Plan]:
+def gs_candidates(n_in: int, n_out: int, kept: float | str) -> list[MatrixPlan]:
     """All GS plans with power-of-two block counts 2..64 (kl, kr), each at the inner dim nearest the budget."""
     f, _ = parse_kept(kept)
     plans = (_gs_plan(n_in, n_out, kl, kr, f) for kl in BLOCK_COUNTS for kr in BLOCK_COUNTS)
     return [p for p in plans if p is not None]
 
 
-def plan_gs(n_in: int, n_out: int, rotated: str, kept: float | str) -> Plan:
+def plan_gs(n_in: int, n_out: int, rotated: str, kept: float | str) -> MatrixPlan:
     """GS plan: the paper's block counts for a named fraction (mirrored when the output side is rotated),
     else the fewest blocks within CLOSE_ENOUGH of the target (else the nearest)."""
     f, name = parse_kept(kept)
@@ -164,18 +191,72 @@ def plan_gs(n_in: int, n_out: int, rotated: str, kept: float | str) -> Plan:
     return _pick(cands, f, lambda p: p.spec["left"][0] + p.spec["right"][0])
 
 
-def _pick(cands: list[Plan], f: Fraction, size) -> Plan:
+def _pick(cands: list[MatrixPlan], f: Fraction, size) -> MatrixPlan:
     close = [p for p in cands if abs(p.kept - float(f)) <= CLOSE_ENOUGH]
     if close:
         return min(close, key=lambda p: (size(p), abs(p.kept - float(f))))
     return min(cands, key=lambda p: (abs(p.kept - float(f)), size(p)))
 
 
-def plan_dense(n_in: int, n_out: int) -> Plan:
+def plan_dense(n_in: int, n_out: int) -> MatrixPlan:
     spec = {"kind": "dense", "in": n_in, "out": n_out}
-    return Plan(spec, n_in * n_out, n_in * n_out)
+    return MatrixPlan(spec, n_in * n_out, n_in * n_out)
 
 
-def plan_matrix(n_in: int, n_out: int, rotated: str, kept: float | str) -> dict[str, Plan]:
-    """Both structured plans for one matrix: {"kron": Plan, "gs": Plan}."""
+def plan_matrix(n_in: int, n_out: int, rotated: str, kept: float | str) -> dict[str, MatrixPlan]:
+    """Both structured plans for one matrix: {"kron": MatrixPlan, "gs": MatrixPlan}."""
     return {"kron": plan_kronecker(n_in, n_out, rotated, kept), "gs": plan_gs(n_in, n_out, rotated, kept)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The compressor's specs: one family per structure, each a step ladder that `shrink_spec` walks down.
+
+def kron_spec(n_in: int, n_out: int, side: str, kept: float, q: int | None = 8) -> dict:
+    """Paper Kronecker shapes splitting only the rotated side into q slabs, rank r (method §3.2):
+    side 'in': a [r, q, 1], b [r, in/q, out]; side 'out': a [r, 1, q], b [r, in, out/q].
+    With ``q`` set (default 8, as the paper's 5/8 configs) r = round(kept q); with q None, or a q that
+    does not divide the hidden side, q is searched in 4..64 for the kept fraction nearest ``kept``."""
+    h, n = (n_in, n_out) if side == "in" else (n_out, n_in)
+    if q is not None and h % q == 0:
+        best = (0.0, q, min(q, max(1, round(kept * q + 1e-9))))
+    else:
+        best = None
+        for qq in (4, 8, 16, 32, 64):
+            if h % qq:
+                continue
+            cand = min((abs(r * (qq + h * n // qq) / (h * n) - kept), qq, r) for r in range(1, qq + 1))
+            if best is None or cand[0] < best[0] - 1e-9:
+                best = cand
+            if best[0] <= 0.0125:  # the paper's small q whenever it is close enough
+                break
+    if best is None:
+        raise UserError(f"hidden size {h} is not divisible by 4: no Kronecker split; use --structure gs")
+    _, q, r = best
+    return _kron_factors(n_in, n_out, side, r, q)
+
+
+def gs_spec(n_in: int, n_out: int, kept: float) -> dict:
+    """GS shapes with kl = kr = k blocks (k = 4 when it divides both sides, else 2) and an inner width m,
+    a multiple of k^2, so that m (in/k + out/k) params are nearest ``kept`` of in x out."""
+    for k in (4, 2, 1):
+        if n_in % k == 0 and n_out % k == 0:
+            break
+    per = n_in // k + n_out // k
+    if kept >= 1.0:  # every block (l, r) of full rank: bl2 / kr = min(in, out) / k channels
+        m = k * min(n_in, n_out)
+    else:
+        m = max(k * k, round(kept * n_in * n_out / per / (k * k)) * k * k)
+    return _gs_factors(n_in, n_out, k, k, m)
+
+
+def shrink_spec(spec: dict) -> dict | None:
+    """The next smaller spec of the same family (Kronecker rank - 1, GS inner width - k^2), or None."""
+    if spec["kind"] == "kron":
+        return None if spec["rank"] <= 1 else {**spec, "rank": spec["rank"] - 1}
+    if spec["kind"] == "gs":
+        (k, bl1, bl2), (kr, _, br2) = spec["left"], spec["right"]
+        m = k * bl2 - k * kr
+        if m < k * kr or k != kr:
+            return None
+        return {**spec, "left": [k, bl1, m // k], "right": [kr, m // kr, br2]}
+    return None

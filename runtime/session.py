@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import onnxruntime as ort
 
 from procrustes_onnx.core.artifacts import check_external_data
 from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.graph_io import decoder_feeds, empty_past, past_layout, past_names, token_ids
 from procrustes_onnx.core.sources import load_tokenizer
 
 __all__ = ["SessionInfo", "KVCache", "OnnxCausalLM", "create_session", "resolve_onnx_path", "providers_for",
@@ -30,9 +30,6 @@ __all__ = ["SessionInfo", "KVCache", "OnnxCausalLM", "create_session", "resolve_
 logger = logging.getLogger(__name__)
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
-_KV_IN = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_ONNX_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-               "tensor(bfloat16)": np.float32}
 
 
 @dataclass
@@ -170,23 +167,15 @@ class OnnxCausalLM:
             raise UserError(f"{self.path} is not a causal-LM export (inputs {sorted(inputs)[:4]}, outputs "
                             f"{outputs[:3]}): it needs input_ids -> logits; export it with `procrustes-onnx export`")
         self.input_names = set(inputs)
-        self.kv_names = sorted((n for n in inputs if _KV_IN.match(n)),
-                               key=lambda n: (int(_KV_IN.match(n).group(1)), n))
+        self.kv_names = past_names(inputs)
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.kv_names]
         missing = [n for n in self.present_names if n not in outputs]
         if missing:
             raise UserError(f"{self.path} has past inputs but no {missing[0]} output: re-export it with_past=True")
         self.output_names = ["logits", *self.present_names]
-        self._kv_shape: dict[str, tuple[int, int]] = {}
-        self._kv_dtype = np.float32
-        for name in self.kv_names:
-            shape = list(inputs[name].shape)
-            if len(shape) == 4 and isinstance(shape[1], int) and not isinstance(shape[3], int):
-                shape[3] = _folder_head_size(self.path.parent)  # e.g. onnxruntime-genai's 'kv_cache_dim'
-            if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
-                raise UserError(f"{self.path}: {name} has shape {shape}; expected [batch, kv_heads, past, head_dim]")
-            self._kv_shape[name] = (shape[1], shape[3])
-            self._kv_dtype = _ONNX_TO_NP.get(inputs[name].type, np.float32)
+        symbolic = any(len(s) == 4 and not isinstance(s[3], int) for s in (inputs[n].shape for n in self.kv_names))
+        head_size = _folder_head_size(self.path.parent) if symbolic else None  # read only when the graph needs it
+        self._kv_shape, self._kv_dtype = past_layout(list(inputs.values()), str(self.path), head_size)
         self.device = self.info.device
         self.create_seconds = self.info.create_seconds
 
@@ -195,12 +184,10 @@ class OnnxCausalLM:
         return bool(self.kv_names)
 
     def empty_cache(self, batch: int) -> KVCache:
-        tensors = {n: np.zeros((batch, h, 0, d), self._kv_dtype) for n, (h, d) in self._kv_shape.items()}
-        return KVCache(tensors, np.zeros((batch, 0), np.int64), 0)
+        return KVCache(empty_past(self._kv_shape, self._kv_dtype, batch), np.zeros((batch, 0), np.int64), 0)
 
     def _run(self, feeds: dict[str, Any], keep_on_device: bool) -> tuple[np.ndarray, dict[str, Any]]:
         """One session run -> (logits, presents keyed by past input name); on CUDA the presents stay on the device as OrtValues (IOBinding)."""
-        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         if self.device != "cuda":
             out = self.session.run(self.output_names, feeds)
             return out[0], dict(zip(self.kv_names, out[1:]))
@@ -226,16 +213,10 @@ class OnnxCausalLM:
 
         `attention_mask` [B, T] marks padding in the new tokens (left padding only); positions count
         only unmasked tokens, as transformers does."""
-        ids = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64))
-        if ids.ndim != 2:
-            raise UserError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+        ids = token_ids(input_ids)
         batch, seq = ids.shape
         cache = cache if cache is not None else self.empty_cache(batch)
-        new_mask = np.ones((batch, seq), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
-        mask = np.concatenate([cache.attention_mask, new_mask], axis=1)
-        positions = (np.cumsum(mask, axis=1) - 1).clip(min=0)[:, cache.length:]
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.ascontiguousarray(positions),
-                 **cache.tensors}
+        feeds, mask = decoder_feeds(self.input_names, ids, cache.tensors, cache.attention_mask, attention_mask)
         logits, presents = self._run(feeds, keep_on_device=self.device == "cuda")
         return logits, KVCache(presents, mask, cache.length + seq)
 

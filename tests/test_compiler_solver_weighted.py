@@ -119,7 +119,7 @@ def test_full_rank_weighted_is_lossless_and_bad_kind_raises():
 
 @pytest.mark.parametrize("shape,side", [((48, 20), "in"), ((20, 48), "out")])
 def test_fast_weighted_kron_matches_ops_and_beats_frobenius(shape, side):
-    from procrustes_onnx.compiler.config import kron_spec
+    from procrustes_onnx.ops.planner import kron_spec
     from procrustes_onnx.compiler.weighted import project_weighted
     from procrustes_onnx.ops import project_factors, structured_from_spec, weighted_sq_error
     gen = torch.Generator().manual_seed(5)

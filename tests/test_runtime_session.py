@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.graph_io import decoder_feeds, empty_past, past_layout
 from procrustes_onnx.runtime.session import OnnxCausalLM, create_session, providers_for
 from test_runtime_helpers import tiny  # noqa: F401  (session fixture)
 
@@ -74,6 +75,22 @@ def test_left_padded_batch_matches_unpadded_rows(tiny):  # noqa: F811
 
 
 @pytest.mark.gpu
+def test_feeds_count_positions_past_padding_and_keep_only_graph_inputs(tiny):  # noqa: F811
+    """The one feed builder: positions skip left padding across past and new tokens; no-past graphs get no past."""
+    session = ort.InferenceSession(str(tiny.onnx), providers=["CPUExecutionProvider"])
+    layout, dtype = past_layout(session.get_inputs(), str(tiny.onnx))
+    assert len(layout) == 2 * tiny.model.config.num_hidden_layers and dtype == np.float32
+    past = empty_past(layout, dtype, 2)
+    feeds, mask = decoder_feeds({i.name for i in session.get_inputs()}, [[5, 6, 7], [8, 9, 10]], past,
+                                np.array([[1, 1], [0, 1]]), np.array([[1, 1, 1], [1, 1, 1]]))
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    assert feeds["position_ids"].tolist() == [[2, 3, 4], [1, 2, 3]] and feeds["input_ids"].dtype == np.int64
+    only, _ = decoder_feeds({"input_ids", "position_ids"}, np.ones((1, 4), np.int64), past)
+    assert sorted(only) == ["input_ids", "position_ids"] and only["position_ids"].tolist() == [[0, 1, 2, 3]]
+    with pytest.raises(UserError, match=r"\[batch, seq\]"):
+        decoder_feeds({"input_ids"}, [1, 2, 3])
+
+
 def test_cuda_iobinding_matches_cpu(tiny):  # noqa: F811
     """On a GPU machine with onnxruntime-gpu: the IOBinding path (KV cache on the device) equals CPU."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
