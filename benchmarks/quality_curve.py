@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import time
@@ -223,8 +224,39 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "probes"}), flush=True)
 
     for phase in args.phases.split(","):
-        {"dense": phase_dense, "slicegpt": phase_slicegpt}.get(phase, lambda a, e: phase_structured(phase, a, e))(
-            args, emit)
+        if phase:
+            {"dense": phase_dense, "slicegpt": phase_slicegpt}.get(phase, lambda a, e: phase_structured(phase, a, e))(
+                args, emit)
+    print_table(rows)
+    plot(out, rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    dense = {r["windows"]: r["ppl"] for r in rows if r["method"] == "dense"}
+    table = Table(title="SmolLM2-135M: Jargon PPL vs parameters removed")
+    for col in ("row", "removed %", "windows", "PPL", "x dense", "held-out PPL x dense", "seconds"):
+        table.add_column(col, justify="right")
+    for r in sorted(rows, key=lambda r: (r["method"], r.get("allocation", ""), r["removed_pct"], r["windows"])):
+        held = math.exp(r["heldout_nll"] - r["dense_heldout_nll"]) if "dense_heldout_nll" in r else None
+        secs = r.get("compress_seconds", r.get("projection_seconds"))
+        table.add_row(r["row"], f"{r['removed_pct']:.2f}", str(r["windows"]), f"{r['ppl']:,.2f}",
+                      f"{r['ppl'] / dense[r['windows']]:.2f}" if r["windows"] in dense else "-",
+                      f"{held:.3f}" if held else "-", "-" if secs is None else f"{secs:.0f}")
+    Console(width=140).print(table)
+
+
+def plot(out: Path, rows: list[dict]) -> None:
+    """quality_curve.png next to the JSON (the report draws the same from the JSON)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from procrustes_onnx.report import quality_curve_plot
+
+    payload = json.loads(out.read_text())
+    quality_curve_plot(out.parent, payload)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def quality_curve_plot(out: Path, curve: dict) -> str | None:
     if curve.get("dense_ppl"):
         ax.axhline(curve["dense_ppl"], color="grey", linestyle="--", label="dense")
     ax.set_yscale("log"), ax.set_xlabel("parameters removed (%)"), ax.set_ylabel("perplexity (log)")
-    ax.set_title(f"Quality vs size ({curve.get('protocol', '')[:40]})", fontsize=9)
+    ax.set_title("Perplexity vs parameters removed (benchmarks/quality_curve.py)", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, out / "quality_curve.png")
 
