@@ -49,12 +49,17 @@ def polar(m: torch.Tensor) -> torch.Tensor:
     """Orthogonal polar factor U V^T of ``m``: the orthogonal matrix maximising tr(Q^T m).
 
     LAPACK's divide-and-conquer SVD (gesdd) has returned non-orthogonal factors for badly scaled
-    inputs here, so the result is checked and recomputed with the QR-iteration driver (gesvd) if needed.
+    inputs here, and has failed to converge on a nearly orthogonal 576 x 576 input (all singular values
+    near 1: the re-orthogonalisation after a rotation solve), so the result is checked and recomputed
+    with the QR-iteration driver (gesvd) if needed.
     """
     m = m.double()
-    u, _, vh = torch.linalg.svd(m)
-    q = u @ vh
-    eye = torch.eye(q.shape[1], dtype=q.dtype)
+    eye = torch.eye(m.shape[1], dtype=m.dtype)
+    try:
+        u, _, vh = torch.linalg.svd(m)
+        q = u @ vh
+    except torch.linalg.LinAlgError:
+        q = torch.full_like(m, float("nan"))
     if not bool(torch.isfinite(q).all()) or float((q.T @ q - eye).abs().max()) > 1e-8:
         u, _, vh = scipy.linalg.svd(np.nan_to_num(m.numpy()), lapack_driver="gesvd")
         q = torch.from_numpy(u @ vh)

@@ -94,3 +94,19 @@ def test_polar_and_token_weights():
     assert torch.allclose(w, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
     with pytest.raises(ValueError):
         token_weights(torch.tensor([1]), "cube")
+
+
+def test_polar_survives_an_svd_that_does_not_converge(monkeypatch):
+    """gesdd once failed to converge on a nearly orthogonal 576 x 576 matrix (OMP_NUM_THREADS=1): the
+    solve must fall back to gesvd instead of crashing after minutes of work."""
+    gen = torch.Generator().manual_seed(5)
+    q0 = random_orthogonal(16, gen)
+    m = q0 + 1e-9 * torch.randn(16, 16, generator=gen, dtype=torch.float64)
+
+    def broken(*_a, **_k):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", broken)
+    q = polar(m)
+    assert torch.allclose(q.T @ q, torch.eye(16, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(q, q0, atol=1e-7)
