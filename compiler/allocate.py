@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
-from procrustes_onnx.ops.planner import gs_spec, kron_spec, spec_params
+from procrustes_onnx.ops.planner import family_spec, spec_params
 
 from .adapters import get_module
 from .calibration import collect_curvature, damp_gram
@@ -102,7 +102,7 @@ def _ladder_specs(shape: tuple[int, int], uniform: dict, kron_q: int | None) -> 
     """(label, spec) at every LADDER_KEPT share of the uniform spec's family, smaller than dense, new."""
     seen, out = {repr(uniform)}, []
     for k in LADDER_KEPT:
-        s = kron_spec(*shape, "in", k, kron_q) if uniform["kind"] == "kron" else gs_spec(*shape, k)
+        s = family_spec(uniform["kind"], *shape, k, split="in", q=kron_q)
         if repr(s) not in seen and spec_params(s) < shape[0] * shape[1]:
             seen.add(repr(s))
             out.append((f"{round(8 * k)}/8", s))

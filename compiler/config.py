@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from procrustes_onnx.core.errors import UserError
-from procrustes_onnx.ops.planner import gs_spec, kron_spec, shrink_spec, spec_params, spec_shapes
+from procrustes_onnx.ops.planner import family_spec, shrink_spec, spec_params, spec_shapes
 
 __all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES", "Plan", "PlanEntry", "build_plan"]
 
@@ -267,7 +267,7 @@ def build_plan(candidates: list[tuple[str, str, int | None, tuple[int, int], str
             kind = config.structure_of(role, layer)
             split = side if config.kron_split == "hidden" else "in"
             share = config.kept.get(role, kept)
-            spec = kron_spec(*shape, split, share, config.kron_q) if kind == "kron" else gs_spec(*shape, share)
+            spec = family_spec(kind, *shape, share, split=split, q=config.kron_q)
             entries.append(PlanEntry(path, role, layer, shape, side, spec, spec_params(spec)))
         return _finish(entries, kept)
 

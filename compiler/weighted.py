@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from procrustes_onnx.ops import project_factors, spd_solve
+from procrustes_onnx.ops import project_factors
 
 from .procrustes import polar
 
@@ -213,80 +213,11 @@ def balance_weights(terms: Sequence[WeightedTerm], mode: str = "relative") -> No
         t.scale = s
 
 
-# ---------------------------------------------------------------------------------------------------
-# Weighted projections for the paper's Kronecker shapes (one side split into q slabs), as dense
-# GEMMs that never form r*m x r*m tensors over the unsplit side; other specs go to ops.project_factors.
-
-def _wsq(m: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> float:
-    e = m - w
-    return float((e * (c @ e)).sum())
-
-
-def _kron_in(m, c, a, b, sweeps):
-    """Reader: W (d x n) slab i = sum_s a[s, i] B_s, B_s h x n; C (d x d) couples slabs."""
-    r, q = a.shape
-    _, h, n = b.shape
-    c4 = c.reshape(q, h, q, h)
-    cw = (c @ m).reshape(q, h * n)
-    cp = c4.permute(0, 2, 1, 3).reshape(q * q, h * h)
-
-    def dense(a, b):
-        return torch.einsum("si,shn->ihn", a, b).reshape(q * h, n)
-
-    best = (_wsq(m, dense(a, b), c), a, b)
-    for _ in range(sweeps):
-        bf = b.reshape(r * h, n)
-        bb = (bf @ bf.T).reshape(r, h, r, h).permute(0, 2, 1, 3).reshape(r * r, h * h)
-        g = (bb @ cp.T).reshape(r, r, q, q).permute(0, 2, 1, 3).reshape(r * q, r * q)
-        rhs = b.reshape(r, h * n) @ cw.T                                    # [s, i]
-        a = spd_solve(g, rhs.reshape(r * q, 1)).reshape(r, q)
-        y = torch.einsum("si,ikjl->skjl", a, c4)                            # [s, k, j, l]
-        k = torch.einsum("tj,skjl->sktl", a, y).reshape(r * h, r * h)
-        rhs_b = (a @ cw).reshape(r * h, n)                                  # sum_i a[s,i] (C W)_i
-        b = spd_solve(k, rhs_b).reshape(r, h, n)
-        err = _wsq(m, dense(a, b), c)
-        if not err < best[0]:
-            break
-        best = (err, a, b)
-    return best[1], best[2]
-
-
-def _kron_out(m, c, a, b, sweeps):
-    """Writer: W (n x d) column slab j = sum_s a[s, j] B_s, B_s n x h; C (n x n) acts on rows only,
-    so the B-step is the unweighted one (C cancels) and the a-step is an r x r system per slab."""
-    r, q = a.shape
-    _, n, h = b.shape
-    wj = m.reshape(n, q, h).permute(1, 0, 2).reshape(q, n * h)
-
-    def dense(a, b):
-        return torch.einsum("sj,snh->njh", a, b).reshape(n, q * h)
-
-    best = (_wsq(m, dense(a, b), c), a, b)
-    for _ in range(sweeps):
-        cb = (c @ b.permute(1, 0, 2).reshape(n, r * h)).reshape(n, r, h).permute(1, 0, 2).reshape(r, n * h)
-        g = b.reshape(r, n * h) @ cb.T
-        a = spd_solve(g, cb @ wj.T)                                         # [s, j]
-        b = spd_solve(a @ a.T, a @ wj).reshape(r, n, h)
-        err = _wsq(m, dense(a, b), c)
-        if not err < best[0]:
-            break
-        best = (err, a, b)
-    return best[1], best[2]
-
-
-def project_weighted(m: torch.Tensor, gram: torch.Tensor, spec: dict, *, sweeps: int = 3) -> dict[str, torch.Tensor]:
-    """Factors of the structured W minimising ||C^{1/2}(M - W)||_F (M in x out, C in x in), started at
-    the Frobenius projection; never worse than it. Fast path for the paper's Kronecker shapes."""
-    m64, c64 = m.detach().to(torch.float64), gram.detach().to(torch.float64)
-    init = project_factors(m64, spec)
-    if spec["kind"] != "kron":
-        return project_factors(m64, spec, gram=c64, init=init)
-    (m1, n1), (m2, n2) = spec["a_shape"], spec["b_shape"]
-    a0, b0 = init["a"].to(torch.float64), init["b"].to(torch.float64)
-    if n1 == 1:      # reader: a [r, q, 1], b [r, d/q, n]
-        a, b = _kron_in(m64, c64, a0[:, :, 0], b0, sweeps)
-        return {"a": a[:, :, None], "b": b}
-    if m1 == 1:      # writer: a [r, 1, q], b [r, n, d/q]
-        a, b = _kron_out(m64, c64, a0[:, 0, :], b0, sweeps)
-        return {"a": a[:, None, :], "b": b}
-    return project_factors(m64, spec, gram=c64, init=init)
+def project_weighted(m: torch.Tensor, gram: torch.Tensor, spec: dict, *, sweeps: int | None = None,
+                     ) -> dict[str, torch.Tensor]:
+    """Factors of the structured W minimising ||C^{1/2}(M - W)||_F (M in x out, C in x in), started at the
+    Frobenius projection and never worse than it. The solver's one entry: float64, detached, and ops'
+    weighted projection of the spec's kind (`project_kronecker_weighted`, `project_gs_weighted`), which owns
+    the algorithm; ``sweeps`` None keeps each projection's default."""
+    kw = {} if sweeps is None else {"sweeps": sweeps}
+    return project_factors(m.detach().to(torch.float64), spec, gram=gram.detach().to(torch.float64), **kw)

@@ -4,7 +4,7 @@ configs for a kept fraction, and their exact parameter counts.
 Two families of planners share the spec layout and counts here:
 - ``plan_kronecker`` / ``plan_gs`` / ``plan_matrix`` (a `MatrixPlan` each): the paper's named configs and
   a search over every valid split, for benchmarks and shape studies;
-- ``kron_spec`` / ``gs_spec`` / ``shrink_spec`` (a spec dict each): what the compressor stores, one fixed
+- ``kron_spec`` / ``gs_spec`` / ``family_spec`` / ``shrink_spec`` (a spec dict each): what the compressor stores, one fixed
   family per structure (q = 8 slabs; kl = kr = k blocks) so ``compiler.config.build_plan`` can meet a
   parameter ratio by shrinking single matrices one step at a time.
 
@@ -26,7 +26,7 @@ from fractions import Fraction
 from procrustes_onnx.core.errors import UserError
 
 __all__ = ["MatrixPlan", "PAPER_FRACTIONS", "parse_kept", "plan_kronecker", "plan_gs", "plan_dense", "plan_matrix",
-           "kron_candidates", "gs_candidates", "spec_params", "spec_shapes", "kron_spec", "gs_spec", "shrink_spec"]
+           "kron_candidates", "gs_candidates", "spec_params", "spec_shapes", "kron_spec", "gs_spec", "family_spec", "shrink_spec"]
 
 PAPER_FRACTIONS = {"3/4": Fraction(3, 4), "5/8": Fraction(5, 8), "1/2": Fraction(1, 2)}
 PAPER_KRON = {"3/4": (3, 4), "5/8": (5, 8), "1/2": (1, 2)}                # (r, q)
@@ -247,6 +247,16 @@ def gs_spec(n_in: int, n_out: int, kept: float) -> dict:
     else:
         m = max(k * k, round(kept * n_in * n_out / per / (k * k)) * k * k)
     return _gs_factors(n_in, n_out, k, k, m)
+
+
+def family_spec(kind: str, n_in: int, n_out: int, kept: float, *, split: str = "in", q: int | None = 8) -> dict:
+    """The compressor's spec of structure ``kind`` ('kron' or 'gs') for a kept fraction: the one place a
+    kind picks its spec builder (the plan and the accuracy budget's ladders both call it)."""
+    if kind == "kron":
+        return kron_spec(n_in, n_out, split, kept, q)
+    if kind == "gs":
+        return gs_spec(n_in, n_out, kept)
+    raise UserError(f"structure {kind!r} has no compressor spec family; use kron or gs")
 
 
 def shrink_spec(spec: dict) -> dict | None:

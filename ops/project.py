@@ -9,12 +9,9 @@ import torch
 from procrustes_onnx.core.errors import UserError
 
 from .base import StructuredMatrix
-from .dense import DenseMatrix
-from .gs import GSMatrix
-from .kron import KroneckerSum
 from .project_gs import project_gs, project_gs_weighted
 from .project_kron import project_kronecker, project_kronecker_weighted
-from .spec import validate_spec
+from .spec import structured_from_spec, validate_spec
 
 __all__ = ["project_to_spec", "project_factors"]
 
@@ -51,11 +48,6 @@ def project_factors(m: torch.Tensor, spec: Mapping, gram: torch.Tensor | None = 
 
 
 def project_to_spec(m: torch.Tensor, spec: Mapping, gram: torch.Tensor | None = None, **kw) -> StructuredMatrix:
-    """The structured matrix nearest to M (see `project_factors`)."""
-    f = project_factors(m, spec, gram, **kw)
-    kind = spec["kind"]
-    if kind == "kron":
-        return KroneckerSum(f["a"], f["b"])
-    if kind == "gs":
-        return GSMatrix(f["left"], f["right"])
-    return DenseMatrix(f["weight"])
+    """The structured matrix nearest to M (see `project_factors`), built by `structured_from_spec`, the one
+    kind -> class table."""
+    return structured_from_spec(spec, project_factors(m, spec, gram, **kw))

@@ -5,8 +5,6 @@ All arithmetic is float64; factors come back in the input dtype.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from procrustes_onnx.core.errors import UserError
@@ -14,11 +12,7 @@ from procrustes_onnx.core.errors import UserError
 from .kron import kron_materialize
 from .linalg import spd_solve, weighted_sq_error
 
-__all__ = ["project_kronecker", "project_kronecker_weighted", "kron_rearrange", "thin_svd", "MAX_SYSTEM"]
-
-log = logging.getLogger(__name__)
-
-MAX_SYSTEM = 6144  # largest dense normal-equation system (r*m) an ALS half-step will form
+__all__ = ["project_kronecker", "project_kronecker_weighted", "kron_rearrange", "thin_svd"]
 
 
 def _check(m: torch.Tensor, rank: int, a_shape, b_shape) -> tuple[int, int, int, int]:
@@ -77,50 +71,41 @@ def project_kronecker(m: torch.Tensor, rank: int, a_shape, b_shape) -> tuple[tor
     return a.to(m.dtype), b.to(m.dtype)
 
 
-def _unweighted_a(a: torch.Tensor, b: torch.Tensor, rm: torch.Tensor) -> torch.Tensor:
-    """Least-squares a for fixed b in the rearranged (unweighted) problem R ~ vec(a)^T vec(b)."""
-    r, m1, n1 = a.shape
-    bm = b.reshape(r, -1)
-    return spd_solve(bm @ bm.T, bm @ rm.T).reshape(r, m1, n1)
+def _mirror(t: torch.Tensor) -> torch.Tensor:
+    """[m1, m2, n1, n2] -> [m2, m1, n2, n1]: the same tensor for W = sum b_s (x) a_s (a perfect shuffle of W's
+    rows and columns), so the b-step is the a-step of the mirrored problem."""
+    return t.permute(1, 0, 3, 2)
 
 
-def _unweighted_b(a: torch.Tensor, b: torch.Tensor, rm: torch.Tensor) -> torch.Tensor:
-    """Least-squares b for fixed a in the rearranged (unweighted) problem."""
-    r, m2, n2 = b.shape
-    am = a.reshape(r, -1)
-    return spd_solve(am @ am.T, am @ rm).reshape(r, m2, n2)
+def _ls_step(x: torch.Tensor, y: torch.Tensor, c4: torch.Tensor, t4: torch.Tensor, m4: torch.Tensor,
+             ) -> torch.Tensor:
+    """Exact weighted least squares for the left factors x [r, m1, n1] of sum_s x_s (x) y_s, y [r, m2, n2] fixed.
 
-
-def _a_step(a, b, c4, t4, rm):
-    """Exact weighted least squares for a with b fixed (normal equations of size r*m1).
-
-    G[(s,a),(t,c)] = sum_{i,k} (sum_j b_s[i,j] b_t[k,j]) C[a,i,c,k];  H[(s,a),b] = sum_{i,j} b_s[i,j] T[a,i,b,j].
-    When m2 == 1 the rows of W are indexed by a alone and the weighting cancels: use the plain step.
+    c4 = C, t4 = C M and m4 = M as [m1, m2, m1, m2] / [m1, m2, n1, n2]. The normal equations, one system of
+    r*m1 unknowns shared by the n1 columns of x, are
+        G[(s,p),(t,c)] = sum_{i,k,j} y_s[i,j] C[(p,i),(c,k)] y_t[k,j],   H[(s,p),u] = sum_{i,j} y_s[i,j] T[(p,i),(u,j)].
+    G is contracted in the cheaper of two GEMM orders, y's Gram first (r*m2)^2 or C y first (m1^2 m2 r n2), so
+    neither the paper's input side (a q x 1: small y Gram) nor its output side (a 1 x q, b n x d/q: an (r n)^2
+    y Gram would be 1.2 GB at n = 1536) forms a tensor larger than C times a factor. With m2 == 1 every row
+    of W is one row of x and the weighting cancels (C acts on W's rows only): the plain step is optimal.
     """
-    r, m1, n1 = a.shape
-    if b.shape[1] == 1:
-        return _unweighted_a(a, b, rm)
-    if r * m1 > MAX_SYSTEM:
-        log.debug("skip weighted a-step: system %d > %d", r * m1, MAX_SYSTEM)
-        return a
-    bb = torch.einsum("sij,tkj->sitk", b, b)
-    g = torch.einsum("sitk,aick->satc", bb, c4).reshape(r * m1, r * m1)
-    h = torch.einsum("sij,aibj->sab", b, t4).reshape(r * m1, n1)
-    return spd_solve(g, h).reshape(r, m1, n1)
-
-
-def _b_step(a, b, c4, t4, rm):
-    """Exact weighted least squares for b with a fixed (size r*m2); plain step when m1 == 1."""
-    r, m2, n2 = b.shape
-    if a.shape[1] == 1:
-        return _unweighted_b(a, b, rm)
-    if r * m2 > MAX_SYSTEM:
-        log.debug("skip weighted b-step: system %d > %d", r * m2, MAX_SYSTEM)
-        return b
-    aa = torch.einsum("sab,tcb->satc", a, a)
-    g = torch.einsum("satc,aick->sitk", aa, c4).reshape(r * m2, r * m2)
-    h = torch.einsum("sab,aibj->sij", a, t4).reshape(r * m2, n2)
-    return spd_solve(g, h).reshape(r, m2, n2)
+    r, m1, n1 = x.shape
+    _, m2, n2 = y.shape
+    yf = y.reshape(r, m2 * n2)
+    if m2 == 1:
+        rm = m4.permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)                      # kron_rearrange(M)
+        return spd_solve(yf @ yf.T, yf @ rm.T).reshape(r, m1, n1)
+    if r * m2 * (n2 + m1 * m1) <= n2 * m1 * m1 * (m2 + r):                          # y's Gram first
+        yy = y.reshape(r * m2, n2)
+        yy = (yy @ yy.T).reshape(r, m2, r, m2).permute(0, 2, 1, 3).reshape(r * r, m2 * m2)     # [(s,t), (i,k)]
+        cp = c4.permute(0, 2, 1, 3).reshape(m1 * m1, m2 * m2)                                    # [(p,c), (i,k)]
+        g = (yy @ cp.T).reshape(r, r, m1, m1).permute(0, 2, 1, 3).reshape(r * m1, r * m1)
+    else:                                                                            # C y first
+        cy = c4.reshape(m1 * m2 * m1, m2) @ y.permute(1, 0, 2).reshape(m2, r * n2)              # [(p,i,c), (t,j)]
+        cy = cy.reshape(m1, m2, m1, r, n2).permute(1, 4, 0, 2, 3).reshape(m2 * n2, m1 * m1 * r)  # [(i,j), (p,c,t)]
+        g = (yf @ cy).reshape(r, m1, m1, r).permute(0, 1, 3, 2).reshape(r * m1, r * m1)
+    tr = t4.permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)                                        # [(p,u), (i,j)]
+    return spd_solve(g, (yf @ tr.T).reshape(r * m1, n1)).reshape(r, m1, n1)
 
 
 def project_kronecker_weighted(m: torch.Tensor, gram: torch.Tensor, rank: int, a_shape, b_shape, *,
@@ -128,6 +113,8 @@ def project_kronecker_weighted(m: torch.Tensor, gram: torch.Tensor, rank: int, a
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimize ||X (M - sum a_s (x) b_s)||_F for gram C = X^T X (in x in) by alternating exact least squares.
 
+    The one weighted Kronecker projection (the compiler's `project_weighted` calls it through
+    `project_factors`): any factor shapes, as dense GEMMs sized for the paper's slab shapes (`_ls_step`).
     Starts at `init` or the Frobenius projection, runs `sweeps` (a-step, b-step) sweeps, and returns the
     best iterate in the weighted norm, so the result is never worse than the start.
     """
@@ -140,11 +127,11 @@ def project_kronecker_weighted(m: torch.Tensor, gram: torch.Tensor, rank: int, a
     a, b = a.to(torch.float64), b.to(torch.float64)
     c4 = c64.reshape(m1, m2, m1, m2)
     t4 = (c64 @ m64).reshape(m1, m2, n1, n2)
-    rm = kron_rearrange(m64, (m1, n1), (m2, n2))
+    m4 = m64.reshape(m1, m2, n1, n2)
     best = (weighted_sq_error(m64, kron_materialize(a, b), c64), a, b)
     for _ in range(sweeps):
-        a = _a_step(a, b, c4, t4, rm)
-        b = _b_step(a, b, c4, t4, rm)
+        a = _ls_step(a, b, c4, t4, m4)
+        b = _ls_step(b, a, _mirror(c4), _mirror(t4), _mirror(m4))
         err = weighted_sq_error(m64, kron_materialize(a, b), c64)
         if not err < best[0]:
             break

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -18,6 +19,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="real-model test; set PROCRUSTES_SLOW=1"))
         if "gpu" in item.keywords and not cuda:
             item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_under_basetemp(tmp_path_factory):
+    """The session-cached helpers (exported, tiny_artifact, build_inputs, the mutants) and libraries make
+    their scratch with tempfile outside any test's tmp_path: point tempfile at pytest's basetemp, so the
+    suite leaves nothing in the system temp folder even when a helper's cleanup never runs."""
+    old = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    yield
+    tempfile.tempdir = old
 
 
 @pytest.fixture(autouse=True)

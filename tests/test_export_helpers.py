@@ -6,8 +6,10 @@ Relative error is max|ort - torch| / max|torch| over a logits tensor; float32 to
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -99,6 +101,7 @@ def exported(arch: str, with_past: bool = True) -> tuple[torch.nn.Module, torch.
     """
     structured, dense, manifest = structured_tiny(arch)
     root = Path(tempfile.mkdtemp(prefix=f"export-{arch}-"))
+    atexit.register(shutil.rmtree, root, True)
     if arch == "llama" and with_past:
         add_random_shortcuts(structured)
         save_compressed(structured, root / "ckpt")

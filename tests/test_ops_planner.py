@@ -6,7 +6,7 @@ import torch
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops import project_to_spec, structured_from_spec
 from procrustes_onnx.ops.linalg import torch_threads
-from procrustes_onnx.ops.planner import plan_gs, plan_kronecker, plan_matrix, spec_params
+from procrustes_onnx.ops.planner import family_spec, gs_spec, kron_spec, plan_gs, plan_kronecker, plan_matrix, spec_params
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +85,10 @@ def test_impossible_requests_raise_one_line_user_error(call):
 def test_error_lists_nearest_choices():
     with pytest.raises(UserError, match=r"nearest valid: kron 100x64 r=\d+ a\(\d+, 1\)"):
         plan_kronecker(100, 64, "in", "5/8")
+
+
+def test_family_spec_is_the_kind_table():
+    assert family_spec("kron", 576, 192, 0.5, split="out", q=8) == kron_spec(576, 192, "out", 0.5, 8)
+    assert family_spec("gs", 576, 192, 0.5) == gs_spec(576, 192, 0.5)
+    with pytest.raises(UserError):
+        family_spec("dense", 576, 192, 0.5)

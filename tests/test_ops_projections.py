@@ -85,6 +85,32 @@ def test_kron_weighted_never_worse(rank, a_shape, b_shape):
         assert e1 < 0.8 * e0
 
 
+@pytest.mark.parametrize("rank,a_shape,b_shape", KRON + [(2, (6, 4), (1, 5))])
+def test_kron_weighted_half_steps_are_exact(rank, a_shape, b_shape):
+    """Each ALS half-step (either GEMM order, or the plain step where C cancels) is the weighted
+    least-squares optimum, checked against a dense solve over vec(factor)."""
+    from procrustes_onnx.ops.project_kron import _ls_step, _mirror
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    m = _rand((m1 * m2, n1 * n2), 20)
+    c = _gram(m.shape[0], 21)
+    root = torch.linalg.cholesky(c).T                       # ||root E||^2 = tr(E^T C E)
+    a, b = _rand((rank, *a_shape), 22), _rand((rank, *b_shape), 23)
+    c4, t4, m4 = c.reshape(m1, m2, m1, m2), (c @ m).reshape(m1, m2, n1, n2), m.reshape(m1, m2, n1, n2)
+
+    def best(shape, build):
+        basis = torch.eye(rank * shape[1] * shape[2], dtype=F64)
+        jac = torch.stack([(root @ build(e.reshape(rank, *shape[1:]))).reshape(-1) for e in basis], 1)
+        return torch.linalg.lstsq(jac, (root @ m).reshape(-1, 1)).solution.reshape(shape)
+
+    def close(x, ref):                                      # normal equations square C's condition (1e4)
+        return float((x - ref).abs().max()) <= 1e-7 * float(ref.abs().max())
+
+    a1 = _ls_step(a, b, c4, t4, m4)
+    assert close(a1, best(a.shape, lambda x: kron_materialize(x, b)))
+    b1 = _ls_step(b, a1, _mirror(c4), _mirror(t4), _mirror(m4))
+    assert close(b1, best(b.shape, lambda y: kron_materialize(a1, y)))
+
+
 @pytest.mark.parametrize("shape", GS)
 def test_gs_weighted_never_worse(shape):
     m = _rand((shape[0] * shape[1], shape[3] * shape[5]), 9)

@@ -1,7 +1,10 @@
 """The main job end to end on a tiny random model: artifacts load, numbers come from the run, resume works."""
 
+import importlib.util
 import json
 import random
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
@@ -23,34 +26,69 @@ def _text(path, seed):
     return str(path)
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """The job's inputs, shared by the tests and never modified: tiny model, eval and calibration text."""
+
+    model: Path
+    text: Path
+    calib: Path
+
+    def options(self, out: Path, text: Path | None = None, **changes) -> RunOptions:
+        """Fresh options for a run into ``out`` (each test its own: no test sees another's settings)."""
+        opts = RunOptions(model=str(self.model), out=str(out), variants=["w-kron"], ratio=0.2,
+                          text=str(text or self.text), calib=str(self.calib), eval_windows=2, task_limit=3,
+                          prefill_seqs=(16,), decode_tokens=4, iterations=2, calib_samples=2, calib_seq_len=64,
+                          threads=1, quantize=QuantizeConfig(block_size=16), reference=False)
+        for name, value in changes.items():
+            setattr(opts, name, value)
+        return opts
+
+
+@dataclass(frozen=True)
+class FirstRun:
+    """The full job, interrupted in its benchmark and then resumed, done once per module."""
+
+    inputs: Inputs
+    out: Path
+    artifact: Path
+    hash_after_interrupt: str
+    report_after_interrupt: bool
+    report: Path
+
+    def copy(self, tmp_path: Path) -> Path:
+        """This run's output folder (stage cache included) copied for a test that runs the job again."""
+        return Path(shutil.copytree(self.out, tmp_path / "artifacts", symlinks=True))
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    model = save_tiny_model(root / "tiny")
-    opts = RunOptions(model=str(model), out=str(root / "artifacts"), variants=["w-kron"], ratio=0.2,
-                      text=_text(root / "eval.txt", 0), calib=_text(root / "calib.txt", 1), eval_windows=2,
-                      task_limit=3, prefill_seqs=(16,), decode_tokens=4, iterations=2, calib_samples=2,
-                      calib_seq_len=64, threads=1, quantize=QuantizeConfig(block_size=16), reference=False)
-    return root, opts
+def inputs(tmp_path_factory) -> Inputs:
+    root = tmp_path_factory.mktemp("pipeline-inputs")
+    return Inputs(save_tiny_model(root / "tiny"), Path(_text(root / "eval.txt", 0)), Path(_text(root / "calib.txt", 1)))
 
 
-def test_chain_resumes_after_interrupt_and_reports_measured_numbers(run, monkeypatch):
-    root, opts = run
-    real_benchmark = pipeline_measure.benchmark
+@pytest.fixture(scope="module")
+def first_run(inputs, tmp_path_factory) -> FirstRun:
+    out = tmp_path_factory.mktemp("pipeline") / "artifacts"
+    opts = inputs.options(out)
 
     def interrupted(*args, **kw):
         raise KeyboardInterrupt
-    monkeypatch.setattr(pipeline_measure, "benchmark", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_pipeline(opts)
-    artifact = root / "artifacts" / "tiny-w-kron-20"
-    before = folder_hash(artifact)
-    assert not (root / "artifacts" / "report.md").exists()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline_measure, "benchmark", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(opts)
+    artifact = out / "tiny-w-kron-20"
+    before, reported = folder_hash(artifact), (out / "report.md").exists()
+    report = run_pipeline(inputs.options(out))  # resumes: every finished stage is reused
+    return FirstRun(inputs, out, artifact, before, reported, report)
 
-    monkeypatch.setattr(pipeline_measure, "benchmark", real_benchmark)
-    report = run_pipeline(opts)  # resumes: every finished stage is reused
-    assert folder_hash(artifact) == before
-    results = json.loads((root / "artifacts" / "results.json").read_text())
+
+def test_chain_resumes_after_interrupt_and_reports_measured_numbers(first_run):
+    root, artifact, report = first_run.out, first_run.artifact, first_run.report
+    assert not first_run.report_after_interrupt
+    assert folder_hash(artifact) == first_run.hash_after_interrupt
+    results = json.loads((root / "results.json").read_text())
     rows = {r["name"]: r for r in results["summary"]}
     assert set(rows) == {"dense", "w-kron"}
     assert 15 < rows["w-kron"]["removed_pct"] < 25
@@ -61,7 +99,7 @@ def test_chain_resumes_after_interrupt_and_reports_measured_numbers(run, monkeyp
     assert set(quantized) == {"dense", "w-kron"}
     for q in quantized.values():  # int4 of each, on the same first windows as its fp32 source
         assert q["mb"] < q["mb_fp32"] and q["ppl"] > 1 and q["ppl_fp32"] > 1 and q["decode"] > 0
-    assert (root / "artifacts" / "tiny-w-kron-20-int4" / "quantize.json").is_file()
+    assert (root / "tiny-w-kron-20-int4" / "quantize.json").is_file()
     assert "## Weight-only quantization" in report.read_text()
     stage_times = results["timing"]["stages_s"]
     assert "reused" in str(stage_times["compress w-kron at 20% removed"])  # resumed, not recomputed
@@ -71,21 +109,30 @@ def test_chain_resumes_after_interrupt_and_reports_measured_numbers(run, monkeyp
     assert "past_key_values.0.key" in {i.name for i in session.get_inputs()}
 
 
-def test_changed_input_changes_the_number(run):
-    root, opts = run
-    first = json.loads((root / "artifacts" / "results.json").read_text())["results"]["w-kron"]["perplexity"]["ppl"]
-    _text(Path(opts.text), 7)  # same file name, new content: the number must follow the content
-    opts.benchmark = False
-    run_pipeline(opts)
-    second = json.loads((root / "artifacts" / "results.json").read_text())["results"]["w-kron"]["perplexity"]["ppl"]
-    assert second != first
+def test_changed_input_changes_the_number(first_run, tmp_path):
+    out = first_run.copy(tmp_path)
+    text = tmp_path / "eval.txt"
+    shutil.copy2(first_run.inputs.text, text)
+
+    def ppl() -> float:
+        run_pipeline(first_run.inputs.options(out, text, benchmark=False))
+        return json.loads((out / "results.json").read_text())["results"]["w-kron"]["perplexity"]["ppl"]
+    first = ppl()
+    _text(text, 7)  # same file name, new content: the number must follow the content
+    assert ppl() != first
 
 
-def test_artifact_loads_in_optimum(run):
-    pytest.importorskip("optimum.onnxruntime")
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _installed("optimum.onnxruntime"), reason="optimum[onnxruntime] is not installed")
+def test_artifact_loads_in_optimum(first_run):  # skipped before the fixture runs the job
     from optimum.onnxruntime import ORTModelForCausalLM
-    root, _ = run
-    model = ORTModelForCausalLM.from_pretrained(root / "artifacts" / "tiny-w-kron-20")
+    model = ORTModelForCausalLM.from_pretrained(first_run.artifact)
     assert model.generate(max_new_tokens=3, input_ids=__import__("torch").tensor([[1, 2, 3]])).shape[1] == 6
 
 
@@ -104,13 +151,12 @@ def test_run_defaults_fit_the_time_budget_and_flags_override_them():
     assert (given.iterations, given.task_limit, given.tasks) == (7, None, ("kjv_ppl",))
 
 
-def test_second_global_variant_reuses_a_graph_instead_of_tracing(run):
-    root, opts = run
-    opts.variants, opts.evaluate, opts.benchmark = ["w-kron", "f-kron"], False, False
-    run_pipeline(opts)
-    twins = {p.name.split("-")[0] + "-" + p.name.split("-")[1]: p for p in (root / "artifacts" / ".work").glob("*-twin")}
+def test_second_global_variant_reuses_a_graph_instead_of_tracing(first_run, tmp_path):
+    out = first_run.copy(tmp_path)
+    run_pipeline(first_run.inputs.options(out, variants=["w-kron", "f-kron"], evaluate=False, benchmark=False))
+    twins = {p.name.split("-")[0] + "-" + p.name.split("-")[1]: p for p in (out / ".work").glob("*-twin")}
     assert json.loads((twins["f-kron"] / "export.json").read_text())["traced"] is False
-    results = json.loads((root / "artifacts" / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
     assert results["results"]["f-kron"]["validation"]["relative_error"] < 1e-4
 
 
