@@ -98,11 +98,12 @@ def option_for(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, s
     return Option(spec, spec_params(spec), _price(w - approx, gram, fisher), factors, label)
 
 
-def _ladder_specs(shape: tuple[int, int], uniform: dict, kron_q: int | None) -> list[tuple[str, dict]]:
-    """(label, spec) at every LADDER_KEPT share of the uniform spec's family, smaller than dense, new."""
+def _ladder_specs(shape: tuple[int, int], uniform: dict, kron_q: int | None, split: str) -> list[tuple[str, dict]]:
+    """(label, spec) at every LADDER_KEPT share of the uniform spec's family and Kronecker split, smaller than
+    dense, new."""
     seen, out = {repr(uniform)}, []
     for k in LADDER_KEPT:
-        s = family_spec(uniform["kind"], *shape, k, split="in", q=kron_q)
+        s = family_spec(uniform["kind"], *shape, k, split=split, q=kron_q)
         if repr(s) not in seen and spec_params(s) < shape[0] * shape[1]:
             seen.add(repr(s))
             out.append((f"{round(8 * k)}/8", s))
@@ -110,7 +111,8 @@ def _ladder_specs(shape: tuple[int, int], uniform: dict, kron_q: int | None) -> 
 
 
 def build_ladders(model: nn.Module, plan: Plan, uniform_factors: dict[str, Factors], grams: dict[str, torch.Tensor],
-                  fishers: dict[str, torch.Tensor], *, kron_q: int | None = 8, progress: bool = True) -> list[Ladder]:
+                  fishers: dict[str, torch.Tensor], *, kron_q: int | None = 8, kron_split: str = "input",
+                  progress: bool = True) -> list[Ladder]:
     """The ladder of every planned linear of a rotated dense model, from its (damped) input Gram and its
     output-gradient Gram; the uniform plan's option reuses the solver's factors."""
     ladders = []
@@ -120,7 +122,8 @@ def build_ladders(model: nn.Module, plan: Plan, uniform_factors: dict[str, Facto
         c, g = grams[e.path], fishers[e.path]
         options = [Option(None, e.dense_params, 0.0, None, "dense"),
                    option_for(w, c, g, e.spec, uniform_factors[e.path], "uniform")]
-        options += [option_for(w, c, g, s, label=lab) for lab, s in _ladder_specs(e.shape, e.spec, kron_q)]
+        split = e.side if kron_split == "hidden" else "in"      # the plan's own Kronecker split
+        options += [option_for(w, c, g, s, label=lab) for lab, s in _ladder_specs(e.shape, e.spec, kron_q, split)]
         ladders.append(Ladder(e.path, e.role, e.layer, e.shape, e.side, options))
     return ladders
 
@@ -234,7 +237,8 @@ def allocate_measured(model: nn.Module, plan: Plan, uniform_factors: dict[str, F
     dense = {p: get_module(model, p) for p in paths}
     grams, fishers = collect_curvature(model, calib, paths, progress=progress)
     grams = {k: damp_gram(v, config.damp) for k, v in grams.items()}
-    ladders = build_ladders(model, plan, uniform_factors, grams, fishers, kron_q=config.kron_q, progress=progress)
+    ladders = build_ladders(model, plan, uniform_factors, grams, fishers, kron_q=config.kron_q,
+                            kron_split=config.kron_split, progress=progress)
     del grams, fishers
     steps = greedy_steps(ladders)
 

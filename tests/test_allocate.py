@@ -170,3 +170,14 @@ def test_max_loss_settings_are_checked():
     cfg = CompressionConfig(max_loss=0.1, ratio=None)
     assert cfg.measured and cfg.plan_ratio == 0.1
     assert CompressionConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_ladder_keeps_the_plans_kronecker_split():
+    from procrustes_onnx.compiler.allocate import _ladder_specs
+    from procrustes_onnx.ops.planner import kron_spec
+
+    for split in ("in", "out"):
+        uniform = kron_spec(160, 64, split, 0.75, 8)
+        specs = [s for _, s in _ladder_specs((160, 64), uniform, 8, split)]
+        assert specs and all(s["a_shape"] == uniform["a_shape"] for s in specs)
+        assert sorted(s["rank"] for s in specs) == [r for r in range(1, 8) if r != uniform["rank"]]
