@@ -157,11 +157,10 @@ def quality_curve_plot(out: Path, curve: dict) -> str | None:
     for label, pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    for r in rows:
-        if "max_loss" in r:
-            ax.scatter(r["removed_pct"], r["ppl"], marker="*", s=160, color="k", zorder=5)
-            ax.annotate(f"--max-loss {r['max_loss']:g}", (r["removed_pct"], r["ppl"]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
+    for i, r in enumerate(r for r in rows if "max_loss" in r):
+        ax.scatter(r["removed_pct"], r["ppl"], marker="*", s=160, color="k", zorder=5)
+        ax.annotate(f"--max-loss {r['max_loss']:g}", (r["removed_pct"], r["ppl"]), fontsize=8,
+                    xytext=(6, 8 + 12 * i), textcoords="offset points")
     if curve.get("dense_ppl"):
         ax.axhline(curve["dense_ppl"], color="grey", linestyle="--", label="dense")
     ax.set_yscale("log"), ax.set_xlabel("parameters removed (%)"), ax.set_ylabel("perplexity (log)")
