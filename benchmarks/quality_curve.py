@@ -101,8 +101,9 @@ def phase_structured(structure: str, args, emit) -> None:
 
     from procrustes_onnx.compiler.adapters import get_module
     from procrustes_onnx.compiler.allocate import (Ladder, Option, allocate, build_ladders, choice_after, greedy_steps,
-                                                   heldout_nll, option_for, plan_of, search_max_loss, swap_in)
-    from procrustes_onnx.compiler.calibration import calibration_split, collect_curvature, collect_grams, damp_gram
+                                                   heldout_nll, heldout_scorer, option_for, plan_curvature, plan_of,
+                                                   search_max_loss, swap_in)
+    from procrustes_onnx.compiler.calibration import calibration_split, collect_grams, damp_gram
     from procrustes_onnx.compiler.checkpoint import load_model
     from procrustes_onnx.compiler.compress import count_params, plan_for_model, rotate_solved, solve_positions
     from procrustes_onnx.compiler.fusion import fuse_norms
@@ -131,10 +132,8 @@ def phase_structured(structure: str, args, emit) -> None:
     solve_s = round(time.perf_counter() - t0, 1)
     print(f"{name}: rotation solved in {solve_s} s", flush=True)
     t = time.perf_counter()
-    paths = [e.path for e in plan.entries]
-    dense = {p: get_module(model, p) for p in paths}
-    c, g = collect_curvature(model, calib, paths, progress=False)
-    c = {k: damp_gram(v, cfg.damp) for k, v in c.items()}
+    dense = {e.path: get_module(model, e.path) for e in plan.entries}
+    c, g = plan_curvature(model, plan, calib, cfg.damp, progress=False)
     curvature_s = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     if structure in args.measured:
@@ -175,9 +174,7 @@ def phase_structured(structure: str, args, emit) -> None:
                          "steps": n}, choice, ratio in args.full)
     if structure in args.measured:
         for max_loss in args.max_loss:
-            def probe(choice):
-                swap_in(model, ladders, choice, dense)
-                return heldout_nll(model, held)
+            probe = heldout_scorer(model, ladders, dense, held)
             limit = dense_nll + math.log1p(max_loss)
             n, nll, probes = search_max_loss(ladders, steps, limit, probe, echo=lambda s: print(s, flush=True))
             emit_choice({"row": f"{name}-maxloss-{max_loss:g}", "method": name, "allocation": "measured",

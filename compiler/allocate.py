@@ -33,7 +33,8 @@ from .config import PlanEntry, Plan
 from .weighted import project_weighted
 
 __all__ = ["LADDER_KEPT", "Option", "Ladder", "build_ladders", "option_for", "greedy_steps", "choice_after",
-           "allocate", "swap_in", "heldout_nll", "plan_of", "search_max_loss", "allocate_measured", "kept_by_role", "ppl_ratio"]
+           "allocate", "swap_in", "heldout_nll", "plan_of", "search_max_loss", "plan_curvature", "heldout_scorer",
+           "allocate_measured", "kept_by_role", "ppl_ratio"]
 
 #: kept shares each matrix's ladder offers besides dense and the uniform plan's own spec
 LADDER_KEPT = (1 / 8, 2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8)
@@ -223,6 +224,23 @@ def search_max_loss(ladders: list[Ladder], steps: list[tuple[int, Option]], limi
     return lo, lo_score, probed
 
 
+def plan_curvature(model: nn.Module, plan: Plan, calib: torch.Tensor, damp: float, *,
+                   progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(damped input Grams, output-gradient Grams) of every planned linear of a rotated dense model: what
+    the ladders are priced with (damped as the solver damps its Grams)."""
+    grams, fishers = collect_curvature(model, calib, [e.path for e in plan.entries], progress=progress)
+    return {k: damp_gram(v, damp) for k, v in grams.items()}, fishers
+
+
+def heldout_scorer(model: nn.Module, ladders: list[Ladder], dense: dict[str, nn.Module],
+                   heldout: torch.Tensor) -> Callable[[list[Option]], float]:
+    """choice -> held-out NLL of the model holding it (swapped in place; the model keeps the last choice)."""
+    def score(choice: list[Option]) -> float:
+        swap_in(model, ladders, choice, dense)
+        return heldout_nll(model, heldout)
+    return score
+
+
 def allocate_measured(model: nn.Module, plan: Plan, uniform_factors: dict[str, Factors], calib: torch.Tensor,
                       heldout: torch.Tensor, config, *, echo: Callable[[str], None] = print,
                       progress: bool = True) -> tuple[Plan, dict]:
@@ -235,17 +253,12 @@ def allocate_measured(model: nn.Module, plan: Plan, uniform_factors: dict[str, F
     record of the measurements."""
     paths = [e.path for e in plan.entries]
     dense = {p: get_module(model, p) for p in paths}
-    grams, fishers = collect_curvature(model, calib, paths, progress=progress)
-    grams = {k: damp_gram(v, config.damp) for k, v in grams.items()}
+    grams, fishers = plan_curvature(model, plan, calib, config.damp, progress=progress)
     ladders = build_ladders(model, plan, uniform_factors, grams, fishers, kron_q=config.kron_q,
                             kron_split=config.kron_split, progress=progress)
     del grams, fishers
     steps = greedy_steps(ladders)
-
-    def score(choice: list[Option]) -> float:
-        swap_in(model, ladders, choice, dense)
-        return heldout_nll(model, heldout)
-
+    score = heldout_scorer(model, ladders, dense, heldout)
     dense_nll = heldout_nll(model, heldout)
     info: dict = {"heldout_tokens": int(heldout.numel()), "dense_heldout_nll": dense_nll, "ladder_steps": len(steps)}
     if config.max_loss is not None:
