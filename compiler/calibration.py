@@ -40,15 +40,22 @@ def calibration_windows(tokens: torch.Tensor, n_samples: int = 32, seq_len: int 
 def calibration_windows_for(tokenizer, config, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """The seeded calibration windows of a CompressionConfig: from ``tokens`` if given, else from its
     ``calib_text`` ('kjv', a file, or 'name@N' to skip the text's first N tokens)."""
-    need = config.calib_samples * config.calib_seq_len
     if tokens is not None:
         return calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
     if tokenizer is None:
         raise UserError(f"--method {config.method} needs the model's tokenizer for calibration text: pass it"
                         + (", or use --method frobenius" if config.method == "weighted" else ""))
+    stream, span = _calibration_stream(tokenizer, config, 0)
+    return calibration_windows(stream[:span], config.calib_samples, config.calib_seq_len, config.seed)
+
+
+def _calibration_stream(tokenizer, config, extra: int) -> tuple[torch.Tensor, int]:
+    """(tokens of ``calib_text`` after its offset, the length of the range calibration draws from): the
+    range is 4x the calibration tokens, and ``extra`` tokens after it are read too (the held-out slice)."""
+    need = config.calib_samples * config.calib_seq_len
     name, skip = _split_offset(config.calib_text)
-    tokens = tokenize_corpus(tokenizer, load_text(name), max_tokens=skip + max(4 * need, need + 1))[skip:]
-    return calibration_windows(tokens, config.calib_samples, config.calib_seq_len, config.seed)
+    span = max(4 * need, need + 1)
+    return tokenize_corpus(tokenizer, load_text(name), max_tokens=skip + span + extra)[skip:], span
 
 
 def calibration_split(tokenizer, config, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +63,6 @@ def calibration_split(tokenizer, config, tokens: torch.Tensor | None = None) -> 
     `calibration_windows_for`, and ``config.heldout_samples`` non-overlapping windows of the text that
     follows the range they are drawn from, so the two never share a token (given ``tokens``: its last
     windows are held out and the calibration draws from the rest)."""
-    need = config.calib_samples * config.calib_seq_len
     held = config.heldout_samples * config.calib_seq_len
     if tokens is not None:
         tokens = tokens.flatten().long()
@@ -67,9 +73,7 @@ def calibration_split(tokenizer, config, tokens: torch.Tensor | None = None) -> 
         return calib, tokens[-held:].reshape(config.heldout_samples, config.calib_seq_len)
     if tokenizer is None:
         raise UserError("the held-out loss needs the model's tokenizer for the calibration text: pass it")
-    name, skip = _split_offset(config.calib_text)
-    span = max(4 * need, need + 1)
-    stream = tokenize_corpus(tokenizer, load_text(name), max_tokens=skip + span + held)[skip:]
+    stream, span = _calibration_stream(tokenizer, config, held)
     if stream.numel() < span + held:
         raise UserError(f"calibration text {config.calib_text!r} has {stream.numel():,} tokens after its offset, fewer "
                         f"than the {span + held:,} that calibration and the held-out slice need: lower "
