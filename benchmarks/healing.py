@@ -4,8 +4,10 @@ Points are ``<variant>:<mode>:<tokens>`` (variant w-gs, w-kron or slicegpt; mode
 0 for the training-free checkpoint). Each point heals the training-free checkpoint from scratch in its own
 subprocess (clean peak memory, the learning-rate schedule sized for its own budget) and is appended to the
 JSON as soon as it finishes, so the grid can be stopped and continued with --resume. Training-free
-checkpoints are made once with the main job's solver settings (16 x 512 KJV, 10 iterations, 50 rotation
-steps) into --checkpoints. PPL: --windows Jargon windows (the protocol's first N; 100 = the full protocol).
+checkpoints are made once with the main job's settings (16 x 512 tokens of the default calibration text,
+10 iterations, 50 rotation steps, the variant's allocation) into --checkpoints, in a folder named by
+calibration text and allocation; a row records which checkpoint it healed, and --resume skips a point only
+if it was measured on the same checkpoint. PPL: --windows Jargon windows (the protocol's first N; 100 = the full protocol).
 A point id may end in ``@full`` to score it on the full protocol. A plot (log-log PPL vs tokens) is written
 next to the JSON.
 """
@@ -27,20 +29,34 @@ ROOT = Path(__file__).resolve().parent.parent
 DENSE_PPL = {4: 29.89, 100: 32.51}
 
 
-def ensure_checkpoint(variant: str, folder: Path) -> Path:
-    """The training-free checkpoint of ``variant`` at 20% removed, with the main job's solver settings."""
-    from procrustes_onnx.core.sources import resolve_model_dir
-    from procrustes_onnx.pipeline import _compress, _compression_config
+def checkpoint_config(variant: str):
+    """The compression config of ``variant`` at 20% removed, with the main job's solver settings."""
+    from procrustes_onnx.pipeline import _compression_config
     from procrustes_onnx.pipeline_options import RUN_SOLVER, RunOptions
 
-    out = folder / f"{variant}-20"
-    if (out / "structure.json").is_file():
-        return out
     solver = dict(RUN_SOLVER)
     opts = RunOptions(calib_samples=solver.pop("calib_samples"), calib_seq_len=solver.pop("calib_seq_len"),
                       iterations=solver.pop("iterations"), solver=solver)
-    _compress(resolve_model_dir("smollm2-135m"), _compression_config(opts, variant), out)
+    return _compression_config(opts, variant)
+
+
+def ensure_checkpoint(variant: str, folder: Path) -> Path:
+    """The training-free checkpoint of ``variant`` (made once into ``folder``)."""
+    from procrustes_onnx.core.sources import resolve_model_dir
+    from procrustes_onnx.pipeline import _compress
+
+    config = checkpoint_config(variant)
+    out = folder / checkpoint_name(variant, config.to_dict())
+    if not (out / "structure.json").is_file():
+        _compress(resolve_model_dir("smollm2-135m"), config, out)
     return out
+
+
+def checkpoint_name(variant: str, config: dict) -> str:
+    """The folder of a variant's training-free checkpoint: its calibration text and allocation are in the
+    name, so checkpoints made under older defaults (KJV, uniform shares) are never silently reused."""
+    allocation = config.get("allocation") if config.get("method") != "slicegpt" else None
+    return "-".join([variant, "20", str(config.get("calib_text"))] + ([allocation] if allocation else []))
 
 
 def run_point(point: str, args: argparse.Namespace) -> dict:
@@ -66,10 +82,13 @@ def run_point(point: str, args: argparse.Namespace) -> dict:
     variant, mode, tokens = spec.split(":")
     ckpt = ensure_checkpoint(variant, Path(args.checkpoints))
     student, _ = load_compressed(ckpt)
+    made = json.loads((ckpt / "config.json").read_text()).get("procrustes", {})
     teacher, tokenizer = load_model("smollm2-135m")
     config = HealConfig(tokens=int(tokens), mode=mode, text=args.text, lr=args.lr, epochs=args.epochs,
                         seq_len=args.seq_len, batch_size=args.batch_size, threads=args.threads)
-    result: dict = {"point": point, "variant": variant, "mode": mode, "tokens": int(tokens), "heal": config.to_dict()}
+    result: dict = {"point": point, "variant": variant, "mode": mode, "tokens": int(tokens), "heal": config.to_dict(),
+                    "checkpoint": ckpt.name, "calib": made.get("compression", {}).get("calib_text"),
+                    "allocation": made.get("compression", {}).get("allocation")}
     start = time.perf_counter()
     if int(tokens):
         work = Path(args.work) / spec.replace(":", "-")
@@ -88,6 +107,12 @@ def run_point(point: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def series_of(row: dict) -> str:
+    """The curve a row belongs to: variant, calibration text and allocation of its checkpoint, and mode."""
+    made = ", ".join(x for x in (row.get("calib"), row.get("allocation")) if x)
+    return f"{row['variant']}" + (f" ({made})" if made else "")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -102,7 +127,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r.get("windows") != rows[0].get("windows") or r["variant"] == "dense":
             continue
-        series.setdefault((r["variant"], r["mode"] if r["tokens"] else None), []).append(r)
+        series.setdefault((series_of(r), r["mode"] if r["tokens"] else None), []).append(r)
     for (variant, mode), pts in sorted(series.items(), key=str):
         if mode is None:
             continue
@@ -142,8 +167,7 @@ def main() -> int:
 
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if args.resume and out.is_file() else []
-    done = {r["point"] for r in rows}
-    for point in [x for x in args.points.split(",") if x and x not in done]:
+    for point in [x for x in args.points.split(",") if x and not _measured(rows, x, args)]:
         cmd = [sys.executable, __file__, "--one", point, *_forward(args)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -174,8 +198,8 @@ def fits(rows: list[dict]) -> dict:
 
     dense = next((r["ppl"] for r in rows if r["variant"] == "dense"), None)
     out = {}
-    for key in sorted({(r["variant"], r["mode"]) for r in rows if r["tokens"]}):
-        pts = sorted((r["tokens"], r["ppl"]) for r in rows if (r["variant"], r["mode"]) == key and r["tokens"]
+    for key in sorted({(series_of(r), r["mode"]) for r in rows if r["tokens"]}):
+        pts = sorted((r["tokens"], r["ppl"]) for r in rows if (series_of(r), r["mode"]) == key and r["tokens"]
                      and r["windows"] == rows[0]["windows"])
         if len(pts) < 2:
             continue
@@ -190,6 +214,15 @@ def fits(rows: list[dict]) -> dict:
     return out
 
 
+def _measured(rows: list[dict], point: str, args: argparse.Namespace) -> bool:
+    """Whether ``point`` already has a row healed from the checkpoint it would use now."""
+    variant = point.partition("@")[0].split(":")[0]
+    if variant == "dense":
+        return any(r["point"] == point for r in rows)
+    name = checkpoint_name(variant, checkpoint_config(variant).to_dict())
+    return any(r["point"] == point and r.get("checkpoint") == name for r in rows)
+
+
 def _forward(args: argparse.Namespace) -> list[str]:
     flags = ["--windows", str(args.windows), "--text", args.text, "--epochs", str(args.epochs), "--seq-len",
              str(args.seq_len), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
@@ -202,10 +235,12 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def _table(rows: list[dict]) -> None:
-    print("| point | tokens | PPL (windows) | PPL full protocol | heal s | peak GiB |\n|---|---|---|---|---|---|")
+    print("| point | checkpoint | tokens | PPL (windows) | PPL full protocol | heal s | peak GiB |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
         full = f"{r['ppl_full']:,.1f}" if "ppl_full" in r else "–"
-        print(f"| {r['point']} | {r['tokens']:,} | {r['ppl']:,.1f} ({r['windows']}) | {full} | {r['heal_s']} | "
+        print(f"| {r['point']} | {r.get('checkpoint', '–')} | {r['tokens']:,} | {r['ppl']:,.1f} ({r['windows']}) | "
+              f"{full} | {r['heal_s']} | "
               f"{r['peak_rss_gib']} |")
 
 

@@ -269,7 +269,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rotation", choices=["global", "per-position"])
     p.add_argument("--method", choices=["frobenius", "weighted", "slicegpt"])
     p.add_argument("--iterations", type=count(0), help="Frobenius ALS iterations (paper: 50)")
-    p.add_argument("--calib", help="calibration text: kjv (default), jargon, wikitext2 or a file")
+    p.add_argument("--calib", help="calibration text: mix (default, docs/texts.md), kjv, jargon@102400, wikitext2 or a file")
     p.add_argument("--calib-samples", type=count())
     p.add_argument("--calib-seq-len", type=count(2))
     p.add_argument("--dense-roles", help="roles kept dense, comma-separated (default: v)")

@@ -271,8 +271,12 @@ def write_report(out: Path, results: dict, opts: RunOptions, timing: dict, refer
             _fmt(r["relative_error"], ".1e"), _fmt(r["argmax_agreement"], ".4f"),
             "–" if r["greedy_identical"] is None else ("yes" if r["greedy_identical"] else "no")]) + " |")
     limit = f"the first {opts.task_limit} items of each" if opts.task_limit else "all items of"
-    solver = {"calib": f"{opts.calib or 'kjv'} {opts.calib_samples or 32}x{opts.calib_seq_len or 512}",
-              "ALS iterations": opts.iterations or 50, **opts.solver}
+    from procrustes_onnx.compiler.config import CompressionConfig
+
+    default = CompressionConfig()
+    solver = {"calib": f"{opts.calib or default.calib_text} {opts.calib_samples or default.calib_samples}"
+                       f"x{opts.calib_seq_len or default.calib_seq_len}",
+              "ALS iterations": opts.iterations or default.iterations, **opts.solver}
     lines += ["", f"Zero-shot acc is the mean accuracy over {limit} {', '.join(opts.tasks)} (lm-eval, docs/tasks.md). "
               "Ideal = dense weight-MatMul MACs per token / this artifact's (tied head included). "
               "Solver: " + ", ".join(f"{k} {v}" for k, v in solver.items()) + ".", ""]
