@@ -24,7 +24,7 @@ __all__ = ["Artifact", "Job", "Note"]
 
 #: echoes a cache message ("  reuse ..."); the run's clock marks a stage whose outputs were all reused
 Note = Callable[[str], None]
-_WORK = ".work"
+_WORK = ".work"  # under --out: the run's resumable state
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,14 @@ class Artifact:
     name: str  # its entry in results.json: "dense", a variant, "<name>-int4", "reference"
     kind: str  # "model" (a Hugging Face folder), "checkpoint", "onnx", "quantized", "reference"
     path: Path
-    key: str  # what made it, hashed: the stages that read it put it in their cache keys
+    key: str  # what made it, as a content hash (the reference: its folder's name); in the keys of what reads it
     origin: Artifact | None = None  # what it was made from: an ONNX folder is validated against its torch model
     config: dict = field(default_factory=dict)  # a variant's compression config: folder names, titles, graph shape
     windows: int | None = None  # perplexity windows where fewer than --eval-windows (a quantized copy, the reference)
     results: dict = field(default_factory=dict)  # what the stages found, by results.json field, in the order found
 
     def measured(self, **results) -> Artifact:
+        """A copy with these measurements added: an artifact a later stage holds never changes under it."""
         return replace(self, results={**self.results, **results})
 
 
