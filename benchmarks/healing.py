@@ -31,24 +31,24 @@ DENSE_PPL = {4: 29.89, 100: 32.51}
 
 def checkpoint_config(variant: str):
     """The compression config of ``variant`` at 20% removed, with the main job's solver settings."""
-    from procrustes_onnx.pipeline import _compression_config
+    from procrustes_onnx.stages.compress import compression_config
     from procrustes_onnx.pipeline_options import RUN_SOLVER, RunOptions
 
     solver = dict(RUN_SOLVER)
     opts = RunOptions(calib_samples=solver.pop("calib_samples"), calib_seq_len=solver.pop("calib_seq_len"),
                       iterations=solver.pop("iterations"), solver=solver)
-    return _compression_config(opts, variant)
+    return compression_config(opts, variant)
 
 
 def ensure_checkpoint(variant: str, folder: Path) -> Path:
     """The training-free checkpoint of ``variant`` (made once into ``folder``)."""
     from procrustes_onnx.core.sources import resolve_model_dir
-    from procrustes_onnx.pipeline import _compress
+    from procrustes_onnx.stages.compress import compress_folder
 
     config = checkpoint_config(variant)
     out = folder / checkpoint_name(variant, config.to_dict())
     if not (out / "structure.json").is_file():
-        _compress(resolve_model_dir("smollm2-135m"), config, out)
+        compress_folder(resolve_model_dir("smollm2-135m"), config, out)
     return out
 
 

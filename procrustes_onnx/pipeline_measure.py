@@ -19,6 +19,7 @@ from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn, tokenizer_for_
 from procrustes_onnx.runtime.session import OnnxCausalLM
 
 from .pipeline_options import HEAL_SCORE_WINDOWS, RunOptions
+from .stages import Artifact
 
 __all__ = ["inspect", "validate", "perplexity", "tasks", "benchmark", "compression_summary", "weight_macs",
            "heal_scores"]
@@ -35,21 +36,22 @@ def weight_macs(info: dict) -> int:
     return kinds.get("dense_matmul", 0) + kinds.get("structured_factors", 0) + kinds.get("embedding", 0)
 
 
-def _torch_model(artifact: dict):
-    kind, path = artifact["torch"]
-    return (load_model(str(path))[0] if kind == "dense" else load_compressed(path)[0]).eval()
+def _torch_model(artifact: Artifact):
+    """The torch model an ONNX folder was exported from: the dense model or a compressed checkpoint."""
+    source = artifact.origin
+    return (load_model(str(source.path))[0] if source.kind == "model" else load_compressed(source.path)[0]).eval()
 
 
 def _tokens(onnx_dir: Path, text: str, n: int) -> torch.Tensor:
     return tokenize_corpus(tokenizer_for_onnx(onnx_dir), text, n)
 
 
-def validate(artifact: dict, text: str, opts: RunOptions) -> dict:
+def validate(artifact: Artifact, text: str, opts: RunOptions) -> dict:
     """ONNX Runtime vs torch on real text: logits of 2 windows of 512 tokens, and 32 greedy tokens with the cache."""
     torch.set_num_threads(opts.threads)
     model = _torch_model(artifact)
-    lm = OnnxCausalLM(artifact["path"], threads=opts.threads)
-    ids = _tokens(artifact["path"], text, 1024).view(2, 512)
+    lm = OnnxCausalLM(artifact.path, threads=opts.threads)
+    ids = _tokens(artifact.path, text, 1024).view(2, 512)
     with torch.inference_mode():
         ref = model(input_ids=ids, use_cache=False).logits.double().numpy()
     got = lm.logits(ids.numpy()).astype(np.float64)
@@ -71,17 +73,17 @@ def validate(artifact: dict, text: str, opts: RunOptions) -> dict:
     }
 
 
-def perplexity(artifact: dict, text: str, opts: RunOptions, windows: int | None = None) -> dict:
+def perplexity(artifact: Artifact, text: str, opts: RunOptions, windows: int | None = None) -> dict:
     """ONNX Runtime perplexity on the protocol's windows (the first ``windows`` of them; default --eval-windows)."""
-    windows = make_windows(_tokens(artifact["path"], text, PROTOCOL_TOKENS), max_windows=windows or opts.eval_windows)
-    fn = ort_logits_fn(artifact["path"], threads=opts.threads, device="cpu")
-    return evaluate_perplexity(fn, windows, desc=f"ppl {Path(artifact['path']).name}").to_dict()
+    windows = make_windows(_tokens(artifact.path, text, PROTOCOL_TOKENS), max_windows=windows or opts.eval_windows)
+    fn = ort_logits_fn(artifact.path, threads=opts.threads, device="cpu")
+    return evaluate_perplexity(fn, windows, desc=f"ppl {artifact.path.name}").to_dict()
 
 
-def tasks(artifact: dict, opts: RunOptions) -> dict:
+def tasks(artifact: Artifact, opts: RunOptions) -> dict:
     from procrustes_onnx.runtime.lm_eval_adapter import run_eval
 
-    summary = run_eval(artifact["path"], list(opts.tasks), limit=opts.task_limit, threads=opts.threads)
+    summary = run_eval(artifact.path, list(opts.tasks), limit=opts.task_limit, threads=opts.threads)
     scores = {}
     for task, metrics in summary["results"].items():
         for metric in ("acc,none", "acc_norm,none", "word_perplexity,none", "bits_per_byte,none"):
@@ -98,9 +100,9 @@ def quantize_summary(folder: Path) -> dict:
             "logits_rel_error": q["logits_rel_error"], "top1_agreement": q["top1_agreement"]}
 
 
-def benchmark(artifact: dict, opts: RunOptions) -> dict:
+def benchmark(artifact: Artifact, opts: RunOptions) -> dict:
     """Prefill latency (batch 1) per sequence length, decode tokens/s with the cache, session creation."""
-    lm = OnnxCausalLM(artifact["path"], threads=opts.threads)
+    lm = OnnxCausalLM(artifact.path, threads=opts.threads)
     prefill = {seq: 1000 * measure_prefill(lm, 1, seq, repeats=3 if seq <= 512 else 2)["seconds"]
                for seq in opts.prefill_seqs}
     decode = measure_decode(lm, prompt=128, new_tokens=opts.decode_tokens)
