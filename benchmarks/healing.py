@@ -27,6 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 DENSE_PPL = {4: 29.89, 100: 32.51}
+#: a log-log slope flatter than this is a plateau: its extrapolated token counts are not reported
+PLATEAU_SLOPE = 0.05
 
 
 def checkpoint_config(variant: str):
@@ -137,7 +139,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xscale("log"), ax.set_yscale("log")
     ax.set_xlabel("healing tokens (0 plotted at 1e3)"), ax.set_ylabel(f"PPL, {rows[0].get('windows')} Jargon windows")
     ax.set_title("SmolLM2-135M, 20% removed: healing")
-    ax.grid(True, which="both", alpha=0.3), ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3), ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -185,8 +187,11 @@ def main() -> int:
     plot(rows, out.with_suffix(".png"))
     _table(rows)
     for name, fit in fits(rows).items():
-        print(f"{name}: slope {fit['slope']}, extrapolated tokens for 3x dense {fit.get('tokens_for_3x_dense')}, "
-              f"for 1.3x dense {fit.get('tokens_for_1.3x_dense')}")
+        if fit.get("plateau"):
+            print(f"{name}: slope {fit['slope']}: a plateau, no extrapolation")
+        else:
+            print(f"{name}: slope {fit['slope']}, extrapolated tokens for 3x dense {fit.get('tokens_for_3x_dense')}, "
+                  f"for 1.3x dense {fit.get('tokens_for_1.3x_dense')}")
     return 0
 
 
@@ -207,7 +212,9 @@ def fits(rows: list[dict]) -> dict:
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
         fit = {"points": pts, "slope": round(slope, 4)}
-        if dense and slope < 0:
+        if -PLATEAU_SLOPE <= slope:  # flat or rising: an extrapolation would be a number nobody measured
+            fit["plateau"] = True
+        elif dense:
             for name, factor in (("tokens_for_3x_dense", 3.0), ("tokens_for_1.3x_dense", 1.3)):
                 fit[name] = float(f"{math.exp(mx + (math.log(factor * dense) - my) / slope):.3g}")
         out[f"{key[0]}:{key[1]}"] = fit
