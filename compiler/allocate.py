@@ -224,11 +224,16 @@ def search_max_loss(ladders: list[Ladder], steps: list[tuple[int, Option]], limi
     return lo, lo_score, probed
 
 
-def plan_curvature(model: nn.Module, plan: Plan, calib: torch.Tensor, damp: float, *,
-                   progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def plan_curvature(model: nn.Module, plan: Plan, calib: torch.Tensor, damp: float, *, progress: bool = True,
+                   input_grams: dict[str, torch.Tensor] | None = None,
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(damped input Grams, output-gradient Grams) of every planned linear of a rotated dense model: what
-    the ladders are priced with (damped as the solver damps its Grams)."""
-    grams, fishers = collect_curvature(model, calib, [e.path for e in plan.entries], progress=progress)
+    the ladders are priced with (damped as the solver damps its Grams). ``input_grams`` (already damped,
+    in the rotated basis: `solve.rotated_input_grams`) spares the pass from collecting them again."""
+    paths = [e.path for e in plan.entries]
+    grams, fishers = collect_curvature(model, calib, paths, progress=progress, input_grams=input_grams is None)
+    if input_grams is not None:
+        return {p: input_grams[p] for p in paths}, fishers
     return {k: damp_gram(v, damp) for k, v in grams.items()}, fishers
 
 
@@ -243,17 +248,18 @@ def heldout_scorer(model: nn.Module, ladders: list[Ladder], dense: dict[str, nn.
 
 def allocate_measured(model: nn.Module, plan: Plan, uniform_factors: dict[str, Factors], calib: torch.Tensor,
                       heldout: torch.Tensor, config, *, echo: Callable[[str], None] = print,
-                      progress: bool = True) -> tuple[Plan, dict]:
+                      progress: bool = True, input_grams: dict[str, torch.Tensor] | None = None,
+                      ) -> tuple[Plan, dict]:
     """Replace the uniform plan of a rotated dense ``model`` by the measured allocation, in place.
 
     With ``config.ratio``: the greedy allocation storing at most what the uniform plan stores, shipped
     only if its held-out loss beats the uniform plan's (else the uniform plan ships, and says so). With
     ``config.max_loss``: the largest greedy prefix whose held-out perplexity stays within (1 + max_loss) x
     dense; none within it leaves the model dense. Returns the plan of what the model now holds and a
-    record of the measurements."""
+    record of the measurements. ``input_grams``: see `plan_curvature`."""
     paths = [e.path for e in plan.entries]
     dense = {p: get_module(model, p) for p in paths}
-    grams, fishers = plan_curvature(model, plan, calib, config.damp, progress=progress)
+    grams, fishers = plan_curvature(model, plan, calib, config.damp, progress=progress, input_grams=input_grams)
     ladders = build_ladders(model, plan, uniform_factors, grams, fishers, kron_q=config.kron_q,
                             kron_split=config.kron_split, progress=progress)
     del grams, fishers

@@ -138,29 +138,33 @@ def collect_grams(model: nn.Module, windows: torch.Tensor, paths: Iterable[str],
 
 
 def collect_curvature(model: nn.Module, windows: torch.Tensor, paths: Iterable[str], *, batch_size: int = 2,
-                      progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                      progress: bool = True, input_grams: bool = True,
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(C, G) per module in ``paths``, float64: C = X^T X / N of its input and G = sum_t g_t g_t^T / N of
     the gradient g_t of the summed next-token loss at its output, over all N calibration tokens.
 
     Together they are the Kronecker-factored (K-FAC) curvature of the loss in that module's weight, so
     0.5 tr(dW^T C dW G) estimates the loss a weight error dW adds. Gradients flow only to activations:
-    every parameter is frozen for the pass and restored after it."""
+    every parameter is frozen for the pass and restored after it. G only ranks options, so each batch's
+    g^T g is a float32 product (added to a float64 sum): the float64 products were most of the pass.
+    ``input_grams`` False skips C (returned empty) for a caller that has it already."""
     paths = list(dict.fromkeys(paths))
     grams: dict[str, torch.Tensor] = {}
     fishers: dict[str, torch.Tensor] = {}
     handles = []
 
-    def accumulate(store: dict, path: str, t: torch.Tensor) -> None:
-        t = t.detach().reshape(-1, t.shape[-1]).to(torch.float64)
+    def accumulate(store: dict, path: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+        t = t.detach().reshape(-1, t.shape[-1]).to(dtype)
         if path not in store:
             store[path] = torch.zeros(t.shape[1], t.shape[1], dtype=torch.float64)
-        store[path].addmm_(t.T, t)
+        store[path] += (t.T @ t).to(torch.float64)
 
     def make_hook(path: str):
         def hook(_module, args, out):
-            accumulate(grams, path, args[0])
+            if input_grams:
+                accumulate(grams, path, args[0], torch.float64)
             if out.requires_grad:
-                out.register_hook(lambda g: accumulate(fishers, path, g))
+                out.register_hook(lambda g: accumulate(fishers, path, g, torch.float32))
         return hook
 
     embed = model.get_submodule(get_adapter(model).embed_path)
@@ -191,7 +195,7 @@ def collect_curvature(model: nn.Module, windows: torch.Tensor, paths: Iterable[s
     missing = [p for p in paths if p not in fishers]
     if missing:
         raise RuntimeError(f"curvature hooks never saw a gradient for {missing[:3]}")
-    return {p: grams[p] / n_tokens for p in paths}, {p: fishers[p] / n_tokens for p in paths}
+    return {p: grams[p] / n_tokens for p in grams}, {p: fishers[p] / n_tokens for p in paths}
 
 
 def damp_gram(gram: torch.Tensor, damp: float) -> torch.Tensor:

@@ -36,7 +36,7 @@ from .positions import residual_positions, stream_matrix
 from .rotation import rotate_global, rotate_per_position
 from .skips import shortcut_stored_numel, stored_parameter_count
 from .slicegpt import slicegpt_compress
-from .solve import gram_paths, load_group, save_group, solve_group
+from .solve import gram_paths, load_group, rotated_input_grams, save_group, solve_group
 
 __all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count",
            "check_layers", "solve_positions", "rotate_solved"]
@@ -175,11 +175,13 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
             grams = collect_grams(model, windows, gram_paths(positions, specs), progress=progress)
             grams = {k: damp_gram(v, config.damp) for k, v in grams.items()}
         rs, factors = solve_positions(model, positions, specs, config, work, grams, progress)
+        ladder_grams = rotated_input_grams(positions, specs, grams, rs) if config.measured else None
         del grams
         if config.measured:
             rotate_solved(model, rs, config.rotation)
             plan, plan.allocation = allocate_measured(model, plan, factors, windows, heldout, config, echo=echo,
-                                                      progress=progress)
+                                                      progress=progress, input_grams=ladder_grams)
+            del ladder_grams
             reference = None
         else:
             reference = _apply(model, positions, specs, rs, factors, config.rotation,

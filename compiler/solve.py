@@ -22,7 +22,7 @@ from .positions import Position, stream_matrix
 from .procrustes import frobenius_als
 from .weighted import WeightedTerm, balance_weights, project_weighted, weighted_stage
 
-__all__ = ["Projector", "gram_paths", "solve_group", "load_group", "save_group"]
+__all__ = ["Projector", "gram_paths", "rotated_input_grams", "solve_group", "load_group", "save_group"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,19 @@ def gram_paths(positions: list[Position], specs: dict[str, dict]) -> list[str]:
 
 def _gram(pos: Position, ref, grams: dict[str, torch.Tensor]) -> torch.Tensor:
     return grams[pos.readers[0].path] if ref.reads else grams[ref.path]
+
+
+def rotated_input_grams(positions: list[Position], specs: dict[str, dict], grams: dict[str, torch.Tensor],
+                        rs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The input Gram of every planned linear once the model is rotated, from the solver's Grams of the
+    unrotated one: a reader of position p sees x R_p (R_p^T C R_p; a damped C stays damped, as R^T I R = I),
+    and a writer's input does not move. Exact, so the ladder needs no second pass for them."""
+    out = {}
+    for pos, r in zip(positions, rs):
+        for ref in _refs(pos, specs):
+            gram = _gram(pos, ref, grams)
+            out[ref.path] = rotate_gram(gram, r.to(gram.dtype)) if ref.reads else gram
+    return out
 
 
 def solve_group(model: nn.Module, sel: list[Position], specs: dict[str, dict], config: CompressionConfig,
