@@ -31,12 +31,13 @@ from .calibration import calibration_split, calibration_windows_for, collect_gra
 from .checkpoint import load_model, replace_linear, save_compressed
 from .config import EMBED_KEPT, CompressionConfig, Plan, build_plan
 from .embeddings import factor_embedding
+from .fanout import fan_out
 from .fusion import fuse_norms
 from .positions import residual_positions, stream_matrix
 from .rotation import rotate_global, rotate_per_position
 from .skips import shortcut_stored_numel, stored_parameter_count
 from .slicegpt import slicegpt_compress
-from .solve import gram_paths, load_group, save_group, solve_group
+from .solve import gram_paths, group_problem, load_group, save_group, solve_group
 
 __all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count",
            "check_layers", "solve_positions", "rotate_solved"]
@@ -99,21 +100,36 @@ def _embedding_plan(model: nn.Module, config: CompressionConfig) -> dict | None:
 
 def solve_positions(model, positions, specs, config, work: Path, grams, progress: bool):
     """Per group of positions (each position, or all at once): R and factors, from ``work`` if a previous
-    run finished that group. Returns one R per position and the factors of every planned linear."""
+    run finished that group. Returns one R per position and the factors of every planned linear. Per-position
+    groups are independent: they fan out over ``config.fanout`` (one torch thread each, on Ray with
+    ``--workers``), each saved as it ends."""
     groups = [[p] for p in positions] if config.rotation == "per-position" else [positions]
-    rs, factors = [], {}
+    paths = [work / ("global.safetensors" if len(groups) == 1 else f"pos{sel[0].index:03d}.safetensors")
+             for sel in groups]
+    solved = {i: load_group(path) for i, path in enumerate(paths) if path.exists()}
+    todo = [i for i in range(len(groups)) if i not in solved]
     bar = tqdm(total=len(positions), desc=f"{config.method} {config.rotation}", unit="pos", disable=not progress)
-    for sel in groups:
-        path = work / ("global.safetensors" if len(groups) == 1 else f"pos{sel[0].index:03d}.safetensors")
-        if path.exists():
-            r, fac = load_group(path)
-        else:
-            r, fac, _ = solve_group(model, sel, specs, config, grams)
-            save_group(path, r, fac)
+    bar.update(sum(len(groups[i]) for i in solved))
+
+    def finished(k: int, result) -> None:
+        i = todo[k]
+        r, fac, _ = result
+        save_group(paths[i], r, fac)
+        solved[i] = (r, fac)
+        bar.update(len(groups[i]))
+
+    problems = ((group_problem(model, groups[i], specs, grams),) for i in todo)
+    if len(groups) > 1:
+        fan_out(solve_group, problems, config.fanout, shared={"config": config}, on_result=finished)
+    else:  # one global rotation: nothing to fan out, and it keeps this process's torch threads
+        for k, (problem,) in enumerate(problems):
+            finished(k, solve_group(problem, config))
+    bar.close()
+    rs, factors = [], {}
+    for i, sel in enumerate(groups):
+        r, fac = solved[i]
         rs.extend([r] * len(sel))
         factors.update(fac)
-        bar.update(len(sel))
-    bar.close()
     return rs, factors
 
 
@@ -146,6 +162,7 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
     results go to ``work`` and are reused from there. Returns the plan (the promised count).
     ``calib_tokens`` (a 1-D token stream) replaces the config's calibration text, e.g. in tests."""
     config.validate()
+    config.fanout.check()
     check_layers(model, config)
     # bad calibration text fails here, before work/ records these settings (a failed run blocks nothing)
     needs_text = config.method == "weighted" or config.compress_embeddings
@@ -264,7 +281,7 @@ def check_layers(model: nn.Module, config: CompressionConfig) -> None:
 
 def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float, source: str, keep_work: bool) -> None:
     """Save through the checkpoint module; the resumable work/ folder goes along only with ``keep_work``."""
-    extra = {"compression": config.to_dict(), "promised_params": plan.promised_params,
+    extra = {"compression": config.settings(), "promised_params": plan.promised_params,
              "original_params": plan.original_params, "removed": plan.removed, "seconds": round(seconds, 1)}
     if plan.allocation is not None:
         extra["allocation"] = plan.allocation
@@ -294,6 +311,7 @@ def compress_cli(*, model: str, out: str, config: str | None = None, overwrite: 
         base["preset"] = base["max_loss"] = None
     base.update(given)
     cfg = CompressionConfig.from_dict(base)
+    cfg.fanout.check()
     calib = cfg.calib_text.rpartition("@")[0] or cfg.calib_text
     model_dir = resolve_model_dir(model)
     check_output(out, inputs=[model_dir, config, calib if Path(calib).exists() else None], overwrite=overwrite,
