@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -43,6 +44,8 @@ class Fanout:
         """Fail now, in one line, if the settings are bad or Ray is asked for but missing (before slow work)."""
         if self.workers < 1 or self.parallel:
             require_ray(self)
+        if self.address is not None:
+            _check_reachable(self.address)
 
 
 def require_ray(fanout: Fanout):
@@ -57,6 +60,22 @@ def require_ray(fanout: Fanout):
     return ray
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A one-line error if nothing answers at a ``host:port`` (or ``ray://host:port``) address: Ray itself
+    retries a wrong one for minutes. "auto" and "local" are Ray's to resolve."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address {address!r} is not host:port (or ray://host:port, or auto): pass the "
+                        "address the Ray head printed")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"--ray-address {address}: nothing answers there ({exc.strerror or type(exc).__name__}): "
+                        "start the cluster (ray start --head) or fix the address") from None
+
+
 def _start(ray, fanout: Fanout) -> None:
     """Join the cluster at ``address``, or start a local instance with room for workers x threads CPUs;
     an instance this process already started (or joined) is reused."""
@@ -65,6 +84,7 @@ def _start(ray, fanout: Fanout) -> None:
     kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     try:
         if fanout.address is not None:
+            _check_reachable(fanout.address)
             ray.init(address=fanout.address, **kw)
         else:
             cpus = fanout.workers * fanout.threads

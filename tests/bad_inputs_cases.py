@@ -121,6 +121,8 @@ CASES: list[Case] = [
       "not --preset", ("model",)),
     C("compress-workers-zero", "compress --model {model} --out {out} --workers 0", 2, "argument --workers",
       ("model",)),
+    C("compress-ray-address-refused", "compress --model {model} --out {out} --ray-address 127.0.0.1:1", 2,
+      "nothing answers there", ("model",)),
     C("compress-measured-refine", "compress --model {model} --out {out} --allocation measured --refine sequential",
       2, "does not combine with measured allocation", ("model",)),
     C("compress-heldout-past-text", "compress --model {model} --out {out} --max-loss 0.1 --calib {calib} "

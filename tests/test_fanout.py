@@ -128,6 +128,14 @@ def test_without_ray_workers_is_one_error_line_and_serial_needs_no_ray(monkeypat
     assert fan_out(torch.mm, [(torch.eye(2), torch.ones(2, 2))])[0].tolist() == [[1.0, 1.0], [1.0, 1.0]]
 
 
+@pytest.mark.parametrize("address, said", [("127.0.0.1:1", "nothing answers there"), ("garbage", "not host:port"),
+                                           ("ray://127.0.0.1:1", "nothing answers there")])
+def test_a_bad_ray_address_is_one_line_at_once(address, said):
+    """Ray itself retries a wrong address for minutes; the check says so in one line before any work."""
+    with pytest.raises(UserError, match=said):
+        Fanout(workers=2, address=address).check()
+
+
 def test_serial_compress_never_imports_ray(tmp_path):
     code = ("import sys; from procrustes_onnx.compiler.compress import compress_model; "
             "from procrustes_onnx.testing import tiny_compression_config, tiny_model; "
