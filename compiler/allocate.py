@@ -33,9 +33,9 @@ from .config import PlanEntry, Plan
 from .fanout import Fanout, fan_out
 from .weighted import project_weighted
 
-__all__ = ["LADDER_KEPT", "Option", "Ladder", "ladder_options", "build_ladders", "option_for", "greedy_steps", "choice_after",
-           "allocate", "swap_in", "heldout_nll", "plan_of", "search_max_loss", "plan_curvature", "heldout_scorer",
-           "allocate_measured", "kept_by_role", "ppl_ratio"]
+__all__ = ["LADDER_KEPT", "Option", "Ladder", "ladder_options", "build_ladders", "option_for", "greedy_steps",
+           "choice_after", "allocate", "swap_in", "heldout_nll", "plan_of", "search_max_loss", "plan_curvature",
+           "heldout_scorer", "allocate_measured", "kept_by_role", "ppl_ratio"]
 
 #: kept shares each matrix's ladder offers besides dense and the uniform plan's own spec
 LADDER_KEPT = (1 / 8, 2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8)
