@@ -15,7 +15,7 @@ from procrustes_onnx.core.errors import UserError
 
 from .adapters import ModelAdapter, get_adapter, get_module, set_module, surgery_state
 
-__all__ = ["RMSNorm", "HeadNorm", "Centring", "fuse_norms", "install_fused_modules", "require_fused"]
+__all__ = ["RMSNorm", "HeadNorm", "Centring", "fuse_norms", "fuse_layer_norms", "install_fused_modules", "require_fused"]
 
 
 class RMSNorm(nn.Module):
@@ -104,6 +104,19 @@ def _centre_writers(model: nn.Module, adapter: ModelAdapter) -> bool:
     return installed
 
 
+def fuse_layer_norms(model: nn.Module, adapter: ModelAdapter, i: int) -> float:
+    """Fold decoder layer i's two norms into its readers (q/k/v, gate/up) and make them parameter-free;
+    returns their eps. One layer's share of `fuse_norms`, so a streamed pass fuses each layer as it loads."""
+    d, eps = adapter.hidden_size, 0.0
+    for norm_path, refs in ((adapter.attn_norm_path(i), adapter.attn_inputs(i)),
+                            (adapter.mlp_norm_path(i), adapter.mlp_inputs(i))):
+        norm = get_module(model, norm_path)
+        eps = adapter.norm_params(norm)[2]
+        _fold_into_readers(model, norm, [r.path for r in refs], adapter)
+        set_module(model, norm_path, RMSNorm(d, eps))
+    return eps
+
+
 def fuse_norms(model: nn.Module) -> nn.Module:
     """Fold every norm into its neighbours in place; logits are unchanged. Returns the model."""
     adapter = get_adapter(model)
@@ -115,12 +128,7 @@ def fuse_norms(model: nn.Module) -> nn.Module:
         centring = _centre_writers(model, adapter) if adapter.centres_stream else False
         eps = None
         for i in range(adapter.num_layers):
-            for norm_path, refs in ((adapter.attn_norm_path(i), adapter.attn_inputs(i)),
-                                    (adapter.mlp_norm_path(i), adapter.mlp_inputs(i))):
-                norm = get_module(model, norm_path)
-                eps = adapter.norm_params(norm)[2]
-                _fold_into_readers(model, norm, [r.path for r in refs], adapter)
-                set_module(model, norm_path, RMSNorm(d, eps))
+            eps = fuse_layer_norms(model, adapter, i)
         final = get_module(model, adapter.final_norm_path)
         gain, beta, final_eps = adapter.norm_params(final)
         tied = adapter.tied
