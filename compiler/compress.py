@@ -40,7 +40,7 @@ from .slicegpt import slicegpt_compress
 from .solve import gram_paths, group_problem, load_group, save_group, solve_group
 
 __all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count",
-           "check_layers", "solve_positions", "rotate_solved"]
+           "check_layers", "solve_positions", "rotate_solved", "swap_structured"]
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +146,18 @@ def _apply(model, positions, specs, rs, factors, rotation: str, keep_reference: 
     With ``keep_reference``, returns a copy of the rotated model taken before the swap (else None)."""
     rotate_solved(model, rs, rotation)
     reference = copy.deepcopy(model) if keep_reference else None
+    swap_structured(model, specs, factors)
+    return reference
+
+
+def swap_structured(model: nn.Module, specs: dict[str, dict], factors: dict[str, dict]) -> None:
+    """Replace each linear of ``specs`` (rotated, dense) by the StructuredLinear of its solved factors."""
     for path, spec in specs.items():
         linear = get_module(model, path)
         dtype = linear.weight.dtype
         matrix = structured_from_spec(spec, {k: v.to(dtype) for k, v in factors[path].items()}, dtype=dtype)
         bias = None if linear.bias is None else linear.bias.detach()
         replace_linear(model, path, StructuredLinear(matrix, bias))
-    return reference
 
 
 def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work: str | Path, *,
