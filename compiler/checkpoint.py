@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
@@ -34,7 +36,7 @@ from .fusion import install_fused_modules
 from .positions import position_dims
 from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
 
-__all__ = ["load_model", "save_compressed", "write_checkpoint", "collect_tensors", "save_compressed_into", "load_compressed", "require_checkpoint",
+__all__ = ["load_model", "save_compressed", "write_checkpoint", "collect_tensors", "merge_safetensors", "save_compressed_into", "load_compressed", "require_checkpoint",
            "checkpoint_identity", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,42 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     if len(header) <= n:
         blob = blob[:8] + header + b" " * (n - len(header)) + blob[8 + n:]
     path.write_bytes(blob)
+
+
+def merge_safetensors(parts: Sequence[Path], path: Path, metadata: dict[str, str]) -> int:
+    """Write the tensors of the safetensors files ``parts`` into one file ``path`` (names in order, header
+    keys sorted as `_save_safetensors` writes them), one tensor in memory at a time; returns the numbers
+    stored. How a streamed compression writes model.safetensors without holding the model."""
+    where, header, offset = {}, {}, 0
+    for part in parts:
+        with safe_open(str(part), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shape, dtype = list(sl.get_shape()), sl.get_dtype()
+                where[key] = part
+                size = math.prod(shape) * _BYTES[dtype]
+                header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+    names = sorted(header)
+    offset = 0
+    for key in names:                                   # data in name order
+        size = header[key]["data_offsets"][1] - header[key]["data_offsets"][0]
+        header[key]["data_offsets"] = [offset, offset + size]
+        offset += size
+    blob = json.dumps({"__metadata__": metadata, **header}, sort_keys=True, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    numbers = 0
+    with open(path, "wb") as out:
+        out.write(len(blob).to_bytes(8, "little"))
+        out.write(blob)
+        for key in names:
+            with safe_open(str(where[key]), framework="pt") as f:
+                t = f.get_tensor(key).contiguous()
+            numbers += t.numel()
+            out.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return numbers
+
+
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def checkpoint_identity(path: str | Path, *, verify: bool = True) -> dict:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import MANIFEST, check_output, claim
-from procrustes_onnx.core.sources import model_fingerprint, resolve_model_dir
+from procrustes_onnx.core.sources import (is_compressed_checkpoint, load_tokenizer, model_fingerprint, require_dense,
+                                          resolve_model_dir)
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
 from procrustes_onnx.ops.embedding import embedding_rank
 
@@ -40,7 +41,8 @@ from .slicegpt import slicegpt_compress
 from .solve import gram_paths, group_problem, load_group, save_group, solve_group
 
 __all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count",
-           "check_layers", "solve_positions", "rotate_solved", "swap_structured"]
+           "check_layers", "solve_positions", "rotate_solved", "swap_structured",
+           "open_work", "discard_empty", "saved_extra"]
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def solve_positions(model, positions, specs, config, work: Path, grams, progress
     groups are independent: they fan out over ``config.fanout`` (one torch thread each, on Ray with
     ``--workers``), each saved as it ends."""
     groups = [[p] for p in positions] if config.rotation == "per-position" else [positions]
-    paths = [work / ("global.safetensors" if len(groups) == 1 else f"pos{sel[0].index:03d}.safetensors")
+    paths = [work / ("global.safetensors" if config.rotation == "global" else f"pos{sel[0].index:03d}.safetensors")
              for sel in groups]
     solved = {i: load_group(path) for i, path in enumerate(paths) if path.exists()}
     todo = [i for i in range(len(groups)) if i not in solved]
@@ -119,7 +121,7 @@ def solve_positions(model, positions, specs, config, work: Path, grams, progress
         bar.update(len(groups[i]))
 
     problems = ((group_problem(model, groups[i], specs, grams),) for i in todo)
-    if len(groups) > 1:
+    if config.rotation == "per-position":  # a streamed run solves a few positions at a time, still fanned out
         fan_out(solve_group, problems, config.fanout, shared={"config": config}, on_result=finished)
     else:  # one global rotation: nothing to fan out, and it keeps this process's torch threads
         for k, (problem,) in enumerate(problems):
@@ -176,13 +178,7 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
         windows, heldout = calibration_split(tokenizer, config, calib_tokens)
     else:
         windows = calibration_windows_for(tokenizer, config, calib_tokens) if needs_text else None
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    saved_cfg = work / "config.json"
-    if saved_cfg.exists() and _has_results(work) and CompressionConfig.load(saved_cfg) != config:
-        raise UserError(f"{work} holds a partial run with different settings: rerun with those settings to "
-                        "resume, or use another --out (or delete the folder)")
-    config.save(saved_cfg)
+    work = open_work(work, config)
     torch.manual_seed(config.seed)
     model.eval()
     original = count_params(model)
@@ -244,7 +240,7 @@ def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: st
     try:
         plan = compress_model(model, tokenizer, config, work, progress=progress, echo=echo, calib_tokens=calib_tokens)
     except BaseException:
-        _discard_empty(out_dir, work, created)
+        discard_empty(out_dir, work, created)
         raise
     original = plan.original_params
     _save(model, tokenizer, config, plan, out_dir, time.perf_counter() - start, source, keep_work)
@@ -256,12 +252,24 @@ def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: st
     return out_dir
 
 
+def open_work(work: str | Path, config: CompressionConfig) -> Path:
+    """The resumable work folder, recording ``config``; a partial run of other settings is refused."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    saved_cfg = work / "config.json"
+    if saved_cfg.exists() and _has_results(work) and CompressionConfig.load(saved_cfg) != config:
+        raise UserError(f"{work} holds a partial run with different settings: rerun with those settings to "
+                        "resume, or use another --out (or delete the folder)")
+    config.save(saved_cfg)
+    return work
+
+
 def _has_results(work: Path) -> bool:
     """Whether ``work`` holds solved groups or refined layers (anything worth resuming)."""
     return work.is_dir() and any(p.suffix == ".safetensors" for p in work.rglob("*"))
 
 
-def _discard_empty(out_dir: Path, work: Path, created: bool) -> None:
+def discard_empty(out_dir: Path, work: Path, created: bool) -> None:
     """After a failed run: drop a ``work/`` with nothing to resume, and the folder if this run made it."""
     if _has_results(work):
         return
@@ -284,12 +292,18 @@ def check_layers(model: nn.Module, config: CompressionConfig) -> None:
                         "or less")
 
 
-def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float, source: str, keep_work: bool) -> None:
-    """Save through the checkpoint module; the resumable work/ folder goes along only with ``keep_work``."""
+def saved_extra(config: CompressionConfig, plan: Plan, seconds: float) -> dict:
+    """What the checkpoint's config.json records about the compression, next to the surgery record."""
     extra = {"compression": config.settings(), "promised_params": plan.promised_params,
              "original_params": plan.original_params, "removed": plan.removed, "seconds": round(seconds, 1)}
     if plan.allocation is not None:
         extra["allocation"] = plan.allocation
+    return extra
+
+
+def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float, source: str, keep_work: bool) -> None:
+    """Save through the checkpoint module; the resumable work/ folder goes along only with ``keep_work``."""
+    extra = saved_extra(config, plan, seconds)
     save_compressed(model, out_dir, tokenizer=tokenizer, extra_config=extra, source=source,
                     carry=("work",) if keep_work else ())
 
@@ -317,6 +331,9 @@ def compress_cli(*, model: str, out: str, config: str | None = None, overwrite: 
     base.update(given)
     cfg = CompressionConfig.from_dict(base)
     cfg.fanout.check()
+    if cfg.stream:
+        from .streamed import check_streamable  # streamed imports this module
+        check_streamable(cfg)
     calib = cfg.calib_text.rpartition("@")[0] or cfg.calib_text
     model_dir = resolve_model_dir(model)
     check_output(out, inputs=[model_dir, config, calib if Path(calib).exists() else None], overwrite=overwrite,
@@ -324,5 +341,10 @@ def compress_cli(*, model: str, out: str, config: str | None = None, overwrite: 
     saved = Path(out) / "work" / "config.json"
     if overwrite and saved.is_file() and CompressionConfig.load(saved) != cfg:
         shutil.rmtree(saved.parent)  # --overwrite: a partial run of other settings is replaced, not resumed
+    if cfg.stream:
+        from .streamed import compress_streamed
+        if is_compressed_checkpoint(model_dir):
+            require_dense(model_dir, model)
+        return compress_streamed(model_dir, load_tokenizer(model_dir), cfg, out, progress=True)
     loaded, tokenizer = load_model(model, dtype=torch.float32)
     return compress(loaded, tokenizer, cfg, out)

@@ -74,6 +74,7 @@ class CompressionConfig:
     # how to run, not what to compute (the result is bitwise the same): left out of equality and settings()
     workers: int = field(default=1, compare=False)              # independent solves at once (> 1: on Ray)
     ray_address: str | None = field(default=None, compare=False)  # a Ray cluster to run them on
+    stream: bool = field(default=False, compare=False)          # read the model one layer at a time (same tensors)
 
     def __post_init__(self) -> None:
         self.validate()

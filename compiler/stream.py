@@ -27,7 +27,7 @@ from .adapters import get_adapter, get_module
 from .calibration import GramSum, capture_layer_inputs
 from .fusion import RMSNorm, fuse_layer_norms
 
-__all__ = ["ShardReader", "empty_model", "materialise", "release", "stream_grams", "layer_grams"]
+__all__ = ["ShardReader", "empty_model", "materialise", "release", "stream_grams", "layer_grams", "layer_output"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -77,6 +77,11 @@ class ShardReader:
         with self._open(name) as f:
             return set(f.keys())
 
+    def tensor(self, key: str) -> torch.Tensor:
+        """One stored tensor by its full name."""
+        with self._open(self.where[key]) as f:
+            return f.get_tensor(key).clone()
+
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every stored tensor under module ``prefix``, keyed by its name inside that module (copies: no
         shard stays mapped)."""
@@ -98,6 +103,7 @@ def empty_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_config leaves a tied head untied here; from_pretrained ties it
     return model.eval()
 
 
@@ -178,7 +184,7 @@ def layer_grams(model_dir: str | Path, windows: torch.Tensor, paths: list[str], 
         inside = [p for p in paths if p.startswith(adapter.layer_path(i) + ".")]
         handles = [get_module(model, p).register_forward_pre_hook(acc.hook(p)) for p in inside]
         try:
-            batches = [(_hidden(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+            batches = [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
         finally:
             for h in handles:
                 h.remove()
@@ -192,6 +198,6 @@ def layer_grams(model_dir: str | Path, windows: torch.Tensor, paths: list[str], 
     yield acc.grams(heads)
 
 
-def _hidden(out) -> torch.Tensor:
+def layer_output(out) -> torch.Tensor:
     """A decoder layer's output hidden states (some versions return a tuple)."""
     return out[0] if isinstance(out, tuple) else out

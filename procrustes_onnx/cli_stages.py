@@ -21,7 +21,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                  "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
                  "compress_embeddings": args.compress_embeddings or None, "refine": args.refine,
                  "allocation": args.allocation, "max_loss": args.max_loss, "heldout_samples": args.heldout_samples,
-                 "workers": args.workers, "ray_address": args.ray_address}
+                 "workers": args.workers, "ray_address": args.ray_address, "stream": args.stream or None}
     if args.kept:
         overrides["kept"] = parse_kept("--kept", args.kept)
     if args.dense_layers is not None:
@@ -292,6 +292,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="low-rank token embedding (a tied head reads the same factors); kept share --kept embed=F, "
                         "default 0.75")
     p.add_argument("--seed", type=count(0, SEED_MAX))
+    p.add_argument("--stream", action="store_true",
+                   help="read the model from its safetensors shards one decoder layer at a time (memory: a layer, "
+                        "not the model); same checkpoint; per-position rotation only (docs/scale.md)")
     add_budget_arguments(p)
     add_fanout_arguments(p)
     add_heal_arguments(p, verb="compress")
