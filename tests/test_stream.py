@@ -4,9 +4,7 @@ read one layer at a time; peak memory bounded by a layer, not the depth; bad sha
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from procrustes_onnx.compiler.fusion import fuse_norms
 from procrustes_onnx.compiler.positions import residual_positions
 from procrustes_onnx.compiler.stream import ShardReader, stream_grams
 from procrustes_onnx.core.errors import UserError
-from procrustes_onnx.testing import save_tiny_model, tiny_model
+from procrustes_onnx.testing import peak_rss_growth_kib, save_tiny_model, tiny_model
 
 WINDOWS = calibration_windows(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2)), 6, 32)
 
@@ -105,45 +103,36 @@ def test_layernorm_family_is_refused_in_one_line(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ memory
 
-_MEASURE = textwrap.dedent("""
-    import json, sys, torch
-    torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM
-    from procrustes_onnx.compiler.calibration import calibration_windows, collect_grams
-    from procrustes_onnx.compiler.fusion import fuse_norms
-    from procrustes_onnx.compiler.stream import empty_model, layer_grams, stream_grams
-    from procrustes_onnx.compiler.adapters import get_adapter
-    folder, mode = sys.argv[1], sys.argv[2]
-    windows = calibration_windows(torch.arange(4000) % 256, 8, 64)
-    a = get_adapter(empty_model(folder))
-    paths = [r.path for i in range(a.num_layers) for r in (a.attn_inputs(i)[0], a.mlp_inputs(i)[0])]
-    def status(field):
-        line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
-        return int(line.split()[1])
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS: imports' transient peaks do not count
-    base = status("VmRSS")
-    if mode == "stream":      # each layer's Grams dropped as they come, as a per-position solve would
-        for grams in layer_grams(folder, windows, paths):
-            del grams
-    elif mode == "stream-all":  # every Gram kept to the end
-        grams = stream_grams(folder, windows, paths)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        fuse_norms(model)
-        grams = collect_grams(model, windows, paths, progress=False)
-    peak = status("VmHWM")
-    print(json.dumps({"base_kib": base, "peak_kib": peak}))
-""")
+_SETUP = """
+from transformers import AutoModelForCausalLM
+from procrustes_onnx.compiler.calibration import calibration_windows, collect_grams
+from procrustes_onnx.compiler.fusion import fuse_norms
+from procrustes_onnx.compiler.stream import empty_model, layer_grams, stream_grams
+from procrustes_onnx.compiler.adapters import get_adapter
+folder = sys.argv[1]
+windows = calibration_windows(torch.arange(4000) % 256, 8, 64)
+a = get_adapter(empty_model(folder))
+paths = [r.path for i in range(a.num_layers) for r in (a.attn_inputs(i)[0], a.mlp_inputs(i)[0])]
+"""
+
+_WORK = {
+    "stream": """
+for grams in layer_grams(folder, windows, paths):  # each layer's Grams dropped, as a per-position solve does
+    del grams
+""",
+    "stream-all": """
+grams = stream_grams(folder, windows, paths)  # every Gram kept to the end
+""",
+    "memory": """
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+fuse_norms(model)
+grams = collect_grams(model, windows, paths, progress=False)
+"""}
 
 
 def _growth_kib(folder, mode: str) -> int:
-    """Peak RSS (VmHWM, KiB) a fresh process gains over its resident set once imports are done, while it
-    collects the Grams of every layer's readers."""
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(folder), mode], capture_output=True, text=True,
-                         check=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": "/tmp"})
-    rec = json.loads(out.stdout.strip().splitlines()[-1])
-    return rec["peak_kib"] - rec["base_kib"]
+    """Peak RSS growth (KiB) of collecting the Grams of every layer's readers, in a fresh process."""
+    return peak_rss_growth_kib(_SETUP, _WORK[mode], folder)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc/self/status")
