@@ -42,7 +42,7 @@ from .solve import gram_paths, group_problem, load_group, save_group, solve_grou
 
 __all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count",
            "check_layers", "solve_positions", "rotate_solved", "swap_structured",
-           "open_work", "discard_empty", "saved_extra"]
+           "open_work", "discard_empty", "saved_extra", "report_saved"]
 
 log = logging.getLogger(__name__)
 
@@ -242,14 +242,18 @@ def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: st
     except BaseException:
         discard_empty(out_dir, work, created)
         raise
-    original = plan.original_params
     _save(model, tokenizer, config, plan, out_dir, time.perf_counter() - start, source, keep_work)
+    report_saved(out_dir, plan, start, echo)
+    return out_dir
+
+
+def report_saved(out_dir: Path, plan: Plan, start: float, echo: Callable[[str], None], how: str = "") -> None:
+    """The closing line of a compression; a warning if the checkpoint does not store what the plan promised."""
     saved = saved_param_count(out_dir)
     if saved != plan.promised_params:
         log.warning("plan promised %d parameters but the checkpoint stores %d", plan.promised_params, saved)
-    echo(f"saved {out_dir}: {saved:,} parameters stored, {100 * (1 - saved / original):.2f}% removed, "
-         f"{time.perf_counter() - start:.0f} s")
-    return out_dir
+    echo(f"saved {out_dir}: {saved:,} parameters stored, {100 * (1 - saved / plan.original_params):.2f}% removed, "
+         f"{time.perf_counter() - start:.0f} s{how}")
 
 
 def open_work(work: str | Path, config: CompressionConfig) -> Path:

@@ -30,8 +30,8 @@ from procrustes_onnx.core.sources import tensors_fingerprint
 from .adapters import get_adapter, get_module, set_module, surgery_state
 from .calibration import GramSum, calibration_windows_for, capture_layer_inputs, damp_gram
 from .checkpoint import METADATA, collect_tensors, merge_safetensors, write_checkpoint
-from .compress import (check_layers, count_params, discard_empty, open_work, plan_for_model, saved_extra,
-                       saved_param_count, solve_positions, swap_structured)
+from .compress import (check_layers, count_params, discard_empty, open_work, plan_for_model, report_saved,
+                       saved_extra, solve_positions, swap_structured)
 from .config import CompressionConfig
 from .fusion import fuse_final_norm, fuse_layer_norms
 from .positions import position_dims, residual_positions
@@ -98,9 +98,7 @@ def compress_streamed(model_dir: str | Path, tokenizer, config: CompressionConfi
                      carry=("work",) if keep_work else ())
     for part in parts:
         part.unlink(missing_ok=True)
-    saved = saved_param_count(out_dir)
-    echo(f"saved {out_dir}: {saved:,} parameters stored, {100 * (1 - saved / plan.original_params):.2f}% removed, "
-         f"{time.perf_counter() - start:.0f} s (streamed)")
+    report_saved(out_dir, plan, start, echo, " (streamed)")
     return out_dir
 
 
