@@ -58,6 +58,21 @@ def test_streamed_checkpoint_equals_in_memory(tmp_path, tie, method):
         assert torch.isfinite(model(IDS).logits).all()
 
 
+def test_streamed_solves_on_two_ray_workers_give_the_in_memory_checkpoint(tmp_path):
+    ray = pytest.importorskip("ray")
+    folder = tmp_path / "dense"
+    tiny_model(layers=2, vocab=264).save_pretrained(folder, max_shard_size="200KB")
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    compress(dense, None, _cfg("weighted"), tmp_path / "memory", progress=False, echo=_quiet, calib_tokens=CALIB)
+    try:
+        out = compress_streamed(folder, None, _cfg("weighted", workers=2), tmp_path / "stream", echo=_quiet,
+                                calib_tokens=CALIB)
+    finally:
+        if ray.is_initialized():  # the next test starts with no Ray, as test_fanout's do
+            ray.shutdown()
+    _same_checkpoint(tmp_path / "memory", out)
+
+
 def test_streamed_run_resumes_from_work(tmp_path):
     folder = tmp_path / "dense"
     tiny_model(layers=2, vocab=264).save_pretrained(folder, max_shard_size="200KB")
