@@ -30,11 +30,12 @@ from .adapters import get_module
 from .calibration import collect_curvature, damp_gram
 from .checkpoint import replace_linear
 from .config import PlanEntry, Plan
+from .fanout import Fanout, fan_out
 from .weighted import project_weighted
 
-__all__ = ["LADDER_KEPT", "Option", "Ladder", "build_ladders", "option_for", "greedy_steps", "choice_after",
-           "allocate", "swap_in", "heldout_nll", "plan_of", "search_max_loss", "plan_curvature", "heldout_scorer",
-           "allocate_measured", "kept_by_role", "ppl_ratio"]
+__all__ = ["LADDER_KEPT", "Option", "Ladder", "ladder_options", "build_ladders", "option_for", "greedy_steps",
+           "choice_after", "allocate", "swap_in", "heldout_nll", "plan_of", "search_max_loss", "plan_curvature",
+           "heldout_scorer", "allocate_measured", "kept_by_role", "ppl_ratio"]
 
 #: kept shares each matrix's ladder offers besides dense and the uniform plan's own spec
 LADDER_KEPT = (1 / 8, 2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8)
@@ -111,22 +112,31 @@ def _ladder_specs(shape: tuple[int, int], uniform: dict, kron_q: int | None, spl
     return out
 
 
+def ladder_options(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, spec: dict, factors: Factors,
+                   split: str, kron_q: int | None) -> list[Option]:
+    """One linear's options, dense first, from its weight as nn.Linear stores it (out x in, read transposed
+    here so the math sees the same strides wherever it runs). Pure: fan-out workers run it."""
+    w = weight.t()
+    shape = (int(w.shape[0]), int(w.shape[1]))
+    options = [Option(None, shape[0] * shape[1], 0.0, None, "dense"),
+               option_for(w, gram, fisher, spec, factors, "uniform")]
+    options += [option_for(w, gram, fisher, s, label=lab) for lab, s in _ladder_specs(shape, spec, kron_q, split)]
+    return options
+
+
 def build_ladders(model: nn.Module, plan: Plan, uniform_factors: dict[str, Factors], grams: dict[str, torch.Tensor],
                   fishers: dict[str, torch.Tensor], *, kron_q: int | None = 8, kron_split: str = "input",
-                  progress: bool = True) -> list[Ladder]:
+                  progress: bool = True, fanout: Fanout = Fanout()) -> list[Ladder]:
     """The ladder of every planned linear of a rotated dense model, from its (damped) input Gram and its
-    output-gradient Gram; the uniform plan's option reuses the solver's factors."""
-    ladders = []
-    bar = tqdm(plan.entries, desc="loss ladder", unit="matrix", disable=not progress, leave=False)
-    for e in bar:
-        w = get_module(model, e.path).weight.detach().t()
-        c, g = grams[e.path], fishers[e.path]
-        options = [Option(None, e.dense_params, 0.0, None, "dense"),
-                   option_for(w, c, g, e.spec, uniform_factors[e.path], "uniform")]
-        split = e.side if kron_split == "hidden" else "in"      # the plan's own Kronecker split
-        options += [option_for(w, c, g, s, label=lab) for lab, s in _ladder_specs(e.shape, e.spec, kron_q, split)]
-        ladders.append(Ladder(e.path, e.role, e.layer, e.shape, e.side, options))
-    return ladders
+    output-gradient Gram; the uniform plan's option reuses the solver's factors. The ladders are independent:
+    they fan out over ``fanout`` (Ray) with the same result."""
+    bar = tqdm(total=len(plan.entries), desc="loss ladder", unit="matrix", disable=not progress, leave=False)
+    items = ((get_module(model, e.path).weight.detach(), grams[e.path], fishers[e.path], e.spec,
+              uniform_factors[e.path], e.side if kron_split == "hidden" else "in")   # the plan's own Kronecker split
+             for e in plan.entries)
+    options = fan_out(ladder_options, items, fanout, shared={"kron_q": kron_q}, on_result=lambda i, _: bar.update())
+    bar.close()
+    return [Ladder(e.path, e.role, e.layer, e.shape, e.side, opts) for e, opts in zip(plan.entries, options)]
 
 
 def greedy_steps(ladders: list[Ladder]) -> list[tuple[int, Option]]:
@@ -261,7 +271,7 @@ def allocate_measured(model: nn.Module, plan: Plan, uniform_factors: dict[str, F
     dense = {p: get_module(model, p) for p in paths}
     grams, fishers = plan_curvature(model, plan, calib, config.damp, progress=progress, input_grams=input_grams)
     ladders = build_ladders(model, plan, uniform_factors, grams, fishers, kron_q=config.kron_q,
-                            kron_split=config.kron_split, progress=progress)
+                            kron_split=config.kron_split, progress=progress, fanout=config.fanout)
     del grams, fishers
     steps = greedy_steps(ladders)
     score = heldout_scorer(model, ladders, dense, heldout)

@@ -21,7 +21,7 @@ from procrustes_onnx.core.texts import load_text, tokenize_corpus
 
 from .adapters import get_adapter
 
-__all__ = ["calibration_windows", "calibration_windows_for", "calibration_split", "collect_grams", "collect_curvature", "capture_layer_inputs", "StopForward", "token_counts", "rotate_gram", "damp_gram"]
+__all__ = ["GramSum", "calibration_windows", "calibration_windows_for", "calibration_split", "collect_grams", "collect_curvature", "capture_layer_inputs", "StopForward", "token_counts", "rotate_gram", "damp_gram"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,38 @@ def token_counts(windows: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.bincount(windows.flatten(), minlength=vocab_size)[:vocab_size].to(torch.float64)
 
 
+class GramSum:
+    """Running sums X^T X (float64) and token counts per module path, fed by forward pre-hooks or directly:
+    the in-memory and the streamed (`compiler.stream`) passes share it, so their Grams add the same batches
+    in the same order and come out bitwise equal."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, path: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if path not in self.sums:
+            self.sums[path] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.counts[path] = 0
+        self.sums[path].addmm_(x.T, x)
+        self.counts[path] += x.shape[0]
+
+    def hook(self, path: str):
+        """A forward pre-hook adding its module's input under ``path``."""
+        def hook(_module, args):
+            self.add(path, args[0])
+        return hook
+
+    def grams(self, paths: list[str]) -> dict[str, torch.Tensor]:
+        """C = X^T X / N per path, divided in place and handed over (the sums of ``paths`` are dropped, so
+        no Gram is held twice). A path no hook ever saw is a bug in the caller, not bad input."""
+        missing = [p for p in paths if p not in self.sums]
+        if missing:
+            raise RuntimeError(f"calibration hooks never fired for {missing[:3]}")
+        return {p: self.sums.pop(p).div_(self.counts.pop(p)) for p in paths}
+
+
 @torch.inference_mode()
 def collect_grams(model: nn.Module, windows: torch.Tensor, paths: Iterable[str], *, batch_size: int = 4,
                   progress: bool = True) -> dict[str, torch.Tensor]:
@@ -105,22 +137,8 @@ def collect_grams(model: nn.Module, windows: torch.Tensor, paths: Iterable[str],
     one batch of activations plus the Grams.
     """
     paths = list(dict.fromkeys(paths))
-    grams: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
-
-    def make_hook(path: str):
-        def hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            if path not in grams:
-                grams[path] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-                counts[path] = 0
-            grams[path].addmm_(x.T, x)
-            counts[path] += x.shape[0]
-        return hook
-
-    for p in paths:
-        handles.append(model.get_submodule(p).register_forward_pre_hook(make_hook(p)))
+    acc = GramSum()
+    handles = [model.get_submodule(p).register_forward_pre_hook(acc.hook(p)) for p in paths]
     try:
         bar = tqdm(total=windows.shape[0], desc="calibration", unit="seq", disable=not progress, leave=False)
         for i in range(0, windows.shape[0], batch_size):
@@ -131,10 +149,7 @@ def collect_grams(model: nn.Module, windows: torch.Tensor, paths: Iterable[str],
     finally:
         for h in handles:
             h.remove()
-    missing = [p for p in paths if p not in grams]
-    if missing:
-        raise RuntimeError(f"calibration hooks never fired for {missing[:3]}")
-    return {p: grams[p] / counts[p] for p in paths}
+    return acc.grams(paths)
 
 
 def collect_curvature(model: nn.Module, windows: torch.Tensor, paths: Iterable[str], *, batch_size: int = 2,

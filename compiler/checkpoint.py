@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
@@ -34,7 +36,7 @@ from .fusion import install_fused_modules
 from .positions import position_dims
 from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
 
-__all__ = ["load_model", "save_compressed", "save_compressed_into", "load_compressed", "require_checkpoint",
+__all__ = ["load_model", "save_compressed", "write_checkpoint", "collect_tensors", "merge_safetensors", "save_compressed_into", "load_compressed", "require_checkpoint",
            "checkpoint_identity", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -52,12 +54,13 @@ def replace_linear(model: nn.Module, name: str, module: nn.Module) -> None:
     set_module(model, name, module)
 
 
-def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors to save, manifest) for a model after surgery."""
+def _collect(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors to save, manifest) for a model after surgery, or for one of its modules at path ``prefix``
+    (a streamed save collects it module by module)."""
     tensors: dict[str, torch.Tensor] = {}
     manifest: dict = {"format": FORMAT_VERSION, "structured": {}, "shortcuts": {}}
     handled: set[int] = set()
-    for path, module in model.named_modules():
+    for path, module in model.named_modules(prefix=prefix):
         if isinstance(module, StructuredLinear):
             names = {}
             for factor, t in module.matrix.factors().items():
@@ -92,11 +95,17 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
             handled.update((id(module.a), id(module.b)))
         elif isinstance(module, FactoredHead) and "embedding" in manifest:
             manifest["embedding"].update(tied=True, head=path)
-    for name, p in model.named_parameters():           # dense remainder; tied parameters appear once
+    for name, p in model.named_parameters(prefix=prefix):  # dense remainder; tied parameters appear once
         if id(p) not in handled:
             tensors[name] = p
             handled.add(id(p))
     return tensors, manifest
+
+
+def collect_tensors(module: nn.Module, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, manifest entries) of one module of a compressed model at path ``prefix``: its share of
+    what `save_compressed` writes, for a save that streams the model a module at a time."""
+    return _collect(module, prefix)
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -109,6 +118,42 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     if len(header) <= n:
         blob = blob[:8] + header + b" " * (n - len(header)) + blob[8 + n:]
     path.write_bytes(blob)
+
+
+def merge_safetensors(parts: Sequence[Path], path: Path, metadata: dict[str, str]) -> int:
+    """Write the tensors of the safetensors files ``parts`` into one file ``path`` (names in order, header
+    keys sorted as `_save_safetensors` writes them), one tensor in memory at a time; returns the numbers
+    stored. How a streamed compression writes model.safetensors without holding the model."""
+    where, header, offset = {}, {}, 0
+    for part in parts:
+        with safe_open(str(part), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shape, dtype = list(sl.get_shape()), sl.get_dtype()
+                where[key] = part
+                size = math.prod(shape) * _BYTES[dtype]
+                header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+    names = sorted(header)
+    offset = 0
+    for key in names:                                   # data in name order
+        size = header[key]["data_offsets"][1] - header[key]["data_offsets"][0]
+        header[key]["data_offsets"] = [offset, offset + size]
+        offset += size
+    blob = json.dumps({"__metadata__": metadata, **header}, sort_keys=True, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    numbers = 0
+    with open(path, "wb") as out:
+        out.write(len(blob).to_bytes(8, "little"))
+        out.write(blob)
+        for key in names:
+            with safe_open(str(where[key]), framework="pt") as f:
+                t = f.get_tensor(key).contiguous()
+            numbers += t.numel()
+            out.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return numbers
+
+
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def checkpoint_identity(path: str | Path, *, verify: bool = True) -> dict:
@@ -144,19 +189,40 @@ def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, extra
     clash = set(extra) & set(state)
     if clash:
         raise UserError(f"extra_config keys {sorted(clash)} collide with the surgery record; rename them")
-    adapter = get_adapter(model)
     tensors, manifest = _collect(model)
-    manifest.update(attn_implementation=getattr(model.config, "_attn_implementation", None), tied=adapter.tied, dtype=str(next(model.parameters()).dtype).replace("torch.", ""), dims=position_dims(model), model_type=model.config.model_type,
-                    stored_parameters=sum(int(t.numel()) for t in tensors.values()),
+
+    def weights(path: Path) -> None:
+        _save_safetensors({k: v.detach().contiguous().clone() for k, v in tensors.items()}, path, metadata=METADATA)
+
+    manifest["stored_parameters"] = sum(int(t.numel()) for t in tensors.values())
+    write_checkpoint(model, out_dir, manifest, weights, tokenizer=tokenizer, extra_config=extra, source=source,
+                     carry=carry)
+    log.info("saved %d tensors (%d numbers) to %s", len(tensors), manifest["stored_parameters"], out_dir)
+    return out_dir
+
+
+METADATA = {"format": "pt", "procrustes_format": str(FORMAT_VERSION)}
+
+
+def write_checkpoint(model: nn.Module, out_dir: Path, manifest: dict, weights, *, tokenizer=None,
+                     extra_config: dict | None = None, source: str | None = None, carry: Sequence[str] = ()) -> None:
+    """The folder around the weights, written atomically: config.json with the surgery record, the manifest
+    (``manifest`` from `_collect`, with its ``stored_parameters``), tokenizer and identity. ``weights(path)``
+    writes model.safetensors; ``model`` only gives config, shapes and module types (a streamed save passes
+    its meta-device model)."""
+    state = surgery_state(model)
+    adapter = get_adapter(model)
+    manifest.update(attn_implementation=getattr(model.config, "_attn_implementation", None), tied=adapter.tied,
+                    dtype=str(next(model.parameters()).dtype).replace("torch.", ""), dims=position_dims(model),
+                    model_type=model.config.model_type,
                     stored_parameters_dense_skips=stored_parameter_count(model, "dense"))
     with atomic_output_dir(out_dir) as tmp:
         config = copy.deepcopy(model.config)
-        config.procrustes = {**state, **extra}
+        config.procrustes = {**state, **(extra_config or {})}
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        _save_safetensors({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp / "model.safetensors",
-                          metadata={"format": "pt", "procrustes_format": str(FORMAT_VERSION)})
+        weights(tmp / "model.safetensors")
         (tmp / "structure.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -166,8 +232,6 @@ def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, extra
         for name in carry:
             if (out_dir / name).exists():
                 os.replace(out_dir / name, tmp / name)
-    log.info("saved %d tensors (%d numbers) to %s", len(tensors), manifest["stored_parameters"], out_dir)
-    return out_dir
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> nn.Parameter:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import MANIFEST, check_output, claim
-from procrustes_onnx.core.sources import model_fingerprint, resolve_model_dir
+from procrustes_onnx.core.sources import (is_compressed_checkpoint, load_tokenizer, model_fingerprint, require_dense,
+                                          resolve_model_dir)
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
 from procrustes_onnx.ops.embedding import embedding_rank
 
@@ -31,15 +32,17 @@ from .calibration import calibration_split, calibration_windows_for, collect_gra
 from .checkpoint import load_model, replace_linear, save_compressed
 from .config import EMBED_KEPT, CompressionConfig, Plan, build_plan
 from .embeddings import factor_embedding
+from .fanout import fan_out
 from .fusion import fuse_norms
 from .positions import residual_positions, stream_matrix
 from .rotation import rotate_global, rotate_per_position
 from .skips import shortcut_stored_numel, stored_parameter_count
 from .slicegpt import slicegpt_compress
-from .solve import gram_paths, load_group, rotated_input_grams, save_group, solve_group
+from .solve import gram_paths, group_problem, load_group, rotated_input_grams, save_group, solve_group
 
 __all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count",
-           "check_layers", "solve_positions", "rotate_solved"]
+           "check_layers", "solve_positions", "rotate_solved", "swap_structured",
+           "open_work", "discard_empty", "saved_extra", "report_saved"]
 
 log = logging.getLogger(__name__)
 
@@ -99,21 +102,36 @@ def _embedding_plan(model: nn.Module, config: CompressionConfig) -> dict | None:
 
 def solve_positions(model, positions, specs, config, work: Path, grams, progress: bool):
     """Per group of positions (each position, or all at once): R and factors, from ``work`` if a previous
-    run finished that group. Returns one R per position and the factors of every planned linear."""
+    run finished that group. Returns one R per position and the factors of every planned linear. Per-position
+    groups are independent: they fan out over ``config.fanout`` (one torch thread each, on Ray with
+    ``--workers``), each saved as it ends."""
     groups = [[p] for p in positions] if config.rotation == "per-position" else [positions]
-    rs, factors = [], {}
+    paths = [work / ("global.safetensors" if config.rotation == "global" else f"pos{sel[0].index:03d}.safetensors")
+             for sel in groups]
+    solved = {i: load_group(path) for i, path in enumerate(paths) if path.exists()}
+    todo = [i for i in range(len(groups)) if i not in solved]
     bar = tqdm(total=len(positions), desc=f"{config.method} {config.rotation}", unit="pos", disable=not progress)
-    for sel in groups:
-        path = work / ("global.safetensors" if len(groups) == 1 else f"pos{sel[0].index:03d}.safetensors")
-        if path.exists():
-            r, fac = load_group(path)
-        else:
-            r, fac, _ = solve_group(model, sel, specs, config, grams)
-            save_group(path, r, fac)
+    bar.update(sum(len(groups[i]) for i in solved))
+
+    def finished(k: int, result) -> None:
+        i = todo[k]
+        r, fac, _ = result
+        save_group(paths[i], r, fac)
+        solved[i] = (r, fac)
+        bar.update(len(groups[i]))
+
+    problems = ((group_problem(model, groups[i], specs, grams),) for i in todo)
+    if config.rotation == "per-position":  # a streamed run solves a few positions at a time, still fanned out
+        fan_out(solve_group, problems, config.fanout, shared={"config": config}, on_result=finished)
+    else:  # one global rotation: nothing to fan out, and it keeps this process's torch threads
+        for k, (problem,) in enumerate(problems):
+            finished(k, solve_group(problem, config))
+    bar.close()
+    rs, factors = [], {}
+    for i, sel in enumerate(groups):
+        r, fac = solved[i]
         rs.extend([r] * len(sel))
         factors.update(fac)
-        bar.update(len(sel))
-    bar.close()
     return rs, factors
 
 
@@ -130,13 +148,18 @@ def _apply(model, positions, specs, rs, factors, rotation: str, keep_reference: 
     With ``keep_reference``, returns a copy of the rotated model taken before the swap (else None)."""
     rotate_solved(model, rs, rotation)
     reference = copy.deepcopy(model) if keep_reference else None
+    swap_structured(model, specs, factors)
+    return reference
+
+
+def swap_structured(model: nn.Module, specs: dict[str, dict], factors: dict[str, dict]) -> None:
+    """Replace each linear of ``specs`` (rotated, dense) by the StructuredLinear of its solved factors."""
     for path, spec in specs.items():
         linear = get_module(model, path)
         dtype = linear.weight.dtype
         matrix = structured_from_spec(spec, {k: v.to(dtype) for k, v in factors[path].items()}, dtype=dtype)
         bias = None if linear.bias is None else linear.bias.detach()
         replace_linear(model, path, StructuredLinear(matrix, bias))
-    return reference
 
 
 def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work: str | Path, *,
@@ -146,6 +169,7 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
     results go to ``work`` and are reused from there. Returns the plan (the promised count).
     ``calib_tokens`` (a 1-D token stream) replaces the config's calibration text, e.g. in tests."""
     config.validate()
+    config.fanout.check()
     check_layers(model, config)
     # bad calibration text fails here, before work/ records these settings (a failed run blocks nothing)
     needs_text = config.method == "weighted" or config.compress_embeddings
@@ -154,13 +178,7 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
         windows, heldout = calibration_split(tokenizer, config, calib_tokens)
     else:
         windows = calibration_windows_for(tokenizer, config, calib_tokens) if needs_text else None
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    saved_cfg = work / "config.json"
-    if saved_cfg.exists() and _has_results(work) and CompressionConfig.load(saved_cfg) != config:
-        raise UserError(f"{work} holds a partial run with different settings: rerun with those settings to "
-                        "resume, or use another --out (or delete the folder)")
-    config.save(saved_cfg)
+    work = open_work(work, config)
     torch.manual_seed(config.seed)
     model.eval()
     original = count_params(model)
@@ -224,16 +242,32 @@ def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: st
     try:
         plan = compress_model(model, tokenizer, config, work, progress=progress, echo=echo, calib_tokens=calib_tokens)
     except BaseException:
-        _discard_empty(out_dir, work, created)
+        discard_empty(out_dir, work, created)
         raise
-    original = plan.original_params
     _save(model, tokenizer, config, plan, out_dir, time.perf_counter() - start, source, keep_work)
+    report_saved(out_dir, plan, start, echo)
+    return out_dir
+
+
+def report_saved(out_dir: Path, plan: Plan, start: float, echo: Callable[[str], None], how: str = "") -> None:
+    """The closing line of a compression; a warning if the checkpoint does not store what the plan promised."""
     saved = saved_param_count(out_dir)
     if saved != plan.promised_params:
         log.warning("plan promised %d parameters but the checkpoint stores %d", plan.promised_params, saved)
-    echo(f"saved {out_dir}: {saved:,} parameters stored, {100 * (1 - saved / original):.2f}% removed, "
-         f"{time.perf_counter() - start:.0f} s")
-    return out_dir
+    echo(f"saved {out_dir}: {saved:,} parameters stored, {100 * (1 - saved / plan.original_params):.2f}% removed, "
+         f"{time.perf_counter() - start:.0f} s{how}")
+
+
+def open_work(work: str | Path, config: CompressionConfig) -> Path:
+    """The resumable work folder, recording ``config``; a partial run of other settings is refused."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    saved_cfg = work / "config.json"
+    if saved_cfg.exists() and _has_results(work) and CompressionConfig.load(saved_cfg) != config:
+        raise UserError(f"{work} holds a partial run with different settings: rerun with those settings to "
+                        "resume, or use another --out (or delete the folder)")
+    config.save(saved_cfg)
+    return work
 
 
 def _has_results(work: Path) -> bool:
@@ -241,7 +275,7 @@ def _has_results(work: Path) -> bool:
     return work.is_dir() and any(p.suffix == ".safetensors" for p in work.rglob("*"))
 
 
-def _discard_empty(out_dir: Path, work: Path, created: bool) -> None:
+def discard_empty(out_dir: Path, work: Path, created: bool) -> None:
     """After a failed run: drop a ``work/`` with nothing to resume, and the folder if this run made it."""
     if _has_results(work):
         return
@@ -264,12 +298,18 @@ def check_layers(model: nn.Module, config: CompressionConfig) -> None:
                         "or less")
 
 
-def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float, source: str, keep_work: bool) -> None:
-    """Save through the checkpoint module; the resumable work/ folder goes along only with ``keep_work``."""
-    extra = {"compression": config.to_dict(), "promised_params": plan.promised_params,
+def saved_extra(config: CompressionConfig, plan: Plan, seconds: float) -> dict:
+    """What the checkpoint's config.json records about the compression, next to the surgery record."""
+    extra = {"compression": config.settings(), "promised_params": plan.promised_params,
              "original_params": plan.original_params, "removed": plan.removed, "seconds": round(seconds, 1)}
     if plan.allocation is not None:
         extra["allocation"] = plan.allocation
+    return extra
+
+
+def _save(model, tokenizer, config, plan, out_dir: Path, seconds: float, source: str, keep_work: bool) -> None:
+    """Save through the checkpoint module; the resumable work/ folder goes along only with ``keep_work``."""
+    extra = saved_extra(config, plan, seconds)
     save_compressed(model, out_dir, tokenizer=tokenizer, extra_config=extra, source=source,
                     carry=("work",) if keep_work else ())
 
@@ -296,6 +336,10 @@ def compress_cli(*, model: str, out: str, config: str | None = None, overwrite: 
         base["preset"] = base["max_loss"] = None
     base.update(given)
     cfg = CompressionConfig.from_dict(base)
+    cfg.fanout.check()
+    if cfg.stream:
+        from .streamed import check_streamable  # streamed imports this module
+        check_streamable(cfg)
     calib = cfg.calib_text.rpartition("@")[0] or cfg.calib_text
     model_dir = resolve_model_dir(model)
     check_output(out, inputs=[model_dir, config, calib if Path(calib).exists() else None], overwrite=overwrite,
@@ -303,5 +347,10 @@ def compress_cli(*, model: str, out: str, config: str | None = None, overwrite: 
     saved = Path(out) / "work" / "config.json"
     if overwrite and saved.is_file() and CompressionConfig.load(saved) != cfg:
         shutil.rmtree(saved.parent)  # --overwrite: a partial run of other settings is replaced, not resumed
+    if cfg.stream:
+        from .streamed import compress_streamed
+        if is_compressed_checkpoint(model_dir):
+            require_dense(model_dir, model)
+        return compress_streamed(model_dir, load_tokenizer(model_dir), cfg, out, progress=True)
     loaded, tokenizer = load_model(model, dtype=torch.float32)
     return compress(loaded, tokenizer, cfg, out)

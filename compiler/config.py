@@ -10,6 +10,8 @@ from pathlib import Path
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops.planner import family_spec, shrink_spec, spec_params, spec_shapes
 
+from .fanout import Fanout
+
 __all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES", "Plan", "PlanEntry", "build_plan"]
 
 #: the paper's fixed configurations: name -> fraction of each compressed matrix KEPT
@@ -69,6 +71,10 @@ class CompressionConfig:
     refine: str = "none"                                        # after the solve: "sequential" re-fits each
                                                                 # linear on the compressed model's inputs,
                                                                 # "corrected" also targets the dense output
+    # how to run, not what to compute (the result is bitwise the same): left out of equality and settings()
+    workers: int = field(default=1, compare=False)              # independent solves at once (> 1: on Ray)
+    ray_address: str | None = field(default=None, compare=False)  # a Ray cluster to run them on
+    stream: bool = field(default=False, compare=False)          # read the model one layer at a time (same tensors)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -132,7 +138,8 @@ class CompressionConfig:
         _choice("token weighting", self.token_weighting, ("sqrt", "log"))
         for name, flag, least in (("iterations", "--iterations", 0), ("calib_samples", "--calib-samples", 1),
                                   ("heldout_samples", "--heldout-samples", 1),
-                                  ("calib_seq_len", "--calib-seq-len", 2), ("rotation_iters", "rotation_iters", 1)):
+                                  ("calib_seq_len", "--calib-seq-len", 2), ("rotation_iters", "rotation_iters", 1),
+                                  ("workers", "--workers", 1)):
             if int(getattr(self, name)) < least:
                 raise UserError(f"{flag} {getattr(self, name)} is too small: it must be at least {least}")
         if self.calib_samples * self.calib_seq_len > 128 * 2048:
@@ -157,8 +164,17 @@ class CompressionConfig:
             return "dense"
         return self.structures.get(role, self.structure)
 
+    @property
+    def fanout(self) -> Fanout:
+        """Where the independent solves run (`compiler.fanout`)."""
+        return Fanout(int(self.workers), self.ray_address)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def settings(self) -> dict:
+        """The fields that decide the result (not how it is run): what caches key on and checkpoints record."""
+        return {f.name: v for f, v in zip(fields(self), asdict(self).values()) if f.compare}
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompressionConfig":
@@ -174,7 +190,7 @@ class CompressionConfig:
             raise UserError(f"a compression setting has the wrong type ({exc}): fix the value in --config") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        Path(path).write_text(json.dumps(self.settings(), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> "CompressionConfig":

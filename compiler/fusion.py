@@ -15,7 +15,7 @@ from procrustes_onnx.core.errors import UserError
 
 from .adapters import ModelAdapter, get_adapter, get_module, set_module, surgery_state
 
-__all__ = ["RMSNorm", "HeadNorm", "Centring", "fuse_norms", "install_fused_modules", "require_fused"]
+__all__ = ["RMSNorm", "HeadNorm", "Centring", "fuse_norms", "fuse_layer_norms", "fuse_final_norm", "install_fused_modules", "require_fused"]
 
 
 class RMSNorm(nn.Module):
@@ -104,6 +104,19 @@ def _centre_writers(model: nn.Module, adapter: ModelAdapter) -> bool:
     return installed
 
 
+def fuse_layer_norms(model: nn.Module, adapter: ModelAdapter, i: int) -> float:
+    """Fold decoder layer i's two norms into its readers (q/k/v, gate/up) and make them parameter-free;
+    returns their eps. One layer's share of `fuse_norms`, so a streamed pass fuses each layer as it loads."""
+    d, eps = adapter.hidden_size, 0.0
+    for norm_path, refs in ((adapter.attn_norm_path(i), adapter.attn_inputs(i)),
+                            (adapter.mlp_norm_path(i), adapter.mlp_inputs(i))):
+        norm = get_module(model, norm_path)
+        eps = adapter.norm_params(norm)[2]
+        _fold_into_readers(model, norm, [r.path for r in refs], adapter)
+        set_module(model, norm_path, RMSNorm(d, eps))
+    return eps
+
+
 def fuse_norms(model: nn.Module) -> nn.Module:
     """Fold every norm into its neighbours in place; logits are unchanged. Returns the model."""
     adapter = get_adapter(model)
@@ -115,15 +128,21 @@ def fuse_norms(model: nn.Module) -> nn.Module:
         centring = _centre_writers(model, adapter) if adapter.centres_stream else False
         eps = None
         for i in range(adapter.num_layers):
-            for norm_path, refs in ((adapter.attn_norm_path(i), adapter.attn_inputs(i)),
-                                    (adapter.mlp_norm_path(i), adapter.mlp_inputs(i))):
-                norm = get_module(model, norm_path)
-                eps = adapter.norm_params(norm)[2]
-                _fold_into_readers(model, norm, [r.path for r in refs], adapter)
-                set_module(model, norm_path, RMSNorm(d, eps))
-        final = get_module(model, adapter.final_norm_path)
-        gain, beta, final_eps = adapter.norm_params(final)
-        tied = adapter.tied
+            eps = fuse_layer_norms(model, adapter, i)
+        tied, head_bias, final_eps = fuse_final_norm(model, adapter)
+    state.update(fused=True, tied_head=tied, centring=centring, norm_dim=d, norm_eps=eps, final_norm_eps=final_eps,
+                 head_bias=head_bias)
+    return model
+
+
+def fuse_final_norm(model: nn.Module, adapter: ModelAdapter) -> tuple[bool, bool, float]:
+    """Fold the final norm: into the LM head, or for a tied head into a d x d `HeadNorm` in front of it
+    (the shared table stays as it is). Returns (tied, the head has a bias, eps): the surgery record's."""
+    d = adapter.hidden_size
+    final = get_module(model, adapter.final_norm_path)
+    gain, beta, final_eps = adapter.norm_params(final)
+    tied = adapter.tied
+    with torch.no_grad():
         if tied:
             head = HeadNorm(d, final_eps, d, d, bias=beta is not None).to(gain.dtype)
             _set(head.proj.weight, torch.diag(gain.detach().double()))
@@ -133,9 +152,7 @@ def fuse_norms(model: nn.Module) -> nn.Module:
         else:
             _fold_into_readers(model, final, [adapter.lm_head_path], adapter)
             set_module(model, adapter.final_norm_path, RMSNorm(d, final_eps))
-    state.update(fused=True, tied_head=tied, centring=centring, norm_dim=d, norm_eps=eps, final_norm_eps=final_eps,
-                 head_bias=beta is not None)
-    return model
+    return tied, beta is not None, final_eps
 
 
 def install_fused_modules(model: nn.Module) -> None:

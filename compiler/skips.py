@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapters import get_adapter, surgery_state
 
-__all__ = ["Shortcut", "install_shortcuts", "shortcut_paths", "cayley_encode", "cayley_decode", "is_orthogonal",
+__all__ = ["Shortcut", "install_shortcuts", "add_layer_shortcuts", "shortcut_paths", "cayley_encode", "cayley_decode", "is_orthogonal",
            "shortcut_stored_numel", "stored_parameter_count"]
 
 _CLASS_CACHE: dict[tuple[type, object], type] = {}
@@ -59,10 +59,17 @@ def install_shortcuts(model: nn.Module, dims: list[int] | None = None) -> None:
     dtype = next(model.parameters()).dtype
     forward = adapter.shortcut_forward()
     for i, layer in enumerate(adapter.layers()):
-        layer.attn_shortcut = Shortcut(dims[2 * i], dims[2 * i + 1], dtype)
-        layer.mlp_shortcut = Shortcut(dims[2 * i + 1], dims[2 * i + 2], dtype)
-        layer.__class__ = _shortcut_class(type(layer), forward)
+        add_layer_shortcuts(layer, dims[2 * i: 2 * i + 3], dtype, forward)
     state["shortcuts"] = True
+
+
+def add_layer_shortcuts(layer: nn.Module, dims: list[int], dtype: torch.dtype, forward) -> None:
+    """One decoder layer's share of `install_shortcuts`: identity skips of widths ``dims`` (its three
+    positions) and the layer class whose ``forward`` (the adapter's) applies them. A streamed compression
+    adds them to each layer as it loads it."""
+    layer.attn_shortcut = Shortcut(dims[0], dims[1], dtype)
+    layer.mlp_shortcut = Shortcut(dims[1], dims[2], dtype)
+    layer.__class__ = _shortcut_class(type(layer), forward)
 
 
 def shortcut_paths(model: nn.Module) -> list[str]:

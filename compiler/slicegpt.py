@@ -157,5 +157,5 @@ def slicegpt_compress(model: nn.Module, tokenizer, config, out_dir: str | Path, 
     echo(f"SliceGPT: width {report['hidden_size']} -> {report['dim']}, {report['params']:,} parameters, "
          f"{report['removed']:.2%} removed")
     return save_compressed(model, out_dir, tokenizer=tokenizer, source=source,
-                           extra_config={"compression": config.to_dict(), "slicegpt": report,
+                           extra_config={"compression": config.settings(), "slicegpt": report,
                                          "original_params": original_params, "removed": report["removed"]})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,13 +17,15 @@ from torch import nn
 
 from procrustes_onnx.ops import project_factors, structured_from_spec
 
+from .adapters import get_module
 from .calibration import rotate_gram
 from .config import CompressionConfig
 from .positions import Position, stream_matrix
 from .procrustes import frobenius_als
 from .weighted import WeightedTerm, balance_weights, project_weighted, weighted_stage
 
-__all__ = ["Projector", "gram_paths", "rotated_input_grams", "solve_group", "load_group", "save_group"]
+__all__ = ["Projector", "gram_paths", "rotated_input_grams", "GroupTerm", "GroupProblem", "group_problem", "solve_group", "load_group",
+           "save_group"]
 
 log = logging.getLogger(__name__)
 
@@ -97,52 +100,90 @@ def rotated_input_grams(positions: list[Position], specs: dict[str, dict], grams
     return out
 
 
-def solve_group(model: nn.Module, sel: list[Position], specs: dict[str, dict], config: CompressionConfig,
-                grams: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Factors], dict]:
-    """One rotation R (stream h -> h R) shared by the positions ``sel``, the factors of every compressed
-    linear there (in the rotated basis), and a log of the objectives."""
-    d = stream_matrix(model, sel[0].writers[0]).shape[1]
-    refs = [(pos, ref) for pos in sel for ref in _refs(pos, specs)]
-    r = torch.eye(d, dtype=torch.float64)
+@dataclass(frozen=True)
+class GroupTerm:
+    """One compressed linear of a group: its weight as the module stores it (a Linear's is out x in and is
+    read transposed, as `stream_matrix` reads it, so the solve sees the same strides wherever it runs),
+    its spec and, for the weighted stage, the Gram of its input side."""
+
+    path: str
+    reads: bool
+    weight: torch.Tensor
+    transposed: bool
+    spec: dict
+    gram: torch.Tensor | None
+
+    def stream(self) -> torch.Tensor:
+        """The in x out weight in float64."""
+        w = self.weight.t() if self.transposed else self.weight
+        return w.detach().to(torch.float64)
+
+
+@dataclass(frozen=True)
+class GroupProblem:
+    """What solving one group of positions reads, taken out of the model so a worker can be sent it:
+    the stream width and one term per compressed linear (writers, then readers, position by position)."""
+
+    width: int
+    terms: tuple[GroupTerm, ...]
+
+
+def group_problem(model: nn.Module, sel: list[Position], specs: dict[str, dict],
+                  grams: dict[str, torch.Tensor]) -> GroupProblem:
+    """The solve of positions ``sel`` as data (the weights are the model's own tensors, not copies)."""
+    terms = []
+    for pos in sel:
+        for ref in _refs(pos, specs):
+            stream_matrix(model, ref)  # a Linear or an Embedding, else TypeError
+            module = get_module(model, ref.path)
+            terms.append(GroupTerm(ref.path, ref.reads, module.weight.detach(), isinstance(module, nn.Linear),
+                                   specs[ref.path], _gram(pos, ref, grams) if grams else None))
+    return GroupProblem(int(stream_matrix(model, sel[0].writers[0]).shape[1]), tuple(terms))
+
+
+def solve_group(problem: GroupProblem, config: CompressionConfig) -> tuple[torch.Tensor, dict[str, Factors], dict]:
+    """One rotation R (stream h -> h R) shared by the group's positions, the factors of every compressed
+    linear there (in the rotated basis), and a log of the objectives. Pure: fan-out workers run it."""
+    terms = problem.terms
+    r = torch.eye(problem.width, dtype=torch.float64)
     info: dict = {}
-    if not refs:
+    if not terms:
         return r, {}, info
-    weights = {ref.path: stream_matrix(model, ref).detach().to(torch.float64) for _, ref in refs}
+    weights = {t.path: t.stream() for t in terms}
     proj = Projector()
     chosen: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
     if config.iterations > 0 or config.method == "frobenius":
-        mats = [weights[ref.path] if ref.reads else weights[ref.path].T for _, ref in refs]
-        projs = [proj.frobenius(ref.path, specs[ref.path], ref.reads) for _, ref in refs]
+        mats = [weights[t.path] if t.reads else weights[t.path].T for t in terms]
+        projs = [proj.frobenius(t.path, t.spec, t.reads) for t in terms]
         res = frobenius_als(mats, projs, iters=config.iterations, tol=config.tol)
         r = res.q.T.contiguous()
         total = sum(float((m * m).sum()) for m in mats)
         info["frobenius_rel"] = [(x / total) ** 0.5 for x in res.objective]
-        chosen = {ref.path: p for (_, ref), p in zip(refs, res.projections)}
+        chosen = {t.path: p for t, p in zip(terms, res.projections)}
         info["frobenius_seconds"] = round(time.perf_counter() - t0, 1)
         log.info("frobenius: %d matrices, rel error %.4f -> %.4f in %d iterations, %.0f s", len(mats),
                  info["frobenius_rel"][0], info["frobenius_rel"][-1], res.iterations, info["frobenius_seconds"])
     if config.method == "weighted":
-        terms = [WeightedTerm(weights[ref.path], _gram(pos, ref, grams), proj.weighted(ref.path, specs[ref.path]),
-                              "in" if ref.reads else "out", name=ref.path) for pos, ref in refs]
-        balance_weights(terms, config.balance)
-        res_w = weighted_stage(terms, r, outer_iters=config.weighted_outer, rotation_iters=config.rotation_iters)
+        wterms = [WeightedTerm(weights[t.path], t.gram, proj.weighted(t.path, t.spec), "in" if t.reads else "out",
+                               name=t.path) for t in terms]
+        balance_weights(wterms, config.balance)
+        res_w = weighted_stage(wterms, r, outer_iters=config.weighted_outer, rotation_iters=config.rotation_iters)
         r = res_w.r
         info["weighted_loss"] = res_w.loss
-        chosen = {ref.path: a for (_, ref), a in zip(refs, res_w.approx)}
+        chosen = {t.path: a for t, a in zip(terms, res_w.approx)}
         info["weighted_seconds"] = round(time.perf_counter() - t0, 1) - info.get("frobenius_seconds", 0.0)
         log.info("weighted: loss %s, %.0f s", " -> ".join(f"{x:.4g}" for x in res_w.loss), info["weighted_seconds"])
     factors = {}
-    for pos, ref in refs:
-        fac = proj.factors_of(ref.path, chosen.get(ref.path))
+    for t in terms:
+        fac = proj.factors_of(t.path, chosen.get(t.path))
         if fac is None:  # the solver kept an earlier iterate: project again at the final rotation
-            w = r.T @ weights[ref.path] if ref.reads else weights[ref.path] @ r
+            w = r.T @ weights[t.path] if t.reads else weights[t.path] @ r
             if config.method == "weighted":      # Frobenius runs have no Grams
-                gram = rotate_gram(_gram(pos, ref, grams), r) if ref.reads else _gram(pos, ref, grams)
-                fac = project_weighted(w, gram, specs[ref.path])
+                fac = project_weighted(w, rotate_gram(t.gram, r) if t.reads else t.gram, t.spec)
             else:
-                fac = project_factors(w, specs[ref.path])
-        factors[ref.path] = {k: v.detach().to(torch.float32).contiguous() for k, v in fac.items()}
+                fac = project_factors(w, t.spec)
+        factors[t.path] = {k: v.detach().to(torch.float32).contiguous() for k, v in fac.items()}
     return r, factors, info
 
 

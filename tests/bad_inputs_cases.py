@@ -119,6 +119,14 @@ CASES: list[Case] = [
       "--max-loss needs calibration statistics", ("model",)),
     C("compress-measured-preset", "compress --model {model} --out {out} --allocation measured --preset 3/4", 2,
       "not --preset", ("model",)),
+    C("compress-workers-zero", "compress --model {model} --out {out} --workers 0", 2, "argument --workers",
+      ("model",)),
+    C("compress-stream-global", "compress --model {model} --out {out} --stream", 2,
+      "--stream does not support --rotation global yet", ("model",)),
+    C("compress-stream-checkpoint", "compress --model {ck} --out {out} --stream --rotation per-position", 2,
+      "compressed checkpoint", ("ck",)),
+    C("compress-ray-address-refused", "compress --model {model} --out {out} --ray-address 127.0.0.1:1", 2,
+      "nothing answers there", ("model",)),
     C("compress-measured-refine", "compress --model {model} --out {out} --allocation measured --refine sequential",
       2, "does not combine with measured allocation", ("model",)),
     C("compress-heldout-past-text", "compress --model {model} --out {out} --max-loss 0.1 --calib {calib} "
@@ -238,6 +246,7 @@ CASES: list[Case] = [
     C("run-unknown-task", "run --model {model} --out {out} --text {calib} --tasks nosuchtask", 2,
       "unknown lm-eval task", ("model", "calib")),
     C("run-threads-zero", "run --model {model} --out {out} --threads 0", 2, "argument --threads", ("model",)),
+    C("run-workers-zero", "run --model {model} --out {out} --workers 0", 2, "argument --workers", ("model",)),
     # heal
     C("heal-out-is-checkpoint", "heal --checkpoint {ck} --model {model} --out {ck} --heal-text {calib}", 2,
       "is the input", ("ck", "model", "calib")),

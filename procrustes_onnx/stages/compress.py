@@ -30,7 +30,7 @@ def compression_config(opts: RunOptions, variant: str) -> CompressionConfig:
     base = CompressionConfig().to_dict()
     base.update(VARIANTS[variant])
     if VARIANTS[variant].get("method") != "slicegpt":
-        base.update(opts.solver)
+        base.update(opts.solver, workers=opts.workers, ray_address=opts.ray_address)
     base.update({k: v for k, v in overrides.items() if v is not None})
     if VARIANTS[variant].get("method") != "slicegpt":  # the accuracy budget is a ProcrustesGPT setting
         budget = {"allocation": opts.allocation, "max_loss": opts.max_loss, "heldout_samples": opts.heldout_samples}
@@ -55,9 +55,9 @@ def title(source: Artifact, job: Job) -> str:
 def run(source: Artifact, job: Job, out: Path, note: Note) -> Artifact:
     """``source``: the dense model, named for the variant to make."""
     config = compression_config(job.opts, source.name)
-    key = {"model": source.key, "config": config.to_dict()}
+    key = {"model": source.key, "config": config.settings()}  # --workers and --ray-address change no result
     # one folder per configuration: a partial run of other settings is never clobbered or mixed in
     folder = cached_dir(out / f"{source.name}-{content_hash(key)}", key,
                         lambda d: compress_folder(source.path, config, d), note)
-    return Artifact(source.name, "checkpoint", folder, content_hash(key), origin=source, config=config.to_dict(),
+    return Artifact(source.name, "checkpoint", folder, content_hash(key), origin=source, config=config.settings(),
                     results={"compression": measure.compression_summary(folder)})

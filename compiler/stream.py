@@ -1,0 +1,203 @@
+"""Streamed calibration: a Hugging Face model read from its safetensors shards one module at a time.
+
+The model is built on the meta device (no weights), and `materialise` loads one module (the embedding,
+one decoder layer, the final norm) from the shards when the pass reaches it; `release` frees it again.
+`stream_grams` carries the calibration hidden states from layer to layer, folds each layer's norms as
+`fuse_norms` would (`fuse_layer_norms`), and takes the same Grams as `collect_grams` on the in-memory,
+fused model: same modules, same batches, same order of sums, so the same bits. Peak memory is one layer
+plus the embedding plus the carried activations, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from procrustes_onnx.core.errors import UserError
+
+from .adapters import get_adapter, get_module
+from .calibration import GramSum, capture_layer_inputs
+from .fusion import RMSNorm, fuse_layer_norms
+
+__all__ = ["ShardReader", "empty_model", "materialise", "release", "stream_grams", "layer_grams", "layer_output"]
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class ShardReader:
+    """The tensors of a safetensors folder (one ``model.safetensors`` or shards listed in its index), read
+    on demand by module prefix. Every shard is opened once up front, so a missing or corrupt one fails in
+    one line before any work (safetensors checks each header against the file's size; it stores no
+    checksum, so flipped bytes inside a tensor are not seen)."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.dir = Path(model_dir)
+        index = self.dir / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{index} is not a safetensors index (no weight_map): save the model again "
+                                "with save_pretrained") from None
+        elif (self.dir / SINGLE).is_file():
+            weight_map = None
+        else:
+            raise UserError(f"{self.dir} has neither {SINGLE} nor {INDEX}: pass a folder saved with "
+                            "save_pretrained (safetensors weights)")
+        files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
+        stored = {name: self._keys(name) for name in files}
+        self.where = weight_map or {k: SINGLE for k in stored[SINGLE]}
+        for key, name in self.where.items():
+            if key not in stored[name]:
+                raise UserError(f"{self.dir / name} lacks {key}, which {INDEX} places there: the shard is not "
+                                "the one the index was written with; download or save the model again")
+
+    def _open(self, name: str):
+        """safe_open of one shard, or a one-line UserError naming it. Each read opens and closes its shard:
+        an open handle keeps every page it touched mapped, and so counted in the resident memory."""
+        path = self.dir / name
+        if not path.is_file():
+            raise UserError(f"shard {path} is missing ({INDEX} lists it): download or copy it into {self.dir}")
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            raise UserError(f"shard {path} is corrupt or truncated ({first}): download or save it again") from None
+
+    def _keys(self, name: str) -> set[str]:
+        with self._open(name) as f:
+            return set(f.keys())
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """One stored tensor by its full name."""
+        with self._open(self.where[key]) as f:
+            return f.get_tensor(key).clone()
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every stored tensor under module ``prefix``, keyed by its name inside that module (copies: no
+        shard stays mapped)."""
+        head = prefix + "."
+        by_file: dict[str, list[str]] = {}
+        for key, name in self.where.items():
+            if key.startswith(head):
+                by_file.setdefault(name, []).append(key)
+        out = {}
+        for name, keys in by_file.items():
+            with self._open(name) as f:
+                out.update({key[len(head):]: f.get_tensor(key).clone() for key in keys})
+        return out
+
+
+def empty_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of ``model_dir`` with every weight on the meta device (buffers such as RoPE's inverse
+    frequencies are computed on the CPU as usual), in eval mode."""
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_config leaves a tied head untied here; from_pretrained ties it
+    return model.eval()
+
+
+def materialise(model: nn.Module, path: str, reader: ShardReader) -> nn.Module:
+    """Load module ``path`` of a meta-device model from the shards, in the model's dtype; returns it."""
+    module = get_module(model, path)
+    dtype = next(module.parameters()).dtype
+    module.to_empty(device="cpu")
+    stored = reader.tensors(path)
+    missing = sorted(set(module.state_dict()) - set(stored))
+    if missing:
+        raise UserError(f"{reader.dir} stores no {path}.{missing[0]}: the weights do not match the model's "
+                        "config.json; download or save the model again")
+    module.load_state_dict({k: v.to(dtype) for k, v in stored.items()}, strict=False)
+    return module
+
+
+def release(module: nn.Module) -> None:
+    """Free a materialised module's weights (back to the meta device) and hand the freed memory back to
+    the system: glibc's heap keeps it otherwise (measured: about one layer more per layer, i.e. the depth)."""
+    module.to("meta")
+    _trim()
+
+
+def _trim() -> None:
+    """glibc's malloc_trim(0), where there is a glibc; elsewhere nothing."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def stream_grams(model_dir: str | Path, windows: torch.Tensor, paths: list[str], *, batch_size: int = 4,
+                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """`collect_grams` of the norm-fused model of ``model_dir`` for module ``paths`` (as named in the fused
+    model: the head's reader is ``lm_head`` or, tied, ``<final norm>.proj``), one decoder layer in memory
+    at a time; every Gram is kept until the end (`layer_grams` hands them over layer by layer)."""
+    grams: dict[str, torch.Tensor] = {}
+    for done in layer_grams(model_dir, windows, paths, batch_size=batch_size, dtype=dtype):
+        grams.update(done)
+    return {p: grams[p] for p in dict.fromkeys(paths)}
+
+
+@torch.inference_mode()
+def layer_grams(model_dir: str | Path, windows: torch.Tensor, paths: list[str], *, batch_size: int = 4,
+                dtype: torch.dtype = torch.float32) -> Iterator[dict[str, torch.Tensor]]:
+    """The Grams of `stream_grams`, yielded as soon as they are complete: those of decoder layer i's
+    modules after layer i (one dict per layer, maybe empty), then the head's. A caller that drops each
+    dict holds one layer's Grams at a time. Llama-family models only: LayerNorm families centre the stream
+    first (not streamed yet)."""
+    reader = ShardReader(model_dir)
+    model = empty_model(model_dir, dtype)
+    adapter = get_adapter(model)
+    if adapter.centres_stream:
+        raise UserError(f"streamed compression does not support {model.config.model_type} yet (its LayerNorms "
+                        "need the stream centred first): compress it in memory, without --stream")
+    paths = list(dict.fromkeys(paths))
+    heads = [p for p in paths if p in (adapter.lm_head_path, f"{adapter.final_norm_path}.proj")]
+    layers = tuple(adapter.layer_path(i) + "." for i in range(adapter.num_layers))
+    unknown = [p for p in paths if p not in heads and not p.startswith(layers)]
+    if unknown:  # a caller's bug (paths come from residual_positions), not bad input
+        raise ValueError(f"no streamed Gram for {unknown[:3]}: neither in a decoder layer nor the head's reader")
+    acc = GramSum()
+    embed = materialise(model, adapter.embed_path, reader)
+    batches = capture_layer_inputs(model, windows, batch_size)
+    release(embed)
+    for i in range(adapter.num_layers):
+        layer = materialise(model, adapter.layer_path(i), reader)
+        fuse_layer_norms(model, adapter, i)
+        inside = [p for p in paths if p.startswith(adapter.layer_path(i) + ".")]
+        handles = [get_module(model, p).register_forward_pre_hook(acc.hook(p)) for p in inside]
+        try:
+            batches = [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+        finally:
+            for h in handles:
+                h.remove()
+        release(layer)
+        yield acc.grams(inside)
+    final = materialise(model, adapter.final_norm_path, reader)
+    norm = RMSNorm(adapter.hidden_size, adapter.norm_params(final)[2])
+    for p in heads:
+        for hidden, _ in batches:
+            acc.add(p, norm(hidden))
+    yield acc.grams(heads)
+
+
+def layer_output(out) -> torch.Tensor:
+    """A decoder layer's output hidden states (some versions return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out

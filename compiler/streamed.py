@@ -1,0 +1,264 @@
+"""`compress --stream`: per-position ProcrustesGPT on a model read from its shards one decoder layer at a time.
+
+The model lives on the meta device; the embedding, the final norm and the head stay loaded. Layer l is
+loaded, its norms folded (`fuse_layer_norms`), the calibration hidden states run through it (its Grams,
+as `collect_grams` takes them), then positions 2l and 2l+1 are solved (`solve_positions`, each needs only
+its own writers and readers) and position 2l rotated. That completes layer l-1 (its three positions are
+rotated): its linears become StructuredLinears, it is written to a part file and freed. The checkpoint is
+the one `compress` writes: same tensors, same manifest and surgery record. Peak memory is two layers,
+the embedding and head, the carried activations and the Grams of two layers.
+
+Not streamed yet: a global rotation (one solve over every position's Grams), `--allocation measured` /
+`--max-loss`, `--refine`, `--compress-embeddings`, slicegpt, and LayerNorm families (OPT).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import save_file
+from torch import nn
+
+from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.outputs import claim
+from procrustes_onnx.core.sources import tensors_fingerprint
+
+from .adapters import get_adapter, get_module, set_module, surgery_state
+from .calibration import GramSum, calibration_windows_for, capture_layer_inputs, damp_gram
+from .checkpoint import METADATA, collect_tensors, merge_safetensors, write_checkpoint
+from .compress import (check_layers, count_params, discard_empty, open_work, plan_for_model, report_saved,
+                       saved_extra, solve_positions, swap_structured)
+from .config import CompressionConfig
+from .fusion import fuse_final_norm, fuse_layer_norms
+from .positions import position_dims, residual_positions
+from .rotation import rotate_position
+from .skips import add_layer_shortcuts, install_shortcuts
+from .solve import gram_paths
+from .stream import ShardReader, empty_model, layer_output, materialise, release
+
+__all__ = ["compress_streamed", "check_streamable"]
+
+
+def check_streamable(config: CompressionConfig) -> None:
+    """The settings `--stream` does not cover yet, refused in one line before any work."""
+    unsupported = [(config.rotation != "per-position", f"--rotation {config.rotation}", "--rotation per-position"),
+                   (config.method not in ("frobenius", "weighted"), f"--method {config.method}", "frobenius or weighted"),
+                   (config.measured, "--allocation measured / --max-loss", "--ratio or --preset"),
+                   (config.refine != "none", f"--refine {config.refine}", "--refine none"),
+                   (config.compress_embeddings, "--compress-embeddings", "dense embeddings")]
+    for bad, what, instead in unsupported:
+        if bad:
+            raise UserError(f"--stream does not support {what} yet: use {instead}, or compress in memory "
+                            "(without --stream)")
+
+
+def compress_streamed(model_dir: str | Path, tokenizer, config: CompressionConfig, out_dir: str | Path, *,
+                      progress: bool = False, keep_work: bool = False, echo: Callable[[str], None] = print,
+                      calib_tokens: torch.Tensor | None = None) -> Path:
+    """`compress` of the model in ``model_dir`` (a safetensors folder), one decoder layer in memory at a time;
+    writes the same checkpoint into ``out_dir`` and returns it. Resumes from ``out_dir/work`` like `compress`."""
+    config.validate()
+    config.fanout.check()
+    check_streamable(config)
+    start = time.perf_counter()
+    reader = ShardReader(model_dir)
+    model = empty_model(model_dir)
+    adapter = get_adapter(model)
+    if adapter.centres_stream:
+        raise UserError(f"--stream does not support {model.config.model_type} yet (its LayerNorms need the stream "
+                        "centred first): compress it in memory, without --stream")
+    check_layers(model, config)
+    windows = calibration_windows_for(tokenizer, config, calib_tokens) if config.method == "weighted" else None
+    out_dir = Path(out_dir)
+    work = out_dir / "work"
+    created = not out_dir.exists()
+    claim(out_dir, ["work"])
+    try:
+        open_work(work, config)
+        torch.manual_seed(config.seed)
+        source = _fingerprint(model, reader)
+        run = _Run(model, reader, config, work, windows, progress)
+        plan = run.prepare(echo)
+        run.layers()
+        parts = run.parts
+    except BaseException:
+        discard_empty(out_dir, work, created)
+        raise
+
+    def weights(path: Path) -> None:
+        merge_safetensors(parts, path, METADATA)
+
+    run.manifest["stored_parameters"] = sum(run.numbers)
+    write_checkpoint(model, out_dir, run.manifest, weights, tokenizer=tokenizer,
+                     extra_config=saved_extra(config, plan, time.perf_counter() - start), source=source,
+                     carry=("work",) if keep_work else ())
+    for part in parts:
+        part.unlink(missing_ok=True)
+    report_saved(out_dir, plan, start, echo, " (streamed)")
+    return out_dir
+
+
+def _fingerprint(model: nn.Module, reader: ShardReader) -> str:
+    """`model_fingerprint` of the dense model as `load_model` would load it, read one tensor at a time (a
+    tied head's weight is the embedding's)."""
+    adapter = get_adapter(model)
+    tied = {f"{adapter.lm_head_path}.weight": f"{adapter.embed_path}.weight"} if adapter.tied else {}
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    missing = sorted(k for k in dtypes if k not in reader.where and k not in tied)
+    if missing:
+        raise UserError(f"{reader.dir} stores no {missing[0]}: the weights do not match the model's config.json; "
+                        "download or save the model again")
+
+    def items():
+        for name in sorted(dtypes):
+            yield name, reader.tensor(tied.get(name, name)).to(dtypes[name])
+    return tensors_fingerprint(type(model).__name__, items())
+
+
+class _Run:
+    """The state of one streamed pass: the meta model, the carried activations, the Grams and solutions
+    of the positions still open, and the part files written so far."""
+
+    def __init__(self, model, reader, config, work: Path, windows, progress: bool) -> None:
+        self.model, self.reader, self.config, self.work = model, reader, config, work
+        self.adapter = get_adapter(model)
+        self.windows, self.progress = windows, progress
+        self.parts: list[Path] = []
+        self.numbers: list[int] = []
+        self.manifest: dict = {}
+        self.grams: dict[str, torch.Tensor] = {}
+        self.rs: dict[int, torch.Tensor] = {}
+        self.factors: dict[str, dict] = {}
+
+    def prepare(self, echo):
+        """Load the embedding, final norm and head; fuse the final norm for real and the layers' norms on the
+        meta device (shapes only, for the plan); plan; give every layer identity skips on the meta device."""
+        model, adapter = self.model, self.adapter
+        self.layer_class = type(adapter.layers()[0])
+        original = count_params(model)
+        tied = adapter.tied
+        embed = materialise(model, adapter.embed_path, self.reader)
+        if tied:
+            get_module(model, adapter.lm_head_path).weight = embed.weight
+        else:
+            materialise(model, adapter.lm_head_path, self.reader)
+        materialise(model, adapter.final_norm_path, self.reader)
+        self.batches = capture_layer_inputs(model, self.windows) if self.windows is not None else []
+        eps = None
+        with torch.no_grad():
+            for i in range(adapter.num_layers):
+                eps = fuse_layer_norms(model, adapter, i)
+        tied_head, head_bias, final_eps = fuse_final_norm(model, adapter)
+        surgery_state(model).update(fused=True, tied_head=tied_head, centring=False, norm_dim=adapter.hidden_size,
+                                    norm_eps=eps, final_norm_eps=final_eps, head_bias=head_bias)
+        plan = plan_for_model(model, self.config, original)
+        echo(plan.table())
+        self.specs = {e.path: e.spec for e in plan.entries}
+        self.positions = residual_positions(model)
+        self.gram_paths = set(gram_paths(self.positions, self.specs)) if self.windows is not None else set()
+        self.dims = position_dims(model)
+        with torch.device("meta"):
+            install_shortcuts(model, self.dims)
+        return plan
+
+    def _load_layer(self, i: int) -> nn.Module:
+        """Decoder layer i from the shards, norms folded, without skips (as the in-memory Gram pass sees it)."""
+        path = self.adapter.layer_path(i)
+        with init_empty_weights(include_buffers=False):
+            fresh = self.layer_class(self.model.config, i)
+        set_module(self.model, path, fresh)
+        layer = materialise(self.model, path, self.reader)
+        fuse_layer_norms(self.model, self.adapter, i)
+        return layer
+
+    def _run_layer(self, i: int, layer: nn.Module) -> None:
+        """Carry the activations through layer i, adding the Grams of its modules the solve needs."""
+        if not self.batches:
+            return
+        prefix = self.adapter.layer_path(i) + "."
+        inside = sorted(p for p in self.gram_paths if p.startswith(prefix))
+        acc = GramSum()
+        handles = [get_module(self.model, p).register_forward_pre_hook(acc.hook(p)) for p in inside]
+        with torch.inference_mode():  # as collect_grams runs (its Grams are inference tensors too)
+            try:
+                self.batches = [(layer_output(layer(h, **kw)), kw) for h, kw in self.batches]
+            finally:
+                for h in handles:
+                    h.remove()
+            self._add_grams(acc.grams(inside))
+
+    def _add_grams(self, grams: dict[str, torch.Tensor]) -> None:
+        self.grams.update({k: damp_gram(v, self.config.damp) for k, v in grams.items()})
+
+    def _solve(self, indices: list[int]) -> None:
+        sel = [self.positions[p] for p in indices]
+        rs, factors = solve_positions(self.model, sel, self.specs, self.config, self.work, self.grams, self.progress)
+        self.rs.update({p: r for p, r in zip(indices, rs)})
+        self.factors.update(factors)
+
+    def _rotate(self, p: int) -> None:
+        rotate_position(self.model, p, self.rs.pop(p).to(torch.float64))
+
+    def _finish(self, prefix: str, module: nn.Module) -> None:
+        """Swap the planned linears under ``prefix`` for StructuredLinears, write them to a part file, free."""
+        mine = {path: spec for path, spec in self.specs.items() if path.startswith(prefix + ".")}
+        swap_structured(self.model, mine, self.factors)
+        for path in mine:
+            del self.factors[path]
+        tensors, manifest = collect_tensors(module, prefix)
+        for key in ("structured", "shortcuts"):
+            self.manifest.setdefault(key, {}).update(manifest[key])
+        self.manifest["format"] = manifest["format"]
+        self._write_part(tensors)
+        self.grams = {k: v for k, v in self.grams.items() if not k.startswith(prefix + ".")}
+
+    def _write_part(self, tensors: dict[str, torch.Tensor]) -> None:
+        """One finished module's tensors into work/partNNNN.stream (merged into model.safetensors at the end)."""
+        part = self.work / f"part{len(self.parts):04d}.stream"
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(part))
+        self.parts.append(part)
+        self.numbers.append(sum(int(t.numel()) for t in tensors.values()))
+
+    def layers(self) -> None:
+        """The streamed pass: load, run, solve and rotate layer by layer; the head's position last."""
+        adapter, model = self.adapter, self.model
+        n = adapter.num_layers
+        previous = None
+        for i in range(n):
+            layer = self._load_layer(i)
+            self._run_layer(i, layer)
+            add_layer_shortcuts(layer, self.dims[2 * i: 2 * i + 3], next(layer.parameters()).dtype,
+                                adapter.shortcut_forward())
+            self._solve([2 * i, 2 * i + 1])
+            self._rotate(2 * i)
+            if previous is not None:
+                self._finish(adapter.layer_path(i - 1), previous)
+                release(previous)
+            self._rotate(2 * i + 1)
+            previous = layer
+        if self.batches:
+            acc = GramSum()
+            final = get_module(model, adapter.final_norm_path)
+            norm = getattr(final, "norm", final)  # HeadNorm (tied) or the RMSNorm itself
+            head = self.positions[-1].readers[0].path
+            with torch.inference_mode():
+                for hidden, _ in self.batches:
+                    acc.add(head, norm(hidden))
+                self._add_grams(acc.grams([head]))
+        self._solve([2 * n])
+        self._rotate(2 * n)
+        surgery_state(model)["rotation"] = "per-position"
+        self._finish(adapter.layer_path(n - 1), previous)
+        release(previous)
+        self._finish_rest()
+
+    def _finish_rest(self) -> None:
+        """The embedding, final norm and head: everything outside the decoder layers."""
+        layers = tuple(self.adapter.layer_path(i) + "." for i in range(self.adapter.num_layers))
+        tensors = {name: p for name, p in self.model.named_parameters() if not name.startswith(layers)}
+        self._write_part(tensors)
+

@@ -1,0 +1,142 @@
+"""`compress --stream` (compiler/streamed.py): the checkpoint of the in-memory compression, tensor for tensor,
+from a sharded folder read one decoder layer at a time; its peak memory does not grow with the model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from procrustes_onnx.compiler.checkpoint import load_compressed
+from procrustes_onnx.compiler.compress import compress, compress_cli
+from procrustes_onnx.compiler.streamed import compress_streamed
+from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.testing import (STREAM_SETUP, STREAM_WORK, peak_rss_growth_kib, save_tiny_model,
+                                     tiny_compression_config, tiny_model)
+
+CALIB = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2))
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def _cfg(method: str, **kw):
+    return tiny_compression_config(rotation="per-position", structure="gs", method=method, **kw)
+
+
+def _same_checkpoint(a, b) -> None:
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    assert json.loads((a / "structure.json").read_text()) == json.loads((b / "structure.json").read_text())
+    pa, pb = (json.loads((x / "config.json").read_text())["procrustes"] for x in (a, b))
+    pa.pop("seconds"), pb.pop("seconds")
+    assert pa == pb
+    assert (json.loads((a / "identity.json").read_text())["source"]
+            == json.loads((b / "identity.json").read_text())["source"])
+
+
+@pytest.mark.parametrize("tie,method", [(True, "weighted"), (False, "weighted"), (True, "frobenius")])
+def test_streamed_checkpoint_equals_in_memory(tmp_path, tie, method):
+    folder = tmp_path / "dense"
+    tiny_model(layers=3, tie=tie, vocab=264).save_pretrained(folder, max_shard_size="200KB")
+    assert len(list(folder.glob("model-*.safetensors"))) >= 2
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    compress(dense, None, _cfg(method), tmp_path / "memory", progress=False, echo=_quiet, calib_tokens=CALIB)
+    out = compress_streamed(folder, None, _cfg(method), tmp_path / "stream", echo=_quiet, calib_tokens=CALIB)
+    _same_checkpoint(tmp_path / "memory", out)
+    assert not (out / "work").exists()
+    model, _ = load_compressed(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_streamed_solves_on_two_ray_workers_give_the_in_memory_checkpoint(tmp_path):
+    ray = pytest.importorskip("ray")
+    folder = tmp_path / "dense"
+    tiny_model(layers=2, vocab=264).save_pretrained(folder, max_shard_size="200KB")
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    compress(dense, None, _cfg("weighted"), tmp_path / "memory", progress=False, echo=_quiet, calib_tokens=CALIB)
+    try:
+        out = compress_streamed(folder, None, _cfg("weighted", workers=2), tmp_path / "stream", echo=_quiet,
+                                calib_tokens=CALIB)
+    finally:
+        if ray.is_initialized():  # the next test starts with no Ray, as test_fanout's do
+            ray.shutdown()
+    _same_checkpoint(tmp_path / "memory", out)
+
+
+def test_streamed_run_resumes_from_work(tmp_path):
+    folder = tmp_path / "dense"
+    tiny_model(layers=2, vocab=264).save_pretrained(folder, max_shard_size="200KB")
+    compress_streamed(folder, None, _cfg("frobenius"), tmp_path / "a", echo=_quiet, keep_work=True)
+    solved = sorted(p.name for p in (tmp_path / "a" / "work").glob("pos*.safetensors"))
+    assert solved == [f"pos{i:03d}.safetensors" for i in range(5)]
+    again = compress_streamed(folder, None, _cfg("frobenius"), tmp_path / "a", echo=_quiet)  # reuses work/
+    fresh = compress_streamed(folder, None, _cfg("frobenius"), tmp_path / "b", echo=_quiet)
+    _same_checkpoint(again, fresh)
+
+
+def test_cli_stream_flag_gives_the_in_memory_checkpoint(tmp_path):
+    folder = save_tiny_model(tmp_path / "dense", layers=2)
+    common = dict(model=str(folder), method="frobenius", rotation="per-position", preset="3/4", iterations=2)
+    compress_cli(out=str(tmp_path / "memory"), **common)
+    compress_cli(out=str(tmp_path / "stream"), stream=True, **common)
+    _same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+    settings = json.loads((tmp_path / "stream" / "config.json").read_text())["procrustes"]["compression"]
+    assert "stream" not in settings  # how it ran, not what it computed (like workers)
+
+
+@pytest.mark.parametrize("override,words", [(dict(rotation="global"), "--rotation global"),
+                                            (dict(rotation="per-position", refine="sequential"), "--refine sequential"),
+                                            (dict(rotation="per-position", allocation="measured"),
+                                             "--allocation measured")])
+def test_unsupported_settings_are_one_line(tmp_path, override, words):
+    folder = save_tiny_model(tmp_path / "dense", layers=2)
+    with pytest.raises(UserError) as exc:
+        compress_cli(model=str(folder), out=str(tmp_path / "ck"), stream=True, **override)
+    msg = str(exc.value)
+    assert "\n" not in msg and words in msg and "without --stream" in msg
+    assert not (tmp_path / "ck").exists()
+
+
+def test_layernorm_family_is_refused(tmp_path):
+    folder = tmp_path / "opt"
+    tiny_model("opt", layers=2).save_pretrained(folder)
+    with pytest.raises(UserError, match="without --stream"):
+        compress_streamed(folder, None, _cfg("frobenius"), tmp_path / "ck", echo=_quiet)
+    assert not (tmp_path / "ck").exists()
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+def _growth_kib(folder, mode: str, out) -> int:
+    """Peak RSS growth (KiB) of one compression in a fresh process (`benchmarks/stream_memory.py`'s runs)."""
+    return peak_rss_growth_kib(STREAM_SETUP, STREAM_WORK[mode], folder, out)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc/self/status")
+def test_streamed_compression_peak_memory_does_not_grow_with_depth(tmp_path):
+    # layers of ~2.8 MB (hidden 256) in 8 MB shards. Both modes first pay a fixed ~150 MB (torch's lazily
+    # loaded kernels, the solver's work space); beyond it the in-memory run grows ~18 MB a layer (weights,
+    # every Gram, the rotated copies), the streamed one 0.5-1.1 MB (benchmarks/stream_memory.py, docs/scale.md)
+    growth = {}
+    for layers in (8, 24):
+        folder = tmp_path / f"dense{layers}"
+        tiny_model(layers=layers, hidden=256, vocab=264).save_pretrained(folder, max_shard_size="8MB")
+        growth[layers] = _growth_kib(folder, "stream", tmp_path / f"s{layers}")
+    memory = _growth_kib(tmp_path / "dense24", "memory", tmp_path / "m24")
+    weights = sum(p.stat().st_size for p in (tmp_path / "dense24").glob("model-*.safetensors")) // 1024
+    per_layer = (growth[24] - growth[8]) / 16
+    print(f"peak RSS growth (KiB): streamed {growth[8]} at 8 layers, {growth[24]} at 24 ({per_layer:.0f} a layer); "
+          f"in memory {memory} at 24 ({weights} of weights); ratio at 24 layers {growth[24] / memory:.3f}")
+    assert memory > weights
+    assert per_layer < weights / 24             # under one layer's weights per layer (in memory: ~7 layers' worth)
+    assert growth[24] < 0.6 * memory
