@@ -18,7 +18,7 @@ import torch
 
 from procrustes_onnx.core.errors import UserError
 
-__all__ = ["Fanout", "fan_out", "require_ray"]
+__all__ = ["Fanout", "fan_out", "require_ray", "default_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,16 @@ class Fanout:
             require_ray(self)
         if self.address is not None:
             _check_reachable(self.address)
+
+
+def default_workers() -> int:
+    """The main job's default: one worker per CPU when Ray is installed, else 1 (serial, no Ray). The
+    result does not depend on it; serial items run on one torch thread, so without it a 2-core machine
+    solves its loss ladders on one core."""
+    import importlib.util
+
+    cpus = os.cpu_count() or 1
+    return cpus if cpus > 1 and importlib.util.find_spec("ray") is not None else 1
 
 
 def require_ray(fanout: Fanout):

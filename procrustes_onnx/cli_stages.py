@@ -210,11 +210,11 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out calibration windows that --max-loss and --allocation measured score (default 8)")
 
 
-def add_fanout_arguments(p: argparse.ArgumentParser) -> None:
+def add_fanout_arguments(p: argparse.ArgumentParser, *, default: str = "1: serially, no Ray") -> None:
     """Where the independent solves of `compress` and `run` go (docs/scale.md); the result does not change."""
     p.add_argument("--workers", type=count(1, THREADS_MAX),
-                   help="solve independent positions and loss ladders N at once on Ray (default 1: serially, "
-                        "no Ray); needs pip install 'procrustes-onnx[ray]'")
+                   help=f"solve independent positions and loss ladders N at once on Ray (default {default}); "
+                        "needs pip install 'procrustes-onnx[ray]'")
     p.add_argument("--ray-address", metavar="ADDR",
                    help="run them on the Ray cluster at ADDR (e.g. ray://head:10001 or auto) instead of locally")
 
@@ -366,7 +366,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from procrustes_onnx.pipeline_options import add_run_arguments
     add_run_arguments(p)
     add_budget_arguments(p)
-    add_fanout_arguments(p)
+    add_fanout_arguments(p, default="one per CPU when Ray is installed, else 1")
     add_heal_arguments(p, verb="run")
     add_quantize_arguments(p, verb="run")
     p.set_defaults(func=cmd_run)

@@ -100,7 +100,7 @@ class RunOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunOptions":
-        from procrustes_onnx.compiler.fanout import Fanout
+        from procrustes_onnx.compiler.fanout import Fanout, default_workers
 
         default = QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS
         variants = [v for v in args.variants.split(",") if v] if args.variants else list(default)
@@ -124,7 +124,7 @@ class RunOptions:
                    task_limit=None if args.task_limit == 0 else (args.task_limit or (20 if args.quick else 100)),
                    heal=heal_config_from_args(args, QUICK_HEAL_TOKENS if args.quick else RUN_HEAL_TOKENS),
                    quantize=quantize_config_from_args(args, default="int4"), reference=not args.no_reference,
-                   workers=args.workers or 1, ray_address=args.ray_address)
+                   workers=args.workers or default_workers(), ray_address=args.ray_address)
         opts.heal.validate()
         Fanout(opts.workers, opts.ray_address).check()  # before the first model loads
         if args.quick:  # the whole chain, truncated: a few windows, a few items, short benchmarks
