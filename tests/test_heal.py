@@ -54,17 +54,35 @@ def _config(mode: str, **kw) -> HealConfig:
     return HealConfig(**(base | kw))
 
 
+KRON_HALF = {"rotation": "per-position", "structure": "kron", "ratio": 0.5}
+
+
 @pytest.mark.parametrize("mode", ["blockwise", "e2e"])
-@pytest.mark.parametrize("variant", [{"rotation": "global"}, {"rotation": "per-position", "structure": "kron", "ratio": 0.5},
-                                     {"method": "slicegpt"}])
+@pytest.mark.parametrize("variant", [{"rotation": "global"}, KRON_HALF, {"method": "slicegpt"}])
 def test_healing_lowers_kl_on_unseen_tokens(tmp_path, mode, variant):
+    if mode == "e2e" and variant is KRON_HALF:
+        pytest.skip("e2e overfits this case (see test_early_stopping_never_returns_a_worse_model)")
     teacher, ck = _teacher_student(tmp_path, **variant)
     student, _ = load_compressed(ck)
     before = _kl(student, teacher)
-    report = heal_model(student, teacher, None, _config(mode, lr=1e-3 if mode == "blockwise" else 3e-4),
+    report = heal_model(student, teacher, None, _config(mode, lr=1e-3 if mode == "blockwise" else 1e-4),
                         tmp_path / "work", windows=(TRAIN, HELD), **quiet)
-    assert report.heldout_after < report.heldout_before
+    assert report.heldout_after < 0.97 * report.heldout_before
     assert _kl(student, teacher) < 0.9 * before  # on tokens neither training nor early stopping saw
+
+
+def test_early_stopping_never_returns_a_worse_model(tmp_path):
+    """At 50% Kronecker the tiny student overfits 1,536 random tokens end to end: its training KL falls while
+    the held-out KL rises from the first score on (how soon depends on the CPU's rounding). Healing must then
+    hand back the best weights it scored, the unhealed ones at worst, never the last ones."""
+    teacher, ck = _teacher_student(tmp_path, **KRON_HALF)
+    student, _ = load_compressed(ck)
+    report = heal_model(student, teacher, None, _config("e2e", lr=1e-3), tmp_path / "work", windows=(TRAIN, HELD),
+                        **quiet)
+    scores = [r["heldout_kl"] for r in report.history if "heldout_kl" in r]
+    assert scores[-1] > 1.2 * report.heldout_before  # the run did overfit ...
+    assert report.heldout_after == pytest.approx(min([report.heldout_before, *scores]), rel=1e-6)  # ... and kept the best
+    assert _kl(student, teacher, HELD) == pytest.approx(report.heldout_after, rel=1e-3)
 
 
 @pytest.mark.parametrize("variant", [{"rotation": "global", "preset": "full", "ratio": None},
