@@ -48,13 +48,13 @@ def versions() -> dict:
 
 
 def structured_variant(model: torch.nn.Module, structure: str, ratio: float) -> tuple[torch.nn.Module, dict, dict]:
-    """(torch model with StructuredLinear layers, rewrite manifest, plan summary) for the planner's specs."""
+    """(torch model with StructuredLinear layers, rewrite factor map, plan summary) for the planner's specs."""
     fused = fuse_norms(copy.deepcopy(model))
     config = CompressionConfig(structure=structure, ratio=ratio, rotation="global", method="frobenius")
     plan = plan_for_model(fused, config, count_params(model))
     del fused
     variant = copy.deepcopy(model)
-    manifest = {}
+    factor_map = {}
     for entry in plan.entries:
         linear = variant.get_submodule(entry.path)
         weight = linear.weight.detach().T.double()  # in x out
@@ -62,11 +62,11 @@ def structured_variant(model: torch.nn.Module, structure: str, ratio: float) -> 
         parent, _, child = entry.path.rpartition(".")
         bias = linear.bias.detach() if linear.bias is not None else None
         setattr(variant.get_submodule(parent), child, StructuredLinear(matrix, bias))
-        manifest[entry.path] = {"spec": matrix.spec(), "bias": bias is not None,
+        factor_map[entry.path] = {"spec": matrix.spec(), "bias": bias is not None,
                                 "factors": {k: v.detach().clone() for k, v in matrix.factors().items()}}
     summary = {"matrices": len(plan.entries), "kept_fraction": plan.kept, "removed": plan.removed,
                "example_spec": plan.entries[0].spec}
-    return variant.eval(), manifest, summary
+    return variant.eval(), factor_map, summary
 
 
 def window_agreement(model: torch.nn.Module, lm: OnnxCausalLM, windows: torch.Tensor) -> dict:
@@ -133,13 +133,13 @@ def main() -> None:
     variants = {"dense": (model, None, None)}
     for structure in ("kron", "gs"):
         variants[structure] = structured_variant(model, structure, args.ratio)
-    for name, (torch_model, manifest, plan) in variants.items():
+    for name, (torch_model, factor_map, plan) in variants.items():
         entry: dict = {}
-        if manifest is None:
+        if factor_map is None:
             path, entry["export_seconds"] = dense_path, round(export_s, 1)
         else:
             t0 = time.perf_counter()
-            path = rewrite_structured_matmuls(dense_path, work / name, manifest=manifest)
+            path = rewrite_structured_matmuls(dense_path, work / name, factor_map=factor_map)
             entry["rewrite_seconds"] = round(time.perf_counter() - t0, 1)
             entry["plan"] = plan
             entry["rewrite"] = json.loads((path.parent / "rewrite.json").read_text())

@@ -103,12 +103,9 @@ def phase_structured(structure: str, args, emit) -> None:
     from procrustes_onnx.compiler.allocate import (Ladder, Option, allocate, build_ladders, choice_after, greedy_steps,
                                                    heldout_nll, heldout_scorer, option_for, plan_curvature, plan_of,
                                                    search_max_loss, swap_in)
-    from procrustes_onnx.compiler.calibration import calibration_split, collect_grams, damp_gram
+    from procrustes_onnx.compiler.calibration import calibration_split
     from procrustes_onnx.compiler.checkpoint import load_model
-    from procrustes_onnx.compiler.compress import count_params, plan_for_model, rotate_solved, solve_positions
-    from procrustes_onnx.compiler.fusion import fuse_norms
-    from procrustes_onnx.compiler.positions import residual_positions
-    from procrustes_onnx.compiler.solve import gram_paths
+    from procrustes_onnx.compiler.compress import count_params, plan_for_model, rotate_solved, solve_rotation
 
     name = {"gs": "w-gs", "kron": "w-kron"}[structure]
     cfg = base_config(structure, args.calib)
@@ -118,16 +115,9 @@ def phase_structured(structure: str, args, emit) -> None:
     score = Scorer(tok, args.windows, held)
     t0 = time.perf_counter()
     with torch.no_grad():
-        fuse_norms(model)
-        plan = plan_for_model(model, cfg, original)
-        specs = {e.path: e.spec for e in plan.entries}
-        positions = residual_positions(model)
-        grams = collect_grams(model, calib, gram_paths(positions, specs), progress=False)
-        grams = {k: damp_gram(v, cfg.damp) for k, v in grams.items()}
         work = Path(args.work) / name    # a rerun reuses the solved rotation kept here
         work.mkdir(parents=True, exist_ok=True)
-        rs, factors = solve_positions(model, positions, specs, cfg, work, grams, False)
-        del grams
+        plan, _, _, rs, factors = solve_rotation(model, cfg, original, calib, work, False, echo=lambda s: None)
         rotate_solved(model, rs, "global")
     solve_s = round(time.perf_counter() - t0, 1)
     print(f"{name}: rotation solved in {solve_s} s", flush=True)

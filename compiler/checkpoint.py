@@ -318,15 +318,15 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple
 
 
 def materialize_dense(model: nn.Module) -> dict:
-    """Swap every StructuredLinear for an equivalent nn.Linear in place; return the manifest the exporter
+    """Swap every StructuredLinear for an equivalent nn.Linear in place; return the factor map the exporter
     needs to rewrite them back: path -> {"spec", "factors" (name -> tensor), "bias" (bool)}."""
-    manifest = {}
+    factor_map = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, StructuredLinear):
-            manifest[name] = {"spec": module.matrix.spec(), "bias": module.bias is not None,
+            factor_map[name] = {"spec": module.matrix.spec(), "bias": module.bias is not None,
                               "factors": {k: v.detach().clone() for k, v in module.matrix.factors().items()}}
             set_module(model, name, module.to_linear())
-    return manifest
+    return factor_map
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype=None, *, tokenizer: bool = True, allow_compressed: bool = False):

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from procrustes_onnx.core.errors import UserError
-from procrustes_onnx.core.outputs import MANIFEST, check_output, claim
+from procrustes_onnx.core.outputs import FILE_LIST, check_output, claim
 from procrustes_onnx.core.sources import (is_compressed_checkpoint, load_tokenizer, model_fingerprint, require_dense,
                                           resolve_model_dir)
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
@@ -41,7 +41,7 @@ from .slicegpt import slicegpt_compress
 from .solve import gram_paths, group_problem, load_group, rotated_input_grams, save_group, solve_group
 
 __all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count",
-           "check_layers", "solve_positions", "rotate_solved", "swap_structured",
+           "check_layers", "solve_positions", "solve_rotation", "rotate_solved", "swap_structured",
            "open_work", "discard_empty", "saved_extra", "report_saved"]
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,25 @@ def swap_structured(model: nn.Module, specs: dict[str, dict], factors: dict[str,
         replace_linear(model, path, StructuredLinear(matrix, bias))
 
 
+def solve_rotation(model: nn.Module, config: CompressionConfig, original: int, windows, work: Path,
+                   progress: bool = True, echo: Callable[[str], None] = print):
+    """The front half of compression, shared with the quality benchmark: fuse the norms, plan the specs,
+    collect the (damped) input Grams for the weighted method, and solve each residual position's
+    rotation (reused from ``work``). Returns (plan, positions, grams, rotations, factors); the model is
+    fused but not yet rotated."""
+    fuse_norms(model)
+    plan = plan_for_model(model, config, original)
+    echo(plan.table())
+    specs = {e.path: e.spec for e in plan.entries}
+    positions = residual_positions(model)
+    grams = {}
+    if config.method == "weighted":
+        grams = collect_grams(model, windows, gram_paths(positions, specs), progress=progress)
+        grams = {k: damp_gram(v, config.damp) for k, v in grams.items()}
+    rs, factors = solve_positions(model, positions, specs, config, work, grams, progress)
+    return plan, positions, grams, rs, factors
+
+
 def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work: str | Path, *,
                    progress: bool = True, echo: Callable[[str], None] = print,
                    calib_tokens: torch.Tensor | None = None) -> Plan:
@@ -182,17 +201,9 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
     torch.manual_seed(config.seed)
     model.eval()
     original = count_params(model)
-    fuse_norms(model)
-    plan = plan_for_model(model, config, original)
-    echo(plan.table())
-    specs = {e.path: e.spec for e in plan.entries}
-    positions = residual_positions(model)
     with torch.no_grad():
-        grams = {}
-        if config.method == "weighted":
-            grams = collect_grams(model, windows, gram_paths(positions, specs), progress=progress)
-            grams = {k: damp_gram(v, config.damp) for k, v in grams.items()}
-        rs, factors = solve_positions(model, positions, specs, config, work, grams, progress)
+        plan, positions, grams, rs, factors = solve_rotation(model, config, original, windows, work, progress, echo)
+        specs = {e.path: e.spec for e in plan.entries}
         ladder_grams = rotated_input_grams(positions, specs, grams, rs) if config.measured else None
         del grams
         if config.measured:
@@ -280,7 +291,7 @@ def discard_empty(out_dir: Path, work: Path, created: bool) -> None:
     if _has_results(work):
         return
     shutil.rmtree(work, ignore_errors=True)
-    if created and out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {MANIFEST}:
+    if created and out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {FILE_LIST}:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 

@@ -105,6 +105,11 @@ class HealConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def result_settings(self) -> dict:
+        """The settings that decide the healed weights: every field but where and on how many threads it runs
+        (a cache or a resumed run keys on these)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("threads", "device")}
+
 
 @dataclass
 class HealReport:
@@ -561,7 +566,7 @@ def heal_checkpoint(checkpoint: str | Path, out: str | Path, teacher: nn.Module,
 def _check_settings(work: Path, config: HealConfig) -> None:
     """A resumed run must have the same settings as the one that left ``work``; else its state is dropped."""
     saved = work / "heal-config.json"
-    wanted = {k: v for k, v in config.to_dict().items() if k not in ("threads", "device")}
+    wanted = config.result_settings()
     if saved.is_file() and json.loads(saved.read_text()) != wanted:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)

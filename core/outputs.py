@@ -1,4 +1,4 @@
-"""Output folders that never lose a user's data: path checks before any work, atomic writes, a manifest.
+"""Output folders that never lose a user's data: path checks before any work, atomic writes, a file list.
 
 Every folder the tool writes holds ``.procrustes-files.json``, the list of files the tool wrote there.
 Replacing a folder (``--overwrite``) replaces only those; any other file in it is the user's and stays.
@@ -22,13 +22,13 @@ from typing import Any, Iterable, Iterator
 
 from .errors import UserError
 
-__all__ = ["MANIFEST", "IDENTITY", "check_output", "check_output_file", "atomic_output_dir", "read_manifest",
+__all__ = ["FILE_LIST", "IDENTITY", "check_output", "check_output_file", "atomic_output_dir", "read_file_list",
            "register", "claim", "tool_owned", "user_files", "write_identity", "read_identity", "identity_id", "file_sha256"]
 
-MANIFEST = ".procrustes-files.json"
+FILE_LIST = ".procrustes-files.json"
 IDENTITY = "identity.json"
-_STAGE_MARKER = ".stage.json"  # procrustes_onnx.cache's marker: a folder holding it (and no manifest) is a
-                               # stage folder of `run` written before manifests existed: all of it is ours
+_STAGE_MARKER = ".stage.json"  # procrustes_onnx.cache's marker: a folder holding it (and no file list) is a
+                               # stage folder of `run` written before file lists existed: all of it is ours
 
 
 def _resolve(path: str | os.PathLike) -> Path:
@@ -40,28 +40,28 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
 
-def read_manifest(folder: str | os.PathLike) -> dict | None:
-    """The manifest of a folder the tool wrote, or None (no manifest, or one that is not ours)."""
+def read_file_list(folder: str | os.PathLike) -> dict | None:
+    """The file list of a folder the tool wrote, or None (no file list, or one that is not ours)."""
     try:
-        data = json.loads((Path(folder) / MANIFEST).read_text())
+        data = json.loads((Path(folder) / FILE_LIST).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and isinstance(data.get("files"), list) else None
 
 
-def _write_manifest(folder: Path, files: Iterable[str], partial: bool = False) -> None:
-    data = {"tool": "procrustes-onnx", "files": sorted(set(files) - {MANIFEST}), "partial": partial}
-    tmp = folder / f"{MANIFEST}.tmp"
+def _write_file_list(folder: Path, files: Iterable[str], partial: bool = False) -> None:
+    data = {"tool": "procrustes-onnx", "files": sorted(set(files) - {FILE_LIST}), "partial": partial}
+    tmp = folder / f"{FILE_LIST}.tmp"
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, folder / MANIFEST)
+    os.replace(tmp, folder / FILE_LIST)
 
 
 def tool_owned(folder: str | os.PathLike) -> set[str]:
     """Entries (files, or folders meaning everything under them) that the tool wrote into ``folder``."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    if manifest is not None:
-        return set(manifest["files"])
+    listed = read_file_list(folder)
+    if listed is not None:
+        return set(listed["files"])
     if (folder / _STAGE_MARKER).is_file():
         return set(_files(folder))
     return set()
@@ -78,14 +78,14 @@ def user_files(folder: str | os.PathLike) -> set[str]:
     if not folder.is_dir():
         return set()
     owned = tool_owned(folder)
-    return {f for f in _files(folder) if f != MANIFEST and not _owned(f, owned)}
+    return {f for f in _files(folder) if f != FILE_LIST and not _owned(f, owned)}
 
 
 def register(folder: str | os.PathLike, names: Iterable[str]) -> None:
-    """Add files the tool wrote into an existing folder (after its atomic write) to the folder's manifest."""
+    """Add files the tool wrote into an existing folder (after its atomic write) to the folder's file list."""
     folder = Path(folder)
-    manifest = read_manifest(folder) or {"files": [], "partial": False}
-    _write_manifest(folder, [*manifest["files"], *names], bool(manifest.get("partial")))
+    listed = read_file_list(folder) or {"files": [], "partial": False}
+    _write_file_list(folder, [*listed["files"], *names], bool(listed.get("partial")))
 
 
 def claim(folder: str | os.PathLike, names: Iterable[str]) -> Path:
@@ -93,8 +93,8 @@ def claim(folder: str | os.PathLike, names: Iterable[str]) -> Path:
     ``work/``: a rerun of the same command may then resume in the folder without ``--overwrite``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(folder) or {"files": []}
-    _write_manifest(folder, [*manifest["files"], *names], partial=True)
+    listed = read_file_list(folder) or {"files": []}
+    _write_file_list(folder, [*listed["files"], *names], partial=True)
     return folder
 
 
@@ -135,11 +135,11 @@ def _check_writable(out: Path, flag: str) -> None:
 
 
 def _resumable(out: Path) -> bool:
-    """A partial run of the tool: its manifest says so, or (written before manifests) it holds compress's
+    """A partial run of the tool: its file list says so, or (written before file lists) it holds compress's
     ``work/config.json`` or the main job's ``.work/``."""
-    manifest = read_manifest(out)
-    if manifest is not None:
-        return bool(manifest.get("partial"))
+    listed = read_file_list(out)
+    if listed is not None:
+        return bool(listed.get("partial"))
     return (out / "work" / "config.json").is_file() or (out / ".work").is_dir()
 
 
@@ -175,10 +175,10 @@ def check_output_file(out: str | os.PathLike, *, inputs: Iterable[str | os.PathL
 def _commit(tmp: Path, out: Path, partial: bool) -> None:
     """Put the finished ``tmp`` in place of ``out``. Files in ``out`` the tool did not write never move:
     with none, one rename swaps the folders; with some, the tool's old files are removed and the new
-    ones renamed in beside them, the manifest always covering every tool file present."""
-    written = [f for f in _files(tmp) if f != MANIFEST]
+    ones renamed in beside them, the file list always covering every tool file present."""
+    written = [f for f in _files(tmp) if f != FILE_LIST]
     if not out.exists():
-        _write_manifest(tmp, written, partial)
+        _write_file_list(tmp, written, partial)
         os.replace(tmp, out)
         return
     owned = tool_owned(out)
@@ -189,13 +189,13 @@ def _commit(tmp: Path, out: Path, partial: bool) -> None:
         raise UserError(f"{out} holds {clash[0]}, which procrustes-onnx did not write and would replace: move it "
                         "away or choose another output folder")
     if not user:
-        _write_manifest(tmp, written, partial)
+        _write_file_list(tmp, written, partial)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
         return
-    _write_manifest(out, [*owned, *written], partial=True)        # a crash from here on loses no user file
+    _write_file_list(out, [*owned, *written], partial=True)        # a crash from here on loses no user file
     for entry in sorted(owned, key=lambda e: -len(Path(e).parts)):
         target = out / entry
         if target.is_dir() and not target.is_symlink():
@@ -209,7 +209,7 @@ def _commit(tmp: Path, out: Path, partial: bool) -> None:
     for rel in written:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp / rel, out / rel)
-    _write_manifest(out, written, partial)
+    _write_file_list(out, written, partial)
 
 
 @contextlib.contextmanager

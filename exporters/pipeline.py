@@ -60,7 +60,7 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     ck = checkpoint_identity(checkpoint)
     origin = {"source": ck.get("source"), "structure": ck.get("structure"), "checkpoint": ck["id"]}
     torch_model, tokenizer = load_compressed(checkpoint)
-    manifest = materialize_dense(torch_model)
+    factor_map = materialize_dense(torch_model)
     if dense_equivalent:
         dense_dir = out_dir
     scratch = None if dense_dir else Path(tempfile.mkdtemp(prefix=".dense-", dir=Path(out_dir).resolve().parent))
@@ -77,7 +77,7 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                                 tokenizer=tokenizer, identity=twin)
         if dense_equivalent:
             return dense
-        return rewrite_structured_matmuls(dense.parent, out_dir, manifest=manifest, overwrite=overwrite,
+        return rewrite_structured_matmuls(dense.parent, out_dir, factor_map=factor_map, overwrite=overwrite,
                                           identity={"format": f"procrustes-onnx onnx {opset or DEFAULT_OPSET}",
                                                     **origin, "kind": "structured", "with_past": with_past})
     finally:

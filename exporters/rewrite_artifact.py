@@ -1,4 +1,4 @@
-"""File-level wrapper of the structured rewrite: exported folder + manifest -> new folder, atomically.
+"""File-level wrapper of the structured rewrite: exported folder + factor map -> new folder, atomically.
 
 Checks at the boundaries only: the input is a readable ONNX file from ``export_onnx`` (it has a
 ``matmul_map.json``), the output is not the input or inside it, and after the pass the ONNX
@@ -24,15 +24,15 @@ from procrustes_onnx.core.outputs import check_output, read_identity
 
 from .genai_config import write_runtime_files
 from .onnx_export import MAP_FILE
-from .rewrite_structured import RewriteStructuredMatmulsPass, normalize_manifest, promised_saving
+from .rewrite_structured import RewriteStructuredMatmulsPass, normalize_factor_map, promised_saving
 
-__all__ = ["rewrite_structured_matmuls", "manifest_from_checkpoint", "initializer_bytes"]
+__all__ = ["rewrite_structured_matmuls", "factor_map_from_checkpoint", "initializer_bytes"]
 
 logger = logging.getLogger(__name__)
 
 
-def manifest_from_checkpoint(checkpoint: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """The structured-module manifest of a compressed checkpoint folder (via the compressor's own loader)."""
+def factor_map_from_checkpoint(checkpoint: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The factor map (structured module -> spec, factors, bias) of a compressed checkpoint folder (via the compressor's own loader)."""
     from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense
 
     model, _ = load_compressed(checkpoint)
@@ -47,22 +47,22 @@ def initializer_bytes(model: ir.Model, *, floating_only: bool = False) -> int:
 
 
 def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *,
-                               manifest: Mapping[str, Mapping[str, Any]] | None = None,
+                               factor_map: Mapping[str, Mapping[str, Any]] | None = None,
                                checkpoint: str | os.PathLike | None = None, overwrite: bool = True,
                                identity: dict | None = None) -> Path:
     """Rewrite the exported model at ``onnx_in`` (folder or model.onnx) with the structured factors of
-    ``manifest`` (``materialize_dense``'s output) or of the compressed ``checkpoint`` folder; write the
+    ``factor_map`` (``materialize_dense``'s output) or of the compressed ``checkpoint`` folder; write the
     folder ``onnx_out`` (model.onnx + model.onnx.data + updated matmul_map.json + rewrite.json), with
     ``identity`` (what the result is) as identity.json."""
     src = model_file(Path(onnx_in).resolve())
     out = check_output(onnx_out, inputs=[src.parent, checkpoint], overwrite=overwrite)
-    if (manifest is None) == (checkpoint is None):
-        raise UserError("rewrite needs exactly one of a manifest or a compressed checkpoint folder")
+    if (factor_map is None) == (checkpoint is None):
+        raise UserError("rewrite needs exactly one of a factor map or a compressed checkpoint folder")
     map_path = src.parent / MAP_FILE
     if not map_path.is_file():
         raise UserError(f"{src.parent} has no {MAP_FILE}; rewrite only folders written by procrustes-onnx export")
     matmul_map = json.loads(map_path.read_text())
-    plan = normalize_manifest(manifest if manifest is not None else manifest_from_checkpoint(checkpoint))
+    plan = normalize_factor_map(factor_map if factor_map is not None else factor_map_from_checkpoint(checkpoint))
     model = load_onnx(src)
     before, weights_before = initializer_bytes(model), initializer_bytes(model, floating_only=True)
     result = RewriteStructuredMatmulsPass(matmul_map, plan)(model)

@@ -1,6 +1,6 @@
 """Rewrite each mapped dense MatMul(x, W) of an exported model into the structured lowering from ops.
 
-Matches: the nodes named in ``matmul_map.json`` (recorded at export) for modules in the manifest.
+Matches: the nodes named in ``matmul_map.json`` (recorded at export) for modules in the factor map.
 Afterwards: every such node is gone, its output is produced by ``ops.lowering.lower_structured``
 (Reshape/Transpose/MatMul on the factors), a Gemm's bias is re-added with an Add, and the dense
 weight initializer (and its Transpose, for a tied head) is dropped once nothing else reads it.
@@ -19,61 +19,61 @@ from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops.lowering import lower_structured
 from procrustes_onnx.ops.spec import validate_spec
 
-__all__ = ["RewriteStructuredMatmulsPass", "normalize_manifest", "promised_saving"]
+__all__ = ["RewriteStructuredMatmulsPass", "normalize_factor_map", "promised_saving"]
 
 logger = logging.getLogger(__name__)
 
 
-def normalize_manifest(manifest: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def normalize_factor_map(factor_map: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """module -> {"spec": validated spec, "factors": name -> float ndarray} from ``materialize_dense``'s
-    manifest (torch tensors) or plain dicts of numpy arrays."""
+    factor map (torch tensors) or plain dicts of numpy arrays."""
     out = {}
-    for name, entry in manifest.items():
+    for name, entry in factor_map.items():
         if "spec" not in entry or "factors" not in entry:
-            raise UserError(f"manifest entry {name!r} needs 'spec' and 'factors'; build it with materialize_dense")
+            raise UserError(f"factor map entry {name!r} needs 'spec' and 'factors'; build it with materialize_dense")
         factors = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
                    for k, v in entry["factors"].items()}
         out[name] = {"spec": validate_spec(entry["spec"]), "factors": factors}
     return out
 
 
-def promised_saving(manifest: Mapping[str, Mapping[str, Any]]) -> int:
+def promised_saving(factor_map: Mapping[str, Mapping[str, Any]]) -> int:
     """Bytes the rewrite removes: the dense in x out weight minus the factors, per structured module
     (in the factors' dtype, which ``_check`` makes equal to the ONNX weight's)."""
     total = 0
-    for entry in normalize_manifest(manifest).values():
+    for entry in normalize_factor_map(factor_map).values():
         spec, factors = entry["spec"], list(entry["factors"].values())
         total += spec["in"] * spec["out"] * factors[0].itemsize - sum(f.nbytes for f in factors)
     return total
 
 
 class RewriteStructuredMatmulsPass(ir.passes.InPlacePass):
-    """Replace the MatMul/Gemm of each manifest module by its structured lowering.
+    """Replace the MatMul/Gemm of each factor-map module by its structured lowering.
 
     Attributes:
         matmul_map: the exporter's map (module -> node, op, weight, transposed, transpose_node, shape, dtype).
-        manifest: module -> {"spec", "factors"} (see ``normalize_manifest``).
-    A module of the manifest that the map or graph lacks, or whose weight disagrees in shape or dtype
+        factor_map: module -> {"spec", "factors"} (see ``normalize_factor_map``).
+    A module of the factor map that the map or graph lacks, or whose weight disagrees in shape or dtype
     with the spec, is a ``UserError``: rewriting only part of a model silently would ship the wrong file.
     """
 
-    def __init__(self, matmul_map: Mapping[str, Mapping[str, Any]], manifest: Mapping[str, Mapping[str, Any]]) -> None:
+    def __init__(self, matmul_map: Mapping[str, Mapping[str, Any]], factor_map: Mapping[str, Mapping[str, Any]]) -> None:
         super().__init__()
         self.matmul_map = matmul_map
-        self.manifest = normalize_manifest(manifest)
+        self.factor_map = normalize_factor_map(factor_map)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = {n.name: n for n in graph if n.name}
         modified = False
-        for module, entry in self.manifest.items():
+        for module, entry in self.factor_map.items():
             modified |= self._try_rewrite(graph, nodes, module, entry)
         return ir.passes.PassResult(model, modified)
 
     def _check(self, graph: ir.Graph, nodes: dict[str, ir.Node], module: str, entry: dict) -> ir.Node:
         where = self.matmul_map.get(module)
         if where is None:
-            raise UserError(f"manifest module {module!r} is not in matmul_map.json; export the matching model")
+            raise UserError(f"factor-map module {module!r} is not in matmul_map.json; export the matching model")
         node = nodes.get(where["node"])
         if node is None or node.op_type != where["op"]:
             raise UserError(f"graph has no {where['op']} node {where['node']!r} for {module}; "
@@ -87,8 +87,8 @@ class RewriteStructuredMatmulsPass(ir.passes.InPlacePass):
         if where["transposed"] is False:
             shape = shape[::-1]
         if shape != [spec["in"], spec["out"]]:
-            raise UserError(f"{module}: ONNX weight is {shape} (in x out) but the manifest spec is "
-                            f"[{spec['in']}, {spec['out']}]; use the manifest of the exported model")
+            raise UserError(f"{module}: ONNX weight is {shape} (in x out) but the factor map's spec is "
+                            f"[{spec['in']}, {spec['out']}]; use the factor map of the exported model")
         for key, arr in entry["factors"].items():
             if np.dtype(arr.dtype) != np.dtype(init.dtype.numpy()):
                 raise UserError(f"{module}: factor {key!r} is {arr.dtype} but the ONNX weight is "

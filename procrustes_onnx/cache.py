@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from procrustes_onnx.core.outputs import MANIFEST, register, user_files
+from procrustes_onnx.core.outputs import FILE_LIST, register, user_files
 
 __all__ = ["content_hash", "folder_hash", "cached_dir", "cached_json"]
 
@@ -25,7 +25,7 @@ def content_hash(value: Any) -> str:
 def folder_hash(path: Path) -> str:
     """sha256 over the names and bytes of every file in a folder (stage markers excluded)."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name not in (_MARKER, MANIFEST)):
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name not in (_MARKER, FILE_LIST)):
         digest.update(str(file.relative_to(path)).encode())
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):

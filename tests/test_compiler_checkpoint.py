@@ -102,9 +102,9 @@ def test_saved_numbers_equal_stored_parameter_count(mode: str, tmp_path) -> None
 def test_materialize_dense_keeps_logits() -> None:
     model = _compressed("llama", "per-position")
     ref = _logits(model, IDS)
-    manifest = materialize_dense(model)
-    assert sorted(manifest) == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
-    assert manifest["model.layers.0.self_attn.q_proj"]["factors"]["a"].shape == (2, 4, 1)
+    factor_map = materialize_dense(model)
+    assert sorted(factor_map) == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    assert factor_map["model.layers.0.self_attn.q_proj"]["factors"]["a"].shape == (2, 4, 1)
     assert not any(isinstance(m, StructuredLinear) for m in model.modules())
     assert float((_logits(model, IDS) - ref).norm() / ref.norm()) < 1e-5
 

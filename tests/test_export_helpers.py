@@ -56,13 +56,13 @@ def random_matrix(kind: str, *shapes, gen: torch.Generator) -> torch.nn.Module:
 
 
 def structured_tiny(arch: str, seed: int = 1) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
-    """(model with StructuredLinear layers, its dense twin for export, manifest module -> spec/factors/bias).
+    """(model with StructuredLinear layers, its dense twin for export, factor map: module -> spec/factors/bias).
 
     The dense twin is what ``compiler.checkpoint.materialize_dense`` produces (``to_linear`` per layer).
     """
     model = tiny_model(arch, seed=seed)
     gen = torch.Generator().manual_seed(seed)
-    manifest = {}
+    factor_map = {}
     modules = dict(model.named_modules())
     for name, (kind, *shapes) in STRUCTURE[arch].items():
         parent, _, child = name.rpartition(".")
@@ -70,13 +70,13 @@ def structured_tiny(arch: str, seed: int = 1) -> tuple[torch.nn.Module, torch.nn
         matrix = random_matrix(kind, *shapes, gen=gen)
         assert (matrix.in_features, matrix.out_features) == (old.in_features, old.out_features), name
         setattr(modules[parent], child, StructuredLinear(matrix, old.bias.detach() if old.bias is not None else None))
-        manifest[name] = {"spec": matrix.spec(), "bias": old.bias is not None,
+        factor_map[name] = {"spec": matrix.spec(), "bias": old.bias is not None,
                           "factors": {k: v.detach().clone() for k, v in matrix.factors().items()}}
     dense = copy.deepcopy(model)
-    for name in manifest:
+    for name in factor_map:
         parent, _, child = name.rpartition(".")
         setattr(dense.get_submodule(parent), child, dense.get_submodule(name).to_linear())
-    return model.eval(), dense.eval(), manifest
+    return model.eval(), dense.eval(), factor_map
 
 
 def add_random_shortcuts(model: torch.nn.Module, seed: int = 2) -> list[str]:
@@ -93,13 +93,13 @@ def add_random_shortcuts(model: torch.nn.Module, seed: int = 2) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def exported(arch: str, with_past: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, dict, Path]:
-    """(structured model, dense twin, manifest, exported model.onnx of the twin); one export per session.
+    """(structured model, dense twin, factor map, exported model.onnx of the twin); one export per session.
 
     llama (with KV cache) goes the whole compressed-checkpoint route instead: skip matrices on the
     residual path, ``save_compressed``, then ``export_compressed`` keeping its dense twin, whose
     path is returned; the structured ONNX is ``STRUCTURED_DIR`` beside it.
     """
-    structured, dense, manifest = structured_tiny(arch)
+    structured, dense, factor_map = structured_tiny(arch)
     root = Path(tempfile.mkdtemp(prefix=f"export-{arch}-"))
     atexit.register(shutil.rmtree, root, True)
     if arch == "llama" and with_past:
@@ -107,10 +107,10 @@ def exported(arch: str, with_past: bool = True) -> tuple[torch.nn.Module, torch.
         save_compressed(structured, root / "ckpt")
         structured, _ = load_compressed(root / "ckpt")
         dense, _ = load_compressed(root / "ckpt")
-        manifest = materialize_dense(dense)
+        factor_map = materialize_dense(dense)
         export_compressed(root / "ckpt", root / STRUCTURED_DIR, dense_dir=root / "onnx")
-        return structured, dense, manifest, root / "onnx" / "model.onnx"
-    return structured, dense, manifest, export_onnx(dense, root / "onnx", with_past=with_past)
+        return structured, dense, factor_map, root / "onnx" / "model.onnx"
+    return structured, dense, factor_map, export_onnx(dense, root / "onnx", with_past=with_past)
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

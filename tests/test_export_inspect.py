@@ -1,4 +1,4 @@
-"""inspect_onnx on an exported and a rewritten tiny model: counts that follow from the manifest."""
+"""inspect_onnx on an exported and a rewritten tiny model: counts that follow from the factor map."""
 
 from __future__ import annotations
 
@@ -13,18 +13,18 @@ from test_export_helpers import exported
 
 
 def test_inspect_dense_vs_rewritten(tmp_path):
-    _, dense, manifest, path = exported("qwen2")
+    _, dense, factor_map, path = exported("qwen2")
     before = inspect_onnx(path.parent)
-    out = rewrite_structured_matmuls(path, tmp_path / "rw", manifest=manifest)
+    out = rewrite_structured_matmuls(path, tmp_path / "rw", factor_map=factor_map)
     after = inspect_onnx(out)
-    n = len(manifest)
+    n = len(factor_map)
     assert before["matmuls"]["structured_modules"] == 0
     assert after["matmuls"]["structured_modules"] == n
     assert after["matmuls"]["structured_gemms"] == 2 * n
     assert after["matmuls"]["dense_by_constant"] == before["matmuls"]["dense_by_constant"] - n
     assert after["matmuls"]["activation_by_activation"] == before["matmuls"]["activation_by_activation"]
-    factors = sum(f.numel() for e in manifest.values() for f in e["factors"].values())
-    dense_removed = sum(e["spec"]["in"] * e["spec"]["out"] for e in manifest.values())
+    factors = sum(f.numel() for e in factor_map.values() for f in e["factors"].values())
+    dense_removed = sum(e["spec"]["in"] * e["spec"]["out"] for e in factor_map.values())
     kinds_b, kinds_a = before["parameters_by_kind"], after["parameters_by_kind"]
     assert kinds_a["structured_factors"] == factors
     assert kinds_b["dense_matmul"] - kinds_a["dense_matmul"] == dense_removed

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from procrustes_onnx.core.outputs import MANIFEST
+from procrustes_onnx.core.outputs import FILE_LIST
 from procrustes_onnx.exporters import rewrite_structured_matmuls
 from procrustes_onnx.exporters.genai_config import GENAI_CONFIG, genai_config
 from procrustes_onnx.exporters.hf_compat import hf_compatible_files
@@ -98,7 +98,7 @@ def test_genai_config_matches_config_and_graph(which, dense, quantized):
     assert [names_out["logits"]] + sorted(present) == [outputs[0]] + sorted(outputs[1:])
     shape = [d.dim_value for d in inputs[names_in["past_key_names"] % 0].type.tensor_type.shape.dim]
     assert (shape[1], shape[3]) == (decoder["num_key_value_heads"], decoder["head_size"])
-    assert GENAI_CONFIG in _json(folder / MANIFEST)["files"]
+    assert GENAI_CONFIG in _json(folder / FILE_LIST)["files"]
 
 
 def test_generation_config_sets_search_and_eos_list(tmp_path, dense):
@@ -119,12 +119,12 @@ def test_generation_config_sets_search_and_eos_list(tmp_path, dense):
 def test_rewrite_regenerates_genai_config(tmp_path):
     """A dense-equivalent export without genai_config.json (written before it existed) gets one on rewrite,
     the same as a fresh export's."""
-    _, _, manifest, path = exported("llama")
+    _, _, factor_map, path = exported("llama")
     shutil.copytree(path.parent, tmp_path / "old")
     (tmp_path / "old" / GENAI_CONFIG).unlink()
-    out = rewrite_structured_matmuls(tmp_path / "old", tmp_path / "rw", manifest=manifest).parent
+    out = rewrite_structured_matmuls(tmp_path / "old", tmp_path / "rw", factor_map=factor_map).parent
     assert _json(out / GENAI_CONFIG) == _json(path.parent / GENAI_CONFIG) == _json(structured_folder() / GENAI_CONFIG)
-    assert GENAI_CONFIG in _json(out / MANIFEST)["files"]
+    assert GENAI_CONFIG in _json(out / FILE_LIST)["files"]
 
 
 def test_transformers_5_reads_the_compatible_files_as_before(dense):

@@ -1,5 +1,5 @@
 """Output folders never lose a user's data and never hold a wrong model: --overwrite replaces only the
-tool's files (per the manifest), a failed run blocks nothing, identical tensors give identical bytes,
+tool's files (per the file list), a failed run blocks nothing, identical tensors give identical bytes,
 and what a folder is (identity.json) is checked by the verbs that need it."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from bad_inputs_cases import build_inputs, error_line, fingerprints, run_cli
 from procrustes_onnx.compiler.checkpoint import load_compressed, save_compressed
 from procrustes_onnx.compiler.checkpoint import load_model
 from procrustes_onnx.core.errors import UserError
-from procrustes_onnx.core.outputs import MANIFEST, atomic_output_dir, read_manifest
+from procrustes_onnx.core.outputs import FILE_LIST, atomic_output_dir, read_file_list
 from procrustes_onnx.testing import tiny_model
 
 COMPRESS = ["compress", "--method", "frobenius", "--preset", "3/4", "--iterations", "1"]
@@ -47,7 +47,7 @@ def test_overwrite_replaces_only_the_tools_files(inputs, tmp_path):
     _refused([*COMPRESS, "--model", inputs["model"], "--out", out], "pass --overwrite")
     _ok([*COMPRESS, "--model", inputs["model2"], "--out", out, "--overwrite"])
     assert fingerprints([notes, out / "mine"]) == mine
-    listed = set(read_manifest(out)["files"])
+    listed = set(read_file_list(out)["files"])
     assert {"model.safetensors", "structure.json", "identity.json"} <= listed and "notes.txt" not in listed
     assert json.loads((out / "identity.json").read_text())["source"] != \
         json.loads((inputs["ck"] / "identity.json").read_text())["source"]          # model2's checkpoint now
@@ -76,7 +76,7 @@ def test_failed_build_keeps_the_old_folder(tmp_path):
         (tmp / "a.txt").write_text("half")
         raise RuntimeError("killed")
     assert (out / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
-    assert set(p.name for p in out.iterdir()) == {"a.txt", MANIFEST}
+    assert set(p.name for p in out.iterdir()) == {"a.txt", FILE_LIST}
 
 
 def test_failed_compress_blocks_nothing(inputs, tmp_path):
@@ -97,7 +97,7 @@ def test_identical_tensors_give_identical_bytes(tmp_path):
     model = tiny_model("llama")
     a = save_compressed(model, tmp_path / "a", source="x")
     b = save_compressed(model, tmp_path / "b", source="x")
-    for name in ("model.safetensors", "structure.json", "identity.json", MANIFEST):
+    for name in ("model.safetensors", "structure.json", "identity.json", FILE_LIST):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     blob = (a / "model.safetensors").read_bytes()
     header = blob[8:8 + int.from_bytes(blob[:8], "little")].decode().rstrip()
@@ -146,8 +146,8 @@ def test_stage_folders_list_what_the_stage_wrote_after_its_atomic_build(tmp_path
 
     out = tmp_path / "stage"
     cached_dir(out, {"v": 1}, build, echo=lambda s: None)
-    assert {"model.onnx", "README.md", ".stage.json"} <= set(read_manifest(out)["files"])
+    assert {"model.onnx", "README.md", ".stage.json"} <= set(read_file_list(out)["files"])
     (out / "notes.txt").write_text("mine")
     cached_dir(out, {"v": 2}, build, echo=lambda s: None)
-    assert (out / "notes.txt").read_text() == "mine" and "notes.txt" not in read_manifest(out)["files"]
+    assert (out / "notes.txt").read_text() == "mine" and "notes.txt" not in read_file_list(out)["files"]
     assert json.loads((out / ".stage.json").read_text())["inputs"] == {"v": 2}

@@ -1,5 +1,5 @@
 """The structured MatMul rewrite on exported tiny models: ORT matches the torch structured model,
-no dense weight is left for rewritten modules, the bytes saved are exactly what the manifest promises,
+no dense weight is left for rewritten modules, the bytes saved are exactly what the factor map promises,
 and bad inputs are one-line UserErrors that leave nothing behind."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def rewritten(tmp_path_factory):
     """arch -> rewritten model.onnx (one rewrite per architecture)."""
     out = {}
     for arch in ARCHS:
-        _, _, manifest, path = exported(arch)
-        out[arch] = rewrite_structured_matmuls(path.parent, tmp_path_factory.mktemp(arch) / "rw", manifest=manifest)
+        _, _, factor_map, path = exported(arch)
+        out[arch] = rewrite_structured_matmuls(path.parent, tmp_path_factory.mktemp(arch) / "rw", factor_map=factor_map)
     return out
 
 
@@ -40,11 +40,11 @@ def test_rewritten_matches_structured_torch_with_cache(arch, rewritten):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_no_dense_matmul_left_for_structured_modules(arch, rewritten):
-    _, dense, manifest, path = exported(arch)
+    _, dense, factor_map, path = exported(arch)
     old_map = json.loads((path.parent / MAP_FILE).read_text())
     graph = ir.load(rewritten[arch]).graph
     names = {n.name for n in graph}
-    for module, entry in manifest.items():
+    for module, entry in factor_map.items():
         assert old_map[module]["node"] not in names
         if not old_map[module]["weight"].startswith("lm_head"):
             assert old_map[module]["weight"] not in graph.initializers
@@ -53,17 +53,17 @@ def test_no_dense_matmul_left_for_structured_modules(arch, rewritten):
         assert len(matmuls) == 2  # two GEMMs per Kronecker sum or GS matrix
         consts = [v.const_value.size for n in matmuls for v in n.inputs if v.is_initializer()]
         assert sorted(consts) == sorted(f.numel() for f in entry["factors"].values())
-    dense_sizes = {e["spec"]["in"] * e["spec"]["out"] for e in manifest.values()}
-    for node in graph:  # every remaining MatMul/Gemm by a constant is a module the manifest keeps dense
+    dense_sizes = {e["spec"]["in"] * e["spec"]["out"] for e in factor_map.values()}
+    for node in graph:  # every remaining MatMul/Gemm by a constant is a module the factor map keeps dense
         if node.op_type in ("MatMul", "Gemm") and node.inputs[1].is_initializer() and node.name.startswith("/"):
-            assert node.name.split("/")[1] not in manifest
+            assert node.name.split("/")[1] not in factor_map
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bytes_saved_match_manifest(arch, rewritten):
-    _, _, manifest, _ = exported(arch)
+def test_bytes_saved_match_factor_map(arch, rewritten):
+    _, _, factor_map, _ = exported(arch)
     report = json.loads((rewritten[arch].parent / "rewrite.json").read_text())
-    promised = promised_saving(manifest)
+    promised = promised_saving(factor_map)
     assert promised == report["promised_saving_bytes"] > 0
     assert report["weight_bytes_before"] - report["weight_bytes_after"] == promised  # exact, float weights
     shrink = report["file_bytes_before"] - report["file_bytes_after"]
@@ -80,7 +80,7 @@ def test_side_files_and_map_updated(rewritten):
     assert "structured" not in new_map["model.layers.0.self_attn.v_proj"]
 
 
-def test_empty_manifest_is_not_modified():
+def test_empty_factor_map_is_not_modified():
     _, _, _, path = exported("llama")
     model = ir.load(path)
     before = [n.name for n in model.graph]
@@ -89,14 +89,14 @@ def test_empty_manifest_is_not_modified():
     assert [n.name for n in model.graph] == before
 
 
-def _manifest(arch="llama"):
-    _, _, manifest, path = exported(arch)
-    return {k: {"spec": dict(v["spec"]), "factors": dict(v["factors"])} for k, v in manifest.items()}, path
+def _factor_map(arch="llama"):
+    _, _, factor_map, path = exported(arch)
+    return {k: {"spec": dict(v["spec"]), "factors": dict(v["factors"])} for k, v in factor_map.items()}, path
 
 
 def _assert_user_error(tmp_path, match, src=None, **kw):
-    manifest, path = _manifest()
-    kw.setdefault("manifest", manifest)
+    factor_map, path = _factor_map()
+    kw.setdefault("factor_map", factor_map)
     out = kw.pop("out", tmp_path / "out")
     with pytest.raises(UserError, match=match) as info:
         rewrite_structured_matmuls(src or path.parent, out, **kw)
@@ -106,7 +106,7 @@ def _assert_user_error(tmp_path, match, src=None, **kw):
 
 
 def test_corrupt_onnx_file(tmp_path):
-    _, path = _manifest()
+    _, path = _factor_map()
     bad = tmp_path / "bad"
     shutil.copytree(path.parent, bad)
     (bad / "model.onnx").write_bytes(b"\x08\x07garbage" * 100)
@@ -114,34 +114,34 @@ def test_corrupt_onnx_file(tmp_path):
 
 
 def test_foreign_onnx_without_map(tmp_path):
-    _, path = _manifest()
+    _, path = _factor_map()
     foreign = tmp_path / "foreign"
     shutil.copytree(path.parent, foreign)
     (foreign / MAP_FILE).unlink()
     _assert_user_error(tmp_path, "no matmul_map.json", src=foreign)
 
 
-def test_manifest_module_missing_from_map(tmp_path):
-    manifest, _ = _manifest()
-    manifest["model.layers.9.mlp.up_proj"] = next(iter(manifest.values()))
-    _assert_user_error(tmp_path, "not in matmul_map", manifest=manifest)
+def test_factor_map_module_missing_from_map(tmp_path):
+    factor_map, _ = _factor_map()
+    factor_map["model.layers.9.mlp.up_proj"] = next(iter(factor_map.values()))
+    _assert_user_error(tmp_path, "not in matmul_map", factor_map=factor_map)
 
 
-def test_manifest_shape_mismatch(tmp_path):
-    manifest, _ = _manifest()
-    manifest["model.layers.1.self_attn.k_proj"] = manifest["model.layers.0.self_attn.q_proj"]  # 64x64 vs 64x32
-    _assert_user_error(tmp_path, "manifest spec", manifest=manifest)
+def test_factor_map_shape_mismatch(tmp_path):
+    factor_map, _ = _factor_map()
+    factor_map["model.layers.1.self_attn.k_proj"] = factor_map["model.layers.0.self_attn.q_proj"]  # 64x64 vs 64x32
+    _assert_user_error(tmp_path, "factor map's spec", factor_map=factor_map)
 
 
-def test_manifest_dtype_mismatch(tmp_path):
-    manifest, _ = _manifest()
-    entry = manifest["model.layers.0.self_attn.q_proj"]
+def test_factor_map_dtype_mismatch(tmp_path):
+    factor_map, _ = _factor_map()
+    entry = factor_map["model.layers.0.self_attn.q_proj"]
     entry["factors"] = {k: v.double() for k, v in entry["factors"].items()}
-    _assert_user_error(tmp_path, "float64", manifest=manifest)
+    _assert_user_error(tmp_path, "float64", factor_map=factor_map)
 
 
 def test_missing_initializer(tmp_path):
-    manifest, path = _manifest()
+    factor_map, path = _factor_map()
     broken = tmp_path / "broken"
     shutil.copytree(path.parent, broken)
     mp = json.loads((broken / MAP_FILE).read_text())
@@ -152,7 +152,7 @@ def test_missing_initializer(tmp_path):
 
 @pytest.mark.parametrize("where", ["same", "inside"])
 def test_output_overlapping_input(tmp_path, where):
-    _, path = _manifest()
+    _, path = _factor_map()
     out = path.parent if where == "same" else path.parent / "rw"
     files = sorted(p.name for p in path.parent.iterdir())
     _assert_user_error(tmp_path, "inputs are never modified", out=out)
@@ -161,9 +161,9 @@ def test_output_overlapping_input(tmp_path, where):
 
 def test_compressed_checkpoint_with_skips_exports_structured_and_matches():
     """export_compressed (checkpoint -> dense twin -> rewrite) on a checkpoint with skip matrices."""
-    structured, _, manifest, path = exported("llama")
+    structured, _, factor_map, path = exported("llama")
     out = path.parent.parent / STRUCTURED_DIR / "model.onnx"
     info = inspect_onnx(out)
-    assert info["matmuls"]["structured_modules"] == len(manifest)
-    assert info["matmuls"]["structured_gemms"] == 2 * len(manifest)
+    assert info["matmuls"]["structured_modules"] == len(factor_map)
+    assert info["matmuls"]["structured_gemms"] == 2 * len(factor_map)
     assert_decode_matches(structured, out, steps=2, seed=5)
