@@ -32,6 +32,14 @@ def _scratch_under_basetemp(tmp_path_factory):
     tempfile.tempdir = old
 
 
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny Llama with a byte tokenizer, exported once per session with its KV cache (test_runtime_helpers)."""
+    from test_runtime_helpers import tiny_artifact
+
+    return tiny_artifact()
+
+
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path_factory, monkeypatch):
     """Keep every test's model cache out of the user's home."""

@@ -11,10 +11,10 @@ from procrustes_onnx.runtime.generate import SamplingConfig, generate, generate_
 from procrustes_onnx.runtime.perplexity import evaluate_perplexity, make_windows, torch_logits_fn
 from procrustes_onnx.runtime.perplexity_ort import ort_logits_fn, tokenizer_for_onnx
 from procrustes_onnx.runtime.session import OnnxCausalLM
-from test_runtime_helpers import EOS, tiny  # noqa: F401  (session fixture)
+from test_runtime_helpers import EOS
 
 
-def test_ort_perplexity_equals_torch_within_0_1_percent(tiny):  # noqa: F811
+def test_ort_perplexity_equals_torch_within_0_1_percent(tiny):
     tokenizer = tokenizer_for_onnx(tiny.dir)
     text = "The quick brown fox jumps over the lazy dog. " * 12
     tokens = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -27,7 +27,7 @@ def test_ort_perplexity_equals_torch_within_0_1_percent(tiny):  # noqa: F811
         ort_logits_fn(tiny.dir, threads=1)(torch.zeros(1, 513, dtype=torch.long))
 
 
-def test_greedy_with_cache_equals_torch_generate(tiny):  # noqa: F811
+def test_greedy_with_cache_equals_torch_generate(tiny):
     prompt = [72, 101, 108, 108, 111, 32]
     with torch.no_grad():
         ref = tiny.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -56,7 +56,7 @@ def test_sampling_is_seeded_and_filters():
         SamplingConfig(temperature=-1).check()
 
 
-def test_generate_streams_text(tiny):  # noqa: F811
+def test_generate_streams_text(tiny):
     pieces: list[str] = []
     result = generate(tiny.dir, "Hello", max_new_tokens=8, temperature=0.8, top_k=50, seed=7, threads=1,
                       stream=pieces.append)

@@ -1,6 +1,6 @@
 """Shared runtime fixtures: a tiny Llama with a byte tokenizer, exported once per test session with a KV cache.
 
-Other tests/test_runtime_*.py import `tiny_artifact` from here.
+The `tiny` fixture (tests/conftest.py) is `tiny_artifact()`; tests that need it outside a fixture import it from here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 
 from procrustes_onnx.exporters import export_onnx
@@ -35,11 +34,6 @@ def tiny_artifact() -> SimpleNamespace:
     atexit.register(shutil.rmtree, out, True)
     onnx_path = export_onnx(model, out, with_past=True, tokenizer=tokenizer)
     return SimpleNamespace(model=model, tokenizer=tokenizer, dir=out, onnx=Path(onnx_path))
-
-
-@pytest.fixture(scope="session")
-def tiny():
-    return tiny_artifact()
 
 
 def test_artifact_matches_torch_full_and_cached(tiny):

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from procrustes_onnx.core.errors import UserError
-from test_runtime_helpers import tiny  # noqa: F401  (session fixture)
 
 LIMIT = 12
 
 
-def _hf_results(tiny, tasks):  # noqa: F811
+def _hf_results(tiny, tasks):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -25,7 +24,7 @@ def _hf_results(tiny, tasks):  # noqa: F811
                                    task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False))
 
 
-def test_adapter_agrees_with_hf_model(tiny, tmp_path):  # noqa: F811
+def test_adapter_agrees_with_hf_model(tiny, tmp_path):
     from procrustes_onnx.runtime.lm_eval_adapter import run_eval
 
     tasks = ["jargon_cloze", "kjv_ppl"]
@@ -44,7 +43,7 @@ def test_adapter_agrees_with_hf_model(tiny, tmp_path):  # noqa: F811
     assert max(abs(float(x) - float(y)) for x, y in zip(got, want)) < 1e-3
 
 
-def test_generate_until_stops_and_matches_torch_greedy(tiny):  # noqa: F811
+def test_generate_until_stops_and_matches_torch_greedy(tiny):
     from lm_eval.api.instance import Instance
 
     from procrustes_onnx.runtime.lm_eval_adapter import OnnxLM
@@ -64,7 +63,7 @@ def test_generate_until_stops_and_matches_torch_greedy(tiny):  # noqa: F811
         assert lm.generate_until([req], disable_tqdm=True) == [ref_text.split(stop)[0]]
 
 
-def test_unknown_task_is_a_user_error(tiny):  # noqa: F811
+def test_unknown_task_is_a_user_error(tiny):
     from procrustes_onnx.runtime.lm_eval_adapter import run_eval
 
     with pytest.raises(UserError, match="no tasks given"):

@@ -11,7 +11,6 @@ from onnx import TensorProto, helper
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.graph_io import decoder_feeds, empty_past, past_layout
 from procrustes_onnx.runtime.session import OnnxCausalLM, create_session, providers_for
-from test_runtime_helpers import tiny  # noqa: F401  (session fixture)
 
 
 def _foreign(path):
@@ -49,7 +48,7 @@ def test_cuda_without_cuda_build_warns_and_falls_back(tmp_path):
         providers_for("tpu")
 
 
-def test_options_and_creation_time(tmp_path, tiny):  # noqa: F811
+def test_options_and_creation_time(tmp_path, tiny):
     lm = OnnxCausalLM(tiny.dir, threads=1, opt_level="basic")
     assert lm.info.threads == 1 and lm.info.opt_level == "basic" and lm.device == "cpu"
     assert lm.session.get_session_options().intra_op_num_threads == 1
@@ -57,7 +56,7 @@ def test_options_and_creation_time(tmp_path, tiny):  # noqa: F811
     assert lm.has_cache and len(lm.kv_names) == 2 * tiny.model.config.num_hidden_layers
 
 
-def test_left_padded_batch_matches_unpadded_rows(tiny):  # noqa: F811
+def test_left_padded_batch_matches_unpadded_rows(tiny):
     """Left padding changes neither the logits nor the cached decode of the real tokens (rel. err < 1e-4)."""
     lm = OnnxCausalLM(tiny.onnx, threads=1)
     rng = np.random.default_rng(1)
@@ -75,7 +74,7 @@ def test_left_padded_batch_matches_unpadded_rows(tiny):  # noqa: F811
 
 
 @pytest.mark.gpu
-def test_feeds_count_positions_past_padding_and_keep_only_graph_inputs(tiny):  # noqa: F811
+def test_feeds_count_positions_past_padding_and_keep_only_graph_inputs(tiny):
     """The one feed builder: positions skip left padding across past and new tokens; no-past graphs get no past."""
     session = ort.InferenceSession(str(tiny.onnx), providers=["CPUExecutionProvider"])
     layout, dtype = past_layout(session.get_inputs(), str(tiny.onnx))
@@ -91,7 +90,7 @@ def test_feeds_count_positions_past_padding_and_keep_only_graph_inputs(tiny):  #
         decoder_feeds({"input_ids"}, [1, 2, 3])
 
 
-def test_cuda_iobinding_matches_cpu(tiny):  # noqa: F811
+def test_cuda_iobinding_matches_cpu(tiny):
     """On a GPU machine with onnxruntime-gpu: the IOBinding path (KV cache on the device) equals CPU."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider")
