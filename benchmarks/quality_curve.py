@@ -105,7 +105,7 @@ def phase_structured(structure: str, args, emit) -> None:
                                                    search_max_loss, swap_in)
     from procrustes_onnx.compiler.calibration import calibration_split
     from procrustes_onnx.compiler.checkpoint import load_model
-    from procrustes_onnx.compiler.compress import count_params, plan_for_model, rotate_solved, solve_rotation
+    from procrustes_onnx.compiler.compress import count_params, plan_and_solve, plan_for_model, rotate_solved
 
     name = {"gs": "w-gs", "kron": "w-kron"}[structure]
     cfg = base_config(structure, args.calib)
@@ -117,7 +117,7 @@ def phase_structured(structure: str, args, emit) -> None:
     with torch.no_grad():
         work = Path(args.work) / name    # a rerun reuses the solved rotation kept here
         work.mkdir(parents=True, exist_ok=True)
-        plan, _, _, rs, factors = solve_rotation(model, cfg, original, calib, work, False, echo=lambda s: None)
+        plan, _, _, rs, factors = plan_and_solve(model, cfg, original, calib, work, False, echo=lambda s: None)
         rotate_solved(model, rs, "global")
     solve_s = round(time.perf_counter() - t0, 1)
     print(f"{name}: rotation solved in {solve_s} s", flush=True)

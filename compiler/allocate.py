@@ -29,7 +29,7 @@ from procrustes_onnx.ops.planner import family_spec, spec_params
 from .adapters import get_module
 from .calibration import collect_curvature, damp_gram
 from .checkpoint import replace_linear
-from .config import PlanEntry, Plan
+from .plan import Plan, PlanEntry
 from .fanout import Fanout, fan_out
 from .weighted import project_weighted
 

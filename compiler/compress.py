@@ -30,7 +30,8 @@ from .adapters import get_adapter, get_module
 from .allocate import allocate_measured
 from .calibration import calibration_split, calibration_windows_for, collect_grams, damp_gram
 from .checkpoint import load_model, replace_linear, save_compressed
-from .config import EMBED_KEPT, CompressionConfig, Plan, build_plan
+from .config import EMBED_KEPT, CompressionConfig
+from .plan import Plan, build_plan
 from .embeddings import factor_embedding
 from .fanout import fan_out
 from .fusion import fuse_norms
@@ -41,7 +42,7 @@ from .slicegpt import slicegpt_compress
 from .solve import gram_paths, group_problem, load_group, rotated_input_grams, save_group, solve_group
 
 __all__ = ["compress", "compress_model", "compress_cli", "plan_for_model", "count_params", "saved_param_count",
-           "check_layers", "solve_positions", "solve_rotation", "rotate_solved", "swap_structured",
+           "check_layers", "solve_positions", "plan_and_solve", "rotate_solved", "swap_structured",
            "open_work", "discard_empty", "saved_extra", "report_saved"]
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def swap_structured(model: nn.Module, specs: dict[str, dict], factors: dict[str,
         replace_linear(model, path, StructuredLinear(matrix, bias))
 
 
-def solve_rotation(model: nn.Module, config: CompressionConfig, original: int, windows, work: Path,
+def plan_and_solve(model: nn.Module, config: CompressionConfig, original: int, windows, work: Path,
                    progress: bool = True, echo: Callable[[str], None] = print):
     """The front half of compression, shared with the quality benchmark: fuse the norms, plan the specs,
     collect the (damped) input Grams for the weighted method, and solve each residual position's
@@ -202,7 +203,7 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
     model.eval()
     original = count_params(model)
     with torch.no_grad():
-        plan, positions, grams, rs, factors = solve_rotation(model, config, original, windows, work, progress, echo)
+        plan, positions, grams, rs, factors = plan_and_solve(model, config, original, windows, work, progress, echo)
         specs = {e.path: e.spec for e in plan.entries}
         ladder_grams = rotated_input_grams(positions, specs, grams, rs) if config.measured else None
         del grams

@@ -5,7 +5,7 @@ Two families of planners share the spec layout and counts here:
 - ``plan_kronecker`` / ``plan_gs`` / ``plan_matrix`` (a `MatrixPlan` each): the paper's named configs and
   a search over every valid split, for benchmarks and shape studies;
 - ``kron_spec`` / ``gs_spec`` / ``family_spec`` / ``shrink_spec`` (a spec dict each): what the compressor stores, one fixed
-  family per structure (q = 8 slabs; kl = kr = k blocks) so ``compiler.config.build_plan`` can meet a
+  family per structure (q = 8 slabs; kl = kr = k blocks) so ``compiler.plan.build_plan`` can meet a
   parameter ratio by shrinking single matrices one step at a time.
 
 Only the rotated (hidden) side is split, as in the paper (method.md §3.2, §3.3):
