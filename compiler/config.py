@@ -11,7 +11,7 @@ from procrustes_onnx.core.errors import UserError
 
 from .fanout import Fanout
 
-__all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES", "Plan", "PlanEntry", "build_plan"]
+__all__ = ["CompressionConfig", "PRESETS", "ROLES", "STRUCTURES", "result_settings"]
 
 #: the paper's fixed configurations: name -> fraction of each compressed matrix KEPT
 PRESETS = {"3/4": 0.75, "5/8": 0.625, "1/2": 0.5, "full": 1.0}  # "full": exact (lossless), for checks
@@ -173,7 +173,7 @@ class CompressionConfig:
 
     def settings(self) -> dict:
         """The fields that decide the result (not how it is run): what caches key on and checkpoints record."""
-        return {f.name: v for f, v in zip(fields(self), asdict(self).values()) if f.compare}
+        return result_settings(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompressionConfig":
@@ -203,6 +203,12 @@ class CompressionConfig:
         except json.JSONDecodeError as exc:
             raise UserError(f"{path} is not valid JSON ({exc.msg}): fix or delete it") from None
         return cls.from_dict(data)
+
+
+def result_settings(config) -> dict:
+    """A config dataclass's fields that decide its result: every field but those declared ``compare=False``
+    (how it runs: workers, threads, device), which caches, resume checks and records leave out."""
+    return {f.name: v for f, v in zip(fields(config), asdict(config).values()) if f.compare}
 
 
 def _choice(what: str, value: str, allowed) -> None:

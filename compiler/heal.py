@@ -46,6 +46,7 @@ from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead
 
 from .adapters import get_adapter, get_module
 from .calibration import _split_offset, capture_layer_inputs
+from .config import result_settings
 from .skips import Shortcut, is_orthogonal
 
 __all__ = ["HEAL_MODES", "HealConfig", "HealReport", "heal_model", "trainable_parameters", "heal_windows",
@@ -75,8 +76,9 @@ class HealConfig:
     patience: int = 4             # held-out scores without improvement before stopping
     topk: int = 64                # e2e: teacher probabilities cached per token
     seed: int = 0
-    device: str = "cpu"
-    threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+    # how to run, not what to compute: left out of equality and settings()
+    device: str = field(default="cpu", compare=False)
+    threads: int = field(default_factory=lambda: os.cpu_count() or 2, compare=False)
 
     def validate(self) -> None:
         if self.mode not in HEAL_MODES:
@@ -105,10 +107,10 @@ class HealConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def result_settings(self) -> dict:
-        """The settings that decide the healed weights: every field but where and on how many threads it runs
-        (a cache or a resumed run keys on these)."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("threads", "device")}
+    def settings(self) -> dict:
+        """The fields that decide the healed weights (as `CompressionConfig.settings`): what the main job's
+        cache and a resumed run key on."""
+        return result_settings(self)
 
 
 @dataclass
@@ -566,7 +568,7 @@ def heal_checkpoint(checkpoint: str | Path, out: str | Path, teacher: nn.Module,
 def _check_settings(work: Path, config: HealConfig) -> None:
     """A resumed run must have the same settings as the one that left ``work``; else its state is dropped."""
     saved = work / "heal-config.json"
-    wanted = config.result_settings()
+    wanted = config.settings()
     if saved.is_file() and json.loads(saved.read_text()) != wanted:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)

@@ -57,11 +57,13 @@ def _config(mode: str, **kw) -> HealConfig:
 KRON_HALF = {"rotation": "per-position", "structure": "kron", "ratio": 0.5}
 
 
-@pytest.mark.parametrize("mode", ["blockwise", "e2e"])
-@pytest.mark.parametrize("variant", [{"rotation": "global"}, KRON_HALF, {"method": "slicegpt"}])
+# every mode on every variant, but e2e on KRON_HALF, which overfits (test_early_stopping_never_returns_a_worse_model)
+HEALING_CASES = [(mode, variant) for variant in ({"rotation": "global"}, KRON_HALF, {"method": "slicegpt"})
+                 for mode in ("blockwise", "e2e") if not (mode == "e2e" and variant is KRON_HALF)]
+
+
+@pytest.mark.parametrize("mode,variant", HEALING_CASES)
 def test_healing_lowers_kl_on_unseen_tokens(tmp_path, mode, variant):
-    if mode == "e2e" and variant is KRON_HALF:
-        pytest.skip("e2e overfits this case (see test_early_stopping_never_returns_a_worse_model)")
     teacher, ck = _teacher_student(tmp_path, **variant)
     student, _ = load_compressed(ck)
     before = _kl(student, teacher)

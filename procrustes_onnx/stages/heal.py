@@ -29,7 +29,7 @@ def _heal(checkpoint: Artifact, job: Job, out: Path) -> None:
 
 
 def run(source: Artifact, job: Job, out: Path, note: Note) -> Artifact:
-    key = {"checkpoint": source.key, "heal": job.opts.heal.result_settings()}
+    key = {"checkpoint": source.key, "heal": job.opts.heal.settings()}
     healed = cached_dir(out / f"{source.name}-{content_hash(key)}-healed", key, lambda d: _heal(source, job, d), note)
     scores = cached_json(out / "results" / f"heal-{source.name}.json", {**key, "text": job.text_key},
                          lambda: measure.heal_scores(source.path, healed, job.text, job.opts), note)
