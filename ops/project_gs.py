@@ -12,7 +12,7 @@ import torch
 from procrustes_onnx.core.errors import UserError
 
 from .gs import check_gs_shapes, gs_channels, shuffle_perm
-from .linalg import spd_solve
+from .linalg import gram_svd, spd_solve
 
 __all__ = ["project_gs", "project_gs_weighted", "gs_blocks", "gs_discarded_sq"]
 
@@ -40,22 +40,21 @@ def gs_discarded_sq(m: torch.Tensor, kl, bl1, bl2, kr, br1, br2) -> torch.Tensor
 
 def project_gs(m: torch.Tensor, kl: int, bl1: int, bl2: int, kr: int, br1: int, br2: int,
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frobenius-nearest GS matrix: left [..., kl, bl1, bl2], right [..., kr, br1, br2] (batched SVD).
+    """Frobenius-nearest GS matrix: left [..., kl, bl1, bl2], right [..., kr, br1, br2] (each block's
+    truncated SVD, batched, from its Gram's eigensolve: `linalg.gram_svd`).
 
     Channels beyond a block's min(bl1, br2) get zero columns/rows (they cannot add rank).
     """
     _check(m, kl, bl1, bl2, kr, br1, br2)
     lead = m.shape[:-2]
-    u, s, vh = torch.linalg.svd(gs_blocks(m.to(torch.float64), kl, kr), full_matrices=False)
-    k = s.shape[-1]
     ch = gs_channels(kl, bl2, kr, br1)
+    k = min(bl1, br2, int(ch["counts"].max()))                                  # the most any block keeps
+    u_root, _, root_vh = gram_svd(gs_blocks(m.to(torch.float64), kl, kr), k)    # U sqrt(S), sqrt(S) V^T
     l_, r_, t_, c_, j_ = (torch.as_tensor(ch[key]) for key in ("l", "r", "t", "c", "j"))
     valid = (t_ < k).to(torch.float64)
     tc = t_.clamp(max=k - 1)
-    root = s.sqrt()                                                             # [..., kl, kr, k]
-    scale = root[..., l_, r_, tc] * valid                                       # [..., n]
-    cols = u.transpose(-1, -2)[..., l_, r_, tc, :] * scale[..., None]           # [..., n, bl1]
-    rows = vh[..., l_, r_, tc, :] * scale[..., None]                            # [..., n, br2]
+    cols = u_root.transpose(-1, -2)[..., l_, r_, tc, :] * valid[..., None]     # [..., n, bl1]
+    rows = root_vh[..., l_, r_, tc, :] * valid[..., None]                       # [..., n, br2]
     left_t = torch.zeros(*lead, kl, bl2, bl1, dtype=torch.float64)
     left_t[..., l_, c_, :] = cols
     right = torch.zeros(*lead, kr, br1, br2, dtype=torch.float64)

@@ -7,7 +7,7 @@ from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops import (GSMatrix, KroneckerSum, gs_discarded_sq, gs_materialize, kron_materialize,
                                  kron_rearrange, project_gs, project_gs_weighted, project_kronecker,
                                  project_kronecker_weighted, project_to_spec, projection_error, weighted_sq_error)
-from procrustes_onnx.ops.linalg import torch_threads
+from procrustes_onnx.ops.linalg import gram_svd, torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +64,23 @@ def test_gs_eckart_young_and_idempotent(shape):
     w = gs_materialize(_rand((kl, bl1, bl2), 4), _rand((kr, br1, br2), 5))
     l2, r2 = project_gs(w, *shape)
     assert ((gs_materialize(l2, r2) - w).norm() / w.norm()) < 1e-10
+
+
+@pytest.mark.parametrize("shape", [(3, 12, 40), (3, 40, 12), (7, 7)])
+def test_gram_svd_is_the_truncated_svd(shape):
+    """Each factor pair's product is the rank-k SVD truncation (to rounding), on wide, tall and rank-deficient
+    blocks; singular values agree with LAPACK's and dead directions come back as zeros, not NaNs."""
+    b = _rand(shape, 11)
+    b[..., -1, :] = 0.0                                   # a zero row: rank-deficient
+    k = min(shape[-2:]) - 2
+    left, s, right = gram_svd(b, k)
+    u, s_ref, vh = torch.linalg.svd(b, full_matrices=False)
+    best = (u[..., :k] * s_ref[..., None, :k]) @ vh[..., :k, :]
+    assert float((left @ right - best).norm() / best.norm()) < 1e-10
+    assert torch.allclose(s, s_ref[..., :k], rtol=1e-10, atol=1e-12)
+    full_left, _, full_right = gram_svd(b, min(shape[-2:]))
+    assert torch.isfinite(full_left).all() and torch.isfinite(full_right).all()
+    assert float((full_left @ full_right - b).norm() / b.norm()) < 1e-10
 
 
 def test_projection_keeps_input_dtype():
