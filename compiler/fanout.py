@@ -11,18 +11,22 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 
 from procrustes_onnx.core.errors import UserError
 
-__all__ = ["Fanout", "fan_out", "require_ray", "default_workers"]
+__all__ = ["Fanout", "fan_out", "require_ray", "default_workers", "map_threads"]
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'procrustes-onnx[ray]'"
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -161,3 +165,23 @@ def fan_out(fn: Callable, items: Iterable[tuple], fanout: Fanout = Fanout(), *, 
             ray.cancel(ref, force=True)
         raise
     return [results[i] for i in range(len(results))]
+
+
+def map_threads(fn: Callable[[T], R], items: Iterable[T], width: int | None = None) -> list[R]:
+    """``[fn(x) for x in items]`` in order, on ``width`` Python threads (default: this thread's torch thread
+    count), each item's torch ops on one thread, so the result is the serial one-thread loop's, bit for bit,
+    whatever ``width``. For the many small independent projections of one in-process solve (the global
+    rotation): torch releases the GIL in its kernels, so they run side by side, where intra-op threads barely
+    help small LAPACK calls and stall when another process holds a core (a batched 144 x 384 SVD: 0.1 s on one
+    thread, 1.6 s on two under load)."""
+    items = list(items)
+    width = min(width or torch.get_num_threads(), len(items))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if width <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(width, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(before)

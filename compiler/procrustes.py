@@ -17,6 +17,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from .fanout import map_threads
+
 __all__ = [
     "Projection",
     "AlsResult",
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 """Maps a stacked d x n matrix to its nearest structured matrix (same shape), in the Frobenius norm."""
+Mapper = Callable[[Callable, Sequence], list]
+"""``map``-like: applies a function to independent items, results in order (`fanout.map_threads`)."""
 
 
 @dataclass
@@ -76,16 +80,22 @@ def _as64(mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def stack_objective(q: torch.Tensor, mats: Sequence[torch.Tensor], projections: Sequence[Projection],
-                    weights: Sequence[float] | None = None) -> tuple[float, list[torch.Tensor]]:
-    """sum_i w_i ||q M_i - P_i(q M_i)||_F^2 and the projections P_i(q M_i)."""
+                    weights: Sequence[float] | None = None, mapper: Mapper = map_threads,
+                    ) -> tuple[float, list[torch.Tensor]]:
+    """sum_i w_i ||q M_i - P_i(q M_i)||_F^2 and the projections P_i(q M_i), the independent terms mapped by
+    ``mapper`` (in order; the sum is taken in order, so the total does not depend on it)."""
     weights = [1.0] * len(mats) if weights is None else list(weights)
-    total, projs = 0.0, []
-    for m, proj, w in zip(mats, projections, weights):
-        rm = q @ m
-        p = proj(rm).to(torch.float64)
-        projs.append(p)
-        total += float(w) * float(((rm - p) ** 2).sum())
-    return total, projs
+
+    def term(i: int) -> tuple[torch.Tensor, float]:
+        rm = q @ mats[i]
+        p = projections[i](rm).to(torch.float64)
+        return p, float(weights[i]) * float(((rm - p) ** 2).sum())
+
+    done = mapper(term, range(len(mats)))
+    total = 0.0
+    for _, err in done:
+        total += err
+    return total, [p for p, _ in done]
 
 
 def frobenius_als(mats: Sequence[torch.Tensor], projections: Sequence[Projection],

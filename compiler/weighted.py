@@ -24,6 +24,7 @@ import torch
 
 from procrustes_onnx.ops import project_factors
 
+from .fanout import map_threads
 from .procrustes import polar
 
 __all__ = ["WeightedTerm", "WeightedResult", "WeightedProjection", "weighted_loss", "term_loss", "project_weighted",
@@ -174,11 +175,12 @@ def weighted_stage(terms: Sequence[WeightedTerm], r0: torch.Tensor | None = None
 
     losses = [None if a is None else term_loss(t, r, a) for t, a in zip(terms, approx)]
 
-    def project_all() -> None:
-        for i, t in enumerate(terms):
-            m, c = t.target(r)
-            cand = t.project(m, c).to(torch.float64)
-            cand_loss = term_loss(t, r, cand)
+    def candidate(t: WeightedTerm) -> tuple[torch.Tensor, float]:
+        cand = t.project(*t.target(r)).to(torch.float64)
+        return cand, term_loss(t, r, cand)
+
+    def project_all() -> None:  # the terms are independent: side by side on this process's threads
+        for i, (cand, cand_loss) in enumerate(map_threads(candidate, terms)):
             if losses[i] is None or cand_loss <= losses[i]:
                 approx[i], losses[i] = cand, cand_loss
         trace.append(sum(losses))

@@ -13,7 +13,8 @@ import torch
 from procrustes_onnx.compiler.allocate import build_ladders, plan_curvature
 from procrustes_onnx.compiler.compress import compress_model, rotate_solved, solve_positions
 from procrustes_onnx.compiler.config import CompressionConfig
-from procrustes_onnx.compiler.fanout import Fanout, fan_out
+from procrustes_onnx.ops.project_gs import project_gs_weighted
+from procrustes_onnx.compiler.fanout import Fanout, fan_out, map_threads
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.testing import tiny_compression_config, tiny_model
 
@@ -55,6 +56,26 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @torch.no_grad()
+def test_map_threads_is_the_serial_one_thread_loop_bit_for_bit():
+    """Weighted GS projections (LAPACK and GEMMs) side by side on 3 threads give exactly what one thread gives
+    one after another, in input order, and the caller's torch thread count is restored."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 48, generator=gen, dtype=torch.float64)
+    gram = x.T @ x
+    mats = [torch.randn(48, 40, generator=gen, dtype=torch.float64) for _ in range(6)]
+    project = lambda m: project_gs_weighted(m, gram, 4, 12, 6, 4, 6, 10)   # noqa: E731
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = [project(m) for m in mats]
+    finally:
+        torch.set_num_threads(before)
+    threaded = map_threads(project, mats, width=3)
+    assert torch.get_num_threads() == before
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(serial, threaded))
+    assert map_threads(lambda i: i * i, range(7), width=2) == [i * i for i in range(7)]
+
+
 def test_per_position_measured_compression_on_two_workers_is_bitwise_serial(tmp_path):
     """Both fan-outs: the per-position solves and the loss ladders of the measured allocation."""
     kw = dict(rotation="per-position", structure="gs", ratio=0.2, preset=None, allocation="measured")
