@@ -27,7 +27,7 @@ from torch import nn
 
 from procrustes_onnx.core.errors import UserError
 
-__all__ = ["ATTENTION_CHOICES", "TRANSLATION", "fused_attention", "gqa", "gqa_lengths", "graph_attention", "rotary_caches",
+__all__ = ["ATTENTION_CHOICES", "TRANSLATION", "fused_attention", "gqa", "gqa_lengths", "graph_attention", "query_lengths", "rotary_caches",
            "check_fusable"]
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 @torch.library.custom_op("procrustes::gqa", mutates_args=())
 def gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
         past_value: torch.Tensor, seqlens_k: torch.Tensor, total_length: torch.Tensor, cos_cache: torch.Tensor,
-        sin_cache: torch.Tensor, position_ids: torch.Tensor, num_heads: int, kv_num_heads: int,
-        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sin_cache: torch.Tensor, position_ids: torch.Tensor, query_seqlens: torch.Tensor, num_heads: int,
+        kv_num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GroupQueryAttention (do_rotary=1, causal, no shared buffer): (out [B,S,Hq*D], present_k, present_v)."""
     batch, seq, _ = query.shape
     head = past_key.shape[-1]
@@ -73,7 +73,7 @@ def gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: t
 
 @gqa.register_fake
 def _gqa_fake(query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
-              position_ids, num_heads, kv_num_heads, scale):
+              position_ids, query_seqlens, num_heads, kv_num_heads, scale):
     batch, kv_heads, past, head = past_key.shape
     present = past_key.new_empty((batch, kv_heads, past + key.shape[1], head))
     return query.new_empty(query.shape), present, present.new_empty(present.shape)
@@ -86,8 +86,9 @@ def _gqa_schema():
 
     opt = OpSchema.FormalParameterOption.Optional
     names = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
-             "sin_cache", "position_ids"]
-    types = {"seqlens_k": "M", "total_sequence_length": "M", "position_ids": "P"}
+             "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale", "q_norm_weight",
+             "k_norm_weight", "query_seqlens"]
+    types = {"seqlens_k": "M", "total_sequence_length": "M", "position_ids": "P", "query_seqlens": "M"}
     inputs = [OpSchema.FormalParameter(n, types.get(n, "T"), param_option=opt if i else OpSchema.FormalParameterOption.Single)
               for i, n in enumerate(names)]
     outputs = [OpSchema.FormalParameter(n, "T") for n in ("output", "present_key", "present_value")]
@@ -102,13 +103,13 @@ def _gqa_schema():
 
 
 def _gqa_onnx(query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
-              position_ids, num_heads: int, kv_num_heads: int, scale: float):
+              position_ids, query_seqlens, num_heads: int, kv_num_heads: int, scale: float):
     """The translation: one com.microsoft GroupQueryAttention node."""
     from onnxscript.values import Op, Opset
 
     op = Op(Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_schema())
     return op(query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, position_ids,
-              num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, do_rotary=1)
+              None, None, None, None, None, None, query_seqlens, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, do_rotary=1)
 
 
 TRANSLATION = {torch.ops.procrustes.gqa.default: _gqa_onnx}
@@ -126,6 +127,12 @@ def gqa_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     seqlens = (attention_mask.sum(dim=-1) - 1).to(torch.int32)
     total = torch.full((), attention_mask.shape[1], dtype=torch.int32)
     return seqlens, total
+
+
+def query_lengths(input_ids: torch.Tensor) -> torch.Tensor:
+    """query_seqlens [B] int32: every new token is valid. Without it ORT's CPU kernel refuses a multi-token
+    step after a past for batch > 1 ("batch_size must be 1 when sequence_length > 1 and past context")."""
+    return torch.full((input_ids.shape[0],), input_ids.shape[1], dtype=torch.int32)
 
 
 def rotary_caches(rotary: nn.Module, positions: int) -> tuple[torch.Tensor, torch.Tensor]:

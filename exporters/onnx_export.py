@@ -24,6 +24,7 @@ import torch
 
 from procrustes_onnx.core.artifacts import atomic_output_dir, write_json, write_onnx_identity
 from procrustes_onnx.core.errors import UserError
+from procrustes_onnx.core.graph_io import ATTENTION_KEY
 from procrustes_onnx.core.sources import model_fingerprint
 
 from .genai_config import write_runtime_files
@@ -163,6 +164,7 @@ def export_ir(model: torch.nn.Module, *, with_past: bool = True, opset: int = DE
                         ) from exc
     onnx_model = program.model
     optimize_exported(onnx_model)
+    onnx_model.metadata_props[ATTENTION_KEY] = graph_attention(onnx_model.graph)  # the runtime reads it
     for v in list(onnx_model.graph.initializers.values()):
         if v.name.startswith(_PREFIX) and v.name[len(_PREFIX):] not in onnx_model.graph.initializers:
             v.name = v.name[len(_PREFIX):]

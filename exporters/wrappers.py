@@ -19,7 +19,7 @@ class KVCacheWrapper(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """``rotary`` (cos, sin caches) marks a model whose attention is fused (exporters.gqa): each layer
-        then gets (seqlens_k, total_length, cos, sin, position_ids) once, as ``gqa_inputs``."""
+        then gets (seqlens_k, total_length, cos, sin, position_ids, query_seqlens) once, as ``gqa_inputs``."""
         super().__init__()
         self.model = model
         self.num_layers = model.config.num_hidden_layers
@@ -34,9 +34,10 @@ class KVCacheWrapper(torch.nn.Module):
             cache.update(past[2 * i], past[2 * i + 1], i)
         extra = {}
         if self.fused:
-            from .gqa import gqa_lengths
+            from .gqa import gqa_lengths, query_lengths
 
-            extra["gqa_inputs"] = (*gqa_lengths(attention_mask), self.cos_cache, self.sin_cache, position_ids)
+            extra["gqa_inputs"] = (*gqa_lengths(attention_mask), self.cos_cache, self.sin_cache, position_ids,
+                                   query_lengths(input_ids))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True, **extra)
         flat = [out.logits]
