@@ -7,6 +7,9 @@ unfused one. Each model is measured in its own subprocess, one at a time; the ex
 
     flock /tmp/heavy.lock python benchmarks/deploy_gqa.py [--work /tmp/procrustes-gqa] [--fuse] [--builder]
 
+--fuse adds the gqa graph with onnxscript's RMSNorm/SkipRMSNorm fusions (exporters/fuse.py); --builder adds
+onnxruntime-genai's model builder int4 of the same Hugging Face folder.
+
 Writes docs/results/deploy_gqa.json and prints a table.
 """
 
@@ -53,8 +56,9 @@ def prepare(work: Path, model: str, fuse: bool) -> dict[str, Path]:
     return models
 
 
-def genai_decode(folder: Path, prompt: int, new_tokens: int, repeats: int) -> float | None:
-    """Decode tok/s in onnxruntime-genai (greedy, random prompt), median of ``repeats``; None without it."""
+def genai_decode(folder: Path, prompt: int, new_tokens: int, repeats: int, share: bool | None = None) -> float | None:
+    """Decode tok/s in onnxruntime-genai (greedy, random prompt), median of ``repeats``; None without it.
+    ``share`` overrides the folder's past_present_share_buffer."""
     try:
         import onnxruntime_genai as og
     except ImportError:
@@ -63,6 +67,8 @@ def genai_decode(folder: Path, prompt: int, new_tokens: int, repeats: int) -> fl
 
     config = og.Config(str(folder))
     config.clear_providers()
+    if share is not None:
+        config.overlay(json.dumps({"search": {"past_present_share_buffer": share}}))
     model = og.Model(config)
     ids = np.random.default_rng(0).integers(0, 256, size=prompt).astype(np.int32)
     rates = []
@@ -94,7 +100,12 @@ def worker(folder: str, config: dict) -> None:
     result = {"bytes_on_disk": bytes_on_disk(lm.path), "attention": lm.attention}
     result["decode"] = measure_decode(lm, 128, config["decode_tokens"], config["repeats"])
     del lm
-    result["genai_decode_tokens_per_s"] = genai_decode(Path(folder), 128, config["decode_tokens"], config["repeats"])
+    shared = True if result["attention"] == "gqa" else None  # what genai_config.json says today
+    result["genai_decode_tokens_per_s"] = genai_decode(Path(folder), 128, config["decode_tokens"], config["repeats"],
+                                                       share=shared)
+    if result["attention"] == "gqa":  # its genai_config shares the buffer; the growing cache too, for comparison
+        result["genai_decode_unshared_tokens_per_s"] = genai_decode(Path(folder), 128, config["decode_tokens"],
+                                                                    config["repeats"], share=False)
     prof = profile(folder, 16, config["threads"])
     result["nodes_per_step"] = prof["nodes_per_step"]
     result["share_by_op"] = {k: round(v, 4) for k, v in list(prof["share_by_op"].items())[:8]}
@@ -128,7 +139,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--fuse", action="store_true", help="also the gqa graph with onnxscript's ORT norm fusions")
-    parser.add_argument("--builder", action="append", default=[], help="name=FOLDER of a builder model to time too")
+    parser.add_argument("--builder", action="store_true",
+                        help="also onnxruntime-genai's model builder int4 of the same folder (the anchor)")
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "deploy_gqa.json"))
     parser.add_argument("--worker")
@@ -143,9 +155,12 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     models = prepare(work, str(resolve_model_dir(args.model)), args.fuse)
-    for item in args.builder:
-        name, _, path = item.partition("=")
-        models[name] = Path(path)
+    if args.builder:
+        from procrustes_onnx.reference import build_reference
+
+        folder = build_reference(resolve_model_dir(args.model), work / "builder-int4", "int4")
+        if folder is not None:
+            models["builder:int4"] = folder
     if args.prepare_only:
         return 0
     errors = exactness(models)

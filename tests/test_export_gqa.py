@@ -125,18 +125,21 @@ def test_unfusable_attention_is_a_user_error(tmp_path):
     assert not (tmp_path / "opt").exists()
 
 
-def test_onnxruntime_genai_runs_the_fused_graph(pair):
+def test_onnxruntime_genai_runs_the_fused_graph_with_a_shared_buffer(tmp_path):
+    """genai_config.json says past_present_share_buffer: genai's greedy ids equal ours over 30 tokens."""
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install '.[genai]')")
-    model, _, fused = pair["llama"]
+    fused = export_onnx(tiny_model("llama", tie=False), tmp_path / "gqa", attention="gqa")  # untied: no repeats
+    assert json.loads((fused.parent / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
     lm, og_model = OnnxCausalLM(fused.parent, threads=1), og.Model(str(fused.parent))
     prompt = [3, 14, 15, 92, 65, 35]
-    ours = generate_ids(lm, prompt, SamplingConfig(max_new_tokens=10), eos_ids=[-1]).token_ids
+    ours = generate_ids(lm, prompt, SamplingConfig(max_new_tokens=30), eos_ids=[-1]).token_ids
     params = og.GeneratorParams(og_model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + 10)
+    params.set_search_options(do_sample=False, max_length=64)  # a buffer longer than the sequence
     gen = og.Generator(og_model, params)
     gen.append_tokens(np.array([prompt], dtype=np.int32))
     theirs = []
-    while not gen.is_done():
+    while len(theirs) < 30:
         gen.generate_next_token()
         theirs.append(int(gen.get_next_tokens()[0]))
     assert theirs == ours
+    assert len(set(ours)) > 2
