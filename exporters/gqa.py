@@ -27,12 +27,12 @@ from torch import nn
 
 from procrustes_onnx.core.errors import UserError
 
-__all__ = ["ATTENTION_CHOICES", "TRANSLATION", "fused_attention", "gqa", "gqa_lengths", "graph_attention", "query_lengths", "rotary_caches",
-           "check_fusable"]
+__all__ = ["ATTENTION_CHOICES", "TRANSLATION", "fused_attention", "gqa", "gqa_lengths", "graph_attention",
+           "query_lengths", "rotary_caches", "check_fusable", "resolve_attention"]
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_CHOICES = ("gqa", "unfused")
+ATTENTION_CHOICES = ("auto", "gqa", "unfused")  # auto: gqa where the model's attention allows it
 
 
 # -- the op: torch reference, fake shapes, ONNX translation -------------------------------------------------
@@ -178,6 +178,23 @@ def check_fusable(model: nn.Module) -> None:
     if why:
         raise UserError(f"--attention gqa: cannot fuse {type(model).__name__} ({config.model_type}): {why}; "
                         "use --attention unfused")
+
+
+def resolve_attention(model: nn.Module, attention: str, with_past: bool) -> str:
+    """"gqa" or "unfused" for this model: "auto" fuses where ``check_fusable`` allows, "gqa" insists (a
+    UserError otherwise); a graph without past is never fused (its attention has no cache to fuse with)."""
+    if attention not in ATTENTION_CHOICES:
+        raise UserError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+    if not with_past or attention == "unfused":
+        return "unfused"
+    try:
+        check_fusable(model)
+    except UserError as exc:
+        if attention == "gqa":
+            raise
+        logger.info("attention stays unfused: %s", exc)
+        return "unfused"
+    return "gqa"
 
 
 @contextlib.contextmanager

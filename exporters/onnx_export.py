@@ -28,7 +28,7 @@ from procrustes_onnx.core.graph_io import ATTENTION_KEY
 from procrustes_onnx.core.sources import model_fingerprint
 
 from .genai_config import write_runtime_files
-from .gqa import ATTENTION_CHOICES, TRANSLATION, check_fusable, fused_attention, graph_attention
+from .gqa import TRANSLATION, fused_attention, graph_attention, resolve_attention
 from .matmul_map import record_matmul_map
 from .wrappers import KVCacheWrapper, LogitsWrapper, example_inputs, io_spec
 
@@ -124,7 +124,7 @@ def optimize_exported(model: ir.Model) -> None:
 
 def _trace(model: torch.nn.Module, spec, with_past: bool, opset: int, attention: str):
     """torch.onnx.export of the flat wrapper; ``attention="gqa"`` swaps in the fused attention while tracing."""
-    fused = with_past and attention == "gqa"
+    fused = attention == "gqa"
     with fused_attention(model) if fused else contextlib.nullcontext() as rotary:
         wrapper = (KVCacheWrapper(model, rotary) if with_past else LogitsWrapper(model)).eval()
         dtype = next(model.parameters()).dtype
@@ -141,17 +141,14 @@ def export_ir(model: torch.nn.Module, *, with_past: bool = True, opset: int = DE
     """Trace ``model`` with the dynamo exporter; returns the onnx_ir model and its matmul map.
 
     ``attention``: "gqa" emits one GroupQueryAttention node per layer (exporters.gqa), "unfused" the
-    exporter's own ops; a graph without past is always unfused."""
-    if attention not in ATTENTION_CHOICES:
-        raise UserError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+    exporter's own ops, "auto" gqa where the model allows it; a graph without past is always unfused."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "num_hidden_layers"):
         raise UserError("export needs a Hugging Face causal LM (a model with .config); load it with load_model")
     if not hasattr(config, "num_attention_heads"):
         raise UserError(f"cannot export {type(model).__name__} ({config.model_type}): it has no attention heads (not a "
                         "transformer decoder), and the exported I/O (attention mask, KV cache) needs them")
-    if with_past and attention == "gqa":
-        check_fusable(model)
+    attention = resolve_attention(model, attention, with_past)
     try:
         spec = io_spec(config, with_past)
         program = _trace(model, spec, with_past, opset, attention)

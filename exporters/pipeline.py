@@ -21,6 +21,7 @@ from procrustes_onnx.core.outputs import check_output
 from procrustes_onnx.core.sources import resolve_model_dir
 
 from .inspect import inspect_onnx
+from .gqa import resolve_attention
 from .onnx_export import DEFAULT_ATTENTION, DEFAULT_OPSET, export_onnx
 from .rewrite_artifact import rewrite_structured_matmuls
 from .weight_swap import swap_weights
@@ -68,7 +69,8 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     target = Path(dense_dir) if dense_dir else scratch / "onnx"
     twin = {**origin, "kind": "dense-equivalent"}
     try:
-        same = [f for f in templates if _attention_of(f) == (attention if with_past else "unfused")]
+        wanted = resolve_attention(torch_model, attention, with_past)
+        same = [f for f in templates if _attention_of(f) == wanted]
         tries = (swap_weights(torch_model, f) for f in (same if with_past else ()))
         swapped = next((t for t in tries if t is not None), None)
         dense = export_onnx(torch_model, target, with_past=with_past, opset=opset or DEFAULT_OPSET,

@@ -121,7 +121,8 @@ def add_attention_argument(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default=DEFAULT_ATTENTION,
                    help="gqa: each layer's attention as one com.microsoft GroupQueryAttention node (decode speed; "
-                        "no left-padded batches); unfused: the exporter's own ops (default %(default)s)")
+                        "no left-padded batches); unfused: the exporter's own ops; auto: gqa where the model "
+                        "allows it (Llama-style attention), else unfused (default %(default)s)")
 
 
 def add_quantize_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:

@@ -38,7 +38,7 @@ def write_readme(folder: Path, title: str, details: dict) -> None:
              "from transformers import AutoTokenizer",
              f"model = ORTModelForCausalLM.from_pretrained('{folder.name}')",
              f"tokenizer = AutoTokenizer.from_pretrained('{folder.name}')", "```", "",
-             "or with onnxruntime-genai (genai_config.json; keep its past_present_share_buffer false):", "",
+             "or with onnxruntime-genai (genai_config.json; keep its past_present_share_buffer as written):", "",
              "```python", "import onnxruntime_genai as og", f"model = og.Model('{folder.name}')", "```", ""]
     lines += [f"- {k}: {v}" for k, v in details.items()]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
