@@ -97,7 +97,7 @@ class RunOptions:
     heal: object = None                 # a HealConfig; None or tokens == 0: no healing
     quantize: object = None             # a QuantizeConfig: a weight-only copy of every artifact; None: fp32 only
     reference: bool = True              # with quantize: onnxruntime-genai's builder model beside ours, if installed
-    attention: str = "unfused"          # "gqa": one GroupQueryAttention node per layer (exporters.gqa)
+    attention: str = "auto"             # "gqa"/"auto": one GroupQueryAttention node per layer (exporters.gqa)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunOptions":

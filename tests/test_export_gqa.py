@@ -36,7 +36,8 @@ def pair(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path, Path]]:
     for arch in ARCHS:
         root = tmp_path_factory.mktemp(f"gqa-{arch}")
         model = tiny_model(arch).eval()
-        out[arch] = (model, export_onnx(model, root / "unfused"), export_onnx(model, root / "gqa", attention="gqa"))
+        out[arch] = (model, export_onnx(model, root / "unfused", attention="unfused"),
+                     export_onnx(model, root / "gqa", attention="gqa"))
     return out
 
 
