@@ -165,7 +165,8 @@ def main() -> int:
         return 0
     errors = exactness(models)
     config = {"threads": args.threads, "repeats": args.repeats, "decode_tokens": args.decode_tokens, "prompt": 128}
-    print(f"load average at start: {os.getloadavg()}", flush=True)
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start}", flush=True)
     rows = {}
     for name, folder in models.items():
         rows[name] = {"folder": str(folder), **measure(folder, config)}
@@ -173,8 +174,14 @@ def main() -> int:
         print(f"{name:18s} ORT {r.get('decode', {}).get('tokens_per_s', float('nan')):6.1f} tok/s  genai "
               f"{r.get('genai_decode_tokens_per_s') or float('nan'):6.1f} tok/s  nodes/step {r.get('nodes_per_step')}"
               f"  {r.get('error', '')}", flush=True)
+    earlier = []
+    if Path(args.out).is_file():  # keep every earlier run's speeds: this machine is shared and noisy
+        old = json.loads(Path(args.out).read_text())
+        earlier = old.get("earlier_runs", []) + [{k: old.get(k) for k in ("date", "load_avg_at_start",
+                                                                             "load_avg_at_end", "models")}]
     write_results(args.out, {"config": config, "models": rows, "fp32_logits_vs_unfused": errors,
-                             "load_avg_at_end": os.getloadavg(), "model": args.model})
+                             "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg(),
+                             "model": args.model, "earlier_runs": earlier})
     print(f"wrote {args.out}")
     return 0
 
