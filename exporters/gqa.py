@@ -9,10 +9,12 @@ the matmul map, the structured rewrite and the quantizer read.
 How: during tracing, each attention module's forward is swapped (``fused_attention``) for one that calls
 the projections, then the torch custom op ``procrustes::gqa``. Its torch implementation is the reference
 (the torch model stays exact); the ONNX translation (``TRANSLATION``) emits GroupQueryAttention.
-``seqlens_k`` and ``total_sequence_length`` come once from the attention mask (``gqa_lengths``).
+``seqlens_k`` and ``total_sequence_length`` come once from the attention mask (``gqa_lengths``),
+``query_seqlens`` from the new tokens (``query_lengths``).
 
 Semantics are ORT's GroupQueryAttention without padding inside a row: tokens of row b are its first
-``seqlens_k[b] + 1`` positions. Left-padded batches are refused by the runtime (``refuse_left_padding``).
+``seqlens_k[b] + 1`` positions. Left-padded batches are refused by the runtime (``runtime.session``, which
+reads the model metadata ``core.graph_io.ATTENTION_KEY``).
 """
 
 from __future__ import annotations
@@ -159,6 +161,9 @@ def _fused_forward(self, hidden_states, position_embeddings=None, attention_mask
     return self.o_proj(out), None
 
 
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq and scaling fixed at load: one cos/sin cache
+
+
 def check_fusable(model: nn.Module) -> None:
     """Refuse, in one line, a model whose attention GroupQueryAttention cannot express exactly."""
     config = model.config
@@ -175,6 +180,8 @@ def check_fusable(model: nn.Module) -> None:
         why = "it uses sliding-window attention"
     elif getattr(config, "attention_dropout", 0.0) or getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         why = "its rotary or dropout settings differ from Llama's"
+    elif getattr(rotary, "rope_type", "default") not in _STATIC_ROPE:
+        why = f"its RoPE ({rotary.rope_type}) changes with the sequence length; fixed cos/sin caches cannot follow"
     if why:
         raise UserError(f"--attention gqa: cannot fuse {type(model).__name__} ({config.model_type}): {why}; "
                         "use --attention unfused")

@@ -144,3 +144,33 @@ def test_onnxruntime_genai_runs_the_fused_graph_with_a_shared_buffer(tmp_path):
         theirs.append(int(gen.get_next_tokens()[0]))
     assert theirs == ours
     assert len(set(ours)) > 2
+
+
+def _rope_model(rope: dict) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from procrustes_onnx.testing import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.rope_parameters = {"rope_theta": 10000.0, **rope}
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_scaled_rope_fuses_exactly_and_dynamic_rope_stays_unfused(tmp_path):
+    """llama3-scaled RoPE is fixed at load (one cos/sin cache, exact); dynamic RoPE changes with the
+    length, so "auto" keeps it unfused (which the exporter cannot trace either) and "gqa" refuses it."""
+    model = _rope_model({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64})
+    unfused = export_onnx(model, tmp_path / "u", attention="unfused")
+    fused = export_onnx(model, tmp_path / "f", attention="gqa")
+    feeds = _feeds(model.config, 2, 3, 70, seed=7)  # positions past the original 64
+    got = ort.InferenceSession(str(fused)).run(None, feeds)
+    for g, r in zip(got, ort.InferenceSession(str(unfused)).run(None, feeds)):
+        assert rel_err(g, r) < RTOL
+    dynamic = _rope_model({"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(UserError, match="RoPE \\(dynamic\\) changes with the sequence length"):
+        export_onnx(dynamic, tmp_path / "d", attention="gqa")
+    from procrustes_onnx.exporters.gqa import resolve_attention
+
+    assert resolve_attention(dynamic, "auto", with_past=True) == "unfused"
