@@ -106,9 +106,10 @@ def worker(folder: str, config: dict) -> None:
     if result["attention"] == "gqa":  # its genai_config shares the buffer; the growing cache too, for comparison
         result["genai_decode_unshared_tokens_per_s"] = genai_decode(Path(folder), 128, config["decode_tokens"],
                                                                     config["repeats"], share=False)
-    prof = profile(folder, 16, config["threads"])
-    result["nodes_per_step"] = prof["nodes_per_step"]
-    result["share_by_op"] = {k: round(v, 4) for k, v in list(prof["share_by_op"].items())[:8]}
+    if config.get("profile", True):
+        prof = profile(folder, 16, config["threads"])
+        result["nodes_per_step"] = prof["nodes_per_step"]
+        result["share_by_op"] = {k: round(v, 4) for k, v in list(prof["share_by_op"].items())[:8]}
     print(json.dumps(result))
 
 
@@ -118,6 +119,19 @@ def measure(folder: Path, config: dict) -> dict:
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _combine(runs: list[dict]) -> dict:
+    """One row from the rounds: the first round's fields, speeds replaced by their median over rounds."""
+    row = {**runs[0], "rounds": len(runs)}
+    for key in ("genai_decode_tokens_per_s", "genai_decode_unshared_tokens_per_s"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            row[key], row[f"{key}_rounds"] = statistics.median(values), values
+    rates = [r["decode"]["tokens_per_s"] for r in runs if "decode" in r]
+    if rates:
+        row["decode"] = {**runs[0]["decode"], "tokens_per_s": statistics.median(rates), "tokens_per_s_rounds": rates}
+    return row
 
 
 def exactness(models: dict[str, Path]) -> dict:
@@ -136,7 +150,8 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--work", default="/tmp/procrustes-gqa")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="decode runs per model per round (median)")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over all models, interleaved (median)")
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--fuse", action="store_true", help="also the gqa graph with onnxscript's ORT norm fusions")
     parser.add_argument("--builder", action="store_true",
@@ -164,16 +179,19 @@ def main() -> int:
     if args.prepare_only:
         return 0
     errors = exactness(models)
-    config = {"threads": args.threads, "repeats": args.repeats, "decode_tokens": args.decode_tokens, "prompt": 128}
+    config = {"threads": args.threads, "repeats": args.repeats, "rounds": args.rounds,
+              "decode_tokens": args.decode_tokens, "prompt": 128}
     load_start = os.getloadavg()
     print(f"load average at start: {load_start}", flush=True)
-    rows = {}
-    for name, folder in models.items():
-        rows[name] = {"folder": str(folder), **measure(folder, config)}
-        r = rows[name]
-        print(f"{name:18s} ORT {r.get('decode', {}).get('tokens_per_s', float('nan')):6.1f} tok/s  genai "
-              f"{r.get('genai_decode_tokens_per_s') or float('nan'):6.1f} tok/s  nodes/step {r.get('nodes_per_step')}"
-              f"  {r.get('error', '')}", flush=True)
+    rounds: dict[str, list[dict]] = {name: [] for name in models}
+    for i in range(args.rounds):  # models interleaved, so drifting load on a shared machine hits all alike
+        for name, folder in models.items():
+            r = measure(folder, {**config, "profile": i == 0})
+            rounds[name].append(r)
+            print(f"round {i} {name:18s} ORT {r.get('decode', {}).get('tokens_per_s', float('nan')):6.1f} tok/s  "
+                  f"genai {r.get('genai_decode_tokens_per_s') or float('nan'):6.1f} tok/s  "
+                  f"nodes/step {r.get('nodes_per_step')}  {r.get('error', '')}", flush=True)
+    rows = {name: {"folder": str(models[name]), **_combine(runs)} for name, runs in rounds.items()}
     earlier = []
     if Path(args.out).is_file():  # keep every earlier run's speeds: this machine is shared and noisy
         old = json.loads(Path(args.out).read_text())
