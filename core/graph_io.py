@@ -14,8 +14,9 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["PAST_INPUT", "past_names", "past_layout", "empty_past", "token_ids", "decoder_feeds"]
+__all__ = ["ATTENTION_KEY", "PAST_INPUT", "past_names", "past_layout", "empty_past", "token_ids", "decoder_feeds"]
 
+ATTENTION_KEY = "procrustes_onnx.attention"  # model metadata: "gqa" for fused GroupQueryAttention graphs
 PAST_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ONNX_TO_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                "tensor(bfloat16)": np.float32}

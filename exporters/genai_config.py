@@ -3,8 +3,10 @@
 onnxruntime-genai does not look at config.json; without this file it stops at "Error opening
 genai_config.json". The file is derived from the folder's config.json and generation_config.json, and the
 decoder's input and output names are read from the graph itself, so a renamed or logits-only graph is
-described as it is. ``past_present_share_buffer`` is always false: our graph concatenates the past with
-the new keys and values (a growing cache), and a shared fixed-size buffer fails at the first Concat.
+described as it is. ``past_present_share_buffer`` is true only for a graph with fused GroupQueryAttention
+(``--attention gqa``), which writes the new keys and values into a fixed-size buffer in place, as the
+builder's graph does; the unfused graph concatenates the past with the new keys and values (a growing
+cache), and a shared fixed-size buffer fails at the first Concat.
 
 Low in the layering (stdlib, onnx_ir and transformers' config classes only), so that both the exporter
 and the structured rewrite can write it.
@@ -107,7 +109,7 @@ def genai_config(folder: str | os.PathLike, graph: ir.Graph, filename: str = "mo
     decoder_outputs = {"logits": logits} if logits is not None else {}
     search = {key: generation.get(src, default) for src, (key, default) in _SEARCH.items()}
     search.update(max_length=_first(generation.get("max_length"), context), early_stopping=True,
-                  past_present_share_buffer=False)
+                  past_present_share_buffer=any(n.op_type == "GroupQueryAttention" for n in graph))
     return {
         "model": {
             "type": getattr(config, "model_type", None),

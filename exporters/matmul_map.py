@@ -30,7 +30,11 @@ def module_scope(node: ir.Node, prefix: str = "") -> str | None:
     scopes = [s for s in ast.literal_eval(raw) if s]
     if len(scopes) < 2:
         return None
-    name = _unslice(scopes[-2])
+    name = scopes[-2]
+    if len(scopes) >= 3 and not name.startswith(scopes[-3] + "."):
+        # a module called from a swapped-in forward (exporters.gqa) may be scoped by its attribute name alone
+        name = f"{scopes[-3]}.{name}"
+    name = _unslice(name)
     if prefix and name.startswith(prefix):
         name = name[len(prefix):]
     return name

@@ -3,6 +3,7 @@ arguments and calls exactly one of these with keyword arguments)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -20,7 +21,8 @@ from procrustes_onnx.core.outputs import check_output
 from procrustes_onnx.core.sources import resolve_model_dir
 
 from .inspect import inspect_onnx
-from .onnx_export import DEFAULT_OPSET, export_onnx
+from .gqa import resolve_attention
+from .onnx_export import DEFAULT_ATTENTION, DEFAULT_OPSET, export_onnx
 from .rewrite_artifact import rewrite_structured_matmuls
 from .weight_swap import swap_weights
 
@@ -30,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 def export_model(model: str, out_dir: str | os.PathLike, *, with_past: bool = True, opset: int | None = None,
-                 overwrite: bool = True) -> Path:
+                 overwrite: bool = True, attention: str = DEFAULT_ATTENTION) -> Path:
     """Export a dense model (alias, HF folder or .gguf; see ``compiler.checkpoint.load_model``) with its tokenizer.
 
     The output is checked (not an input, writable, empty unless ``overwrite``) before the trace."""
@@ -39,13 +41,13 @@ def export_model(model: str, out_dir: str | os.PathLike, *, with_past: bool = Tr
     check_output(out_dir, inputs=[resolve_model_dir(model)], overwrite=overwrite)
     torch_model, tokenizer = load_model(model)
     return export_onnx(torch_model, out_dir, with_past=with_past, opset=opset or DEFAULT_OPSET, tokenizer=tokenizer,
-                       overwrite=overwrite)
+                       overwrite=overwrite, attention=attention)
 
 
 def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, with_past: bool = True,
                       opset: int | None = None, dense_dir: str | os.PathLike | None = None,
                       templates: Sequence[str | os.PathLike] = (), dense_equivalent: bool = False,
-                      overwrite: bool = True) -> Path:
+                      overwrite: bool = True, attention: str = DEFAULT_ATTENTION) -> Path:
     """Compressed checkpoint -> structured ONNX folder: export its dense twin (kept in ``dense_dir`` if
     given, e.g. as the materialized baseline), then rewrite the structured MatMuls. With
     ``dense_equivalent`` the dense twin itself goes to ``out_dir`` (the first half of export + rewrite).
@@ -53,7 +55,7 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     ``templates``: exported folders that may share this model's architecture (the dense
     model, or another globally rotated model's dense twin); the first whose graph takes every parameter
     is reused with this model's weights instead of tracing again, if ONNX Runtime then agrees with torch;
-    otherwise the model is traced as usual."""
+    otherwise the model is traced as usual; only templates with the same ``attention`` are tried."""
     from procrustes_onnx.compiler.checkpoint import checkpoint_identity, load_compressed, materialize_dense
 
     check_output(out_dir, inputs=[checkpoint, dense_dir], overwrite=overwrite)
@@ -67,14 +69,16 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     target = Path(dense_dir) if dense_dir else scratch / "onnx"
     twin = {**origin, "kind": "dense-equivalent"}
     try:
-        tries = (swap_weights(torch_model, f) for f in (templates if with_past else ()))
+        wanted = resolve_attention(torch_model, attention, with_past)
+        same = [f for f in templates if _attention_of(f) == wanted]
+        tries = (swap_weights(torch_model, f) for f in (same if with_past else ()))
         swapped = next((t for t in tries if t is not None), None)
         dense = export_onnx(torch_model, target, with_past=with_past, opset=opset or DEFAULT_OPSET,
-                            tokenizer=tokenizer, traced=swapped, identity=twin)
+                            tokenizer=tokenizer, traced=swapped, identity=twin, attention=attention)
         if swapped is not None and not _agrees_with_torch(torch_model, dense):
             logger.warning("a reused graph from %s disagrees with the model: tracing it instead", templates)
             dense = export_onnx(torch_model, target, with_past=with_past, opset=opset or DEFAULT_OPSET,
-                                tokenizer=tokenizer, identity=twin)
+                                tokenizer=tokenizer, identity=twin, attention=attention)
         if dense_equivalent:
             return dense
         return rewrite_structured_matmuls(dense.parent, out_dir, factor_map=factor_map, overwrite=overwrite,
@@ -83,6 +87,15 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _attention_of(folder: str | os.PathLike) -> str:
+    """The attention an exported folder's graph has (export.json; folders from before it are unfused)."""
+    path = Path(folder) / "export.json"
+    try:
+        return json.loads(path.read_text()).get("attention", "unfused")
+    except (OSError, ValueError):
+        return "unfused"
 
 
 def ort_logits(onnx_path: str | os.PathLike, ids) -> np.ndarray:

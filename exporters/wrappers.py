@@ -17,17 +17,29 @@ __all__ = ["KVCacheWrapper", "LogitsWrapper", "IOSpec", "io_spec", "example_inpu
 class KVCacheWrapper(torch.nn.Module):
     """(input_ids, attention_mask, position_ids, *past) -> (logits, *present), past/present as k0, v0, k1, ..."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``rotary`` (cos, sin caches) marks a model whose attention is fused (exporters.gqa): each layer
+        then gets (seqlens_k, total_length, cos, sin, position_ids, query_seqlens) once, as ``gqa_inputs``."""
         super().__init__()
         self.model = model
         self.num_layers = model.config.num_hidden_layers
+        self.fused = rotary is not None
+        if self.fused:
+            self.register_buffer("cos_cache", rotary[0], persistent=False)
+            self.register_buffer("sin_cache", rotary[1], persistent=False)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = DynamicCache(config=self.model.config)
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
+        extra = {}
+        if self.fused:
+            from .gqa import gqa_lengths, query_lengths
+
+            extra["gqa_inputs"] = (*gqa_lengths(attention_mask), self.cos_cache, self.sin_cache, position_ids,
+                                   query_lengths(input_ids))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         past_key_values=cache, use_cache=True, **extra)
         flat = [out.logits]
         for layer in out.past_key_values.layers[: self.num_layers]:
             flat += [layer.keys, layer.values]

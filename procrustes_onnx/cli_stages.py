@@ -85,11 +85,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.checkpoint:
         out = _write_quantized(lambda d: export_compressed(args.checkpoint, d, with_past=not args.no_past,
                                                            dense_equivalent=args.dense_equivalent,
-                                                           overwrite=args.overwrite),
+                                                           overwrite=args.overwrite, attention=args.attention),
                                args.out, [args.checkpoint], args)
     else:
         out = _write_quantized(lambda d: export_model(args.model, d, with_past=not args.no_past,
-                                                      overwrite=args.overwrite), args.out, [], args)
+                                                      overwrite=args.overwrite, attention=args.attention),
+                               args.out, [], args)
     print(out)
     return 0
 
@@ -111,6 +112,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UserError("--quantize none leaves the artifact as it is, nothing to do: use int4 or int8")
     print(quantize_artifact(args.onnx, args.out, config, overwrite=args.overwrite))
     return 0
+
+
+def add_attention_argument(p: argparse.ArgumentParser) -> None:
+    """--attention on export and run: the attention core as one GroupQueryAttention node per layer, or unfused."""
+    from procrustes_onnx.exporters.gqa import ATTENTION_CHOICES
+    from procrustes_onnx.exporters.onnx_export import DEFAULT_ATTENTION
+
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default=DEFAULT_ATTENTION,
+                   help="gqa: each layer's attention as one com.microsoft GroupQueryAttention node (decode speed; "
+                        "no left-padded batches); unfused: the exporter's own ops; auto: gqa where the model "
+                        "allows it (Llama-style attention), else unfused (default %(default)s)")
 
 
 def add_quantize_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
@@ -308,6 +320,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dense-equivalent", action="store_true",
                    help="with --checkpoint: write the dense-equivalent export (the input `rewrite` takes)")
     p.add_argument("--no-past", action="store_true", help="logits-only graph, no KV cache")
+    add_attention_argument(p)
     add_quantize_arguments(p, verb="export")
     p.set_defaults(func=cmd_export)
 

@@ -97,6 +97,7 @@ class RunOptions:
     heal: object = None                 # a HealConfig; None or tokens == 0: no healing
     quantize: object = None             # a QuantizeConfig: a weight-only copy of every artifact; None: fp32 only
     reference: bool = True              # with quantize: onnxruntime-genai's builder model beside ours, if installed
+    attention: str = "auto"             # "gqa"/"auto": one GroupQueryAttention node per layer (exporters.gqa)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunOptions":
@@ -124,7 +125,8 @@ class RunOptions:
                    task_limit=None if args.task_limit == 0 else (args.task_limit or (20 if args.quick else 100)),
                    heal=heal_config_from_args(args, QUICK_HEAL_TOKENS if args.quick else RUN_HEAL_TOKENS),
                    quantize=quantize_config_from_args(args, default="int4"), reference=not args.no_reference,
-                   workers=args.workers or default_workers(), ray_address=args.ray_address)
+                   workers=args.workers or default_workers(), ray_address=args.ray_address,
+                   attention=args.attention)
         opts.heal.validate()
         Fanout(opts.workers, opts.ray_address).check()  # before the first model loads
         if args.quick:  # the whole chain, truncated: a few windows, a few items, short benchmarks
@@ -136,6 +138,7 @@ class RunOptions:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     from .cli_args import THREADS_MAX, count, fraction
+    from .cli_stages import add_attention_argument
 
     p.add_argument("--out", default="artifacts", help="artifact folder (default: artifacts/; a rerun resumes)")
     p.add_argument("--overwrite", action="store_true",
@@ -160,3 +163,4 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reference", action="store_true",
                    help="skip the reference point (onnxruntime-genai's model builder at the --quantize precision)")
     p.add_argument("--threads", type=count(1, THREADS_MAX), default=os.cpu_count() or 2)
+    add_attention_argument(p)

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from procrustes_onnx.core.artifacts import check_external_data
 from procrustes_onnx.core.errors import UserError
-from procrustes_onnx.core.graph_io import decoder_feeds, empty_past, past_layout, past_names, token_ids
+from procrustes_onnx.core.graph_io import ATTENTION_KEY, decoder_feeds, empty_past, past_layout, past_names, token_ids
 from procrustes_onnx.core.sources import load_tokenizer
 
 __all__ = ["SessionInfo", "KVCache", "OnnxCausalLM", "create_session", "resolve_onnx_path", "providers_for",
@@ -178,6 +178,8 @@ class OnnxCausalLM:
         self._kv_shape, self._kv_dtype = past_layout(list(inputs.values()), str(self.path), head_size)
         self.device = self.info.device
         self.create_seconds = self.info.create_seconds
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.attention = meta.get(ATTENTION_KEY, "unfused")
 
     @property
     def has_cache(self) -> bool:
@@ -217,6 +219,9 @@ class OnnxCausalLM:
         batch, seq = ids.shape
         cache = cache if cache is not None else self.empty_cache(batch)
         feeds, mask = decoder_feeds(self.input_names, ids, cache.tensors, cache.attention_mask, attention_mask)
+        if self.attention == "gqa" and not mask.all():
+            raise UserError(f"{self.path} has fused GroupQueryAttention, which takes no padding inside a row (a "
+                            "left-padded batch): run the prompts one at a time, or export with --attention unfused")
         logits, presents = self._run(feeds, keep_on_device=self.device == "cuda")
         return logits, KVCache(presents, mask, cache.length + seq)
 

@@ -155,6 +155,10 @@ CASES: list[Case] = [
     C("export-not-causal-lm", "export --model {bert} --out {out}", 2, "not a causal LM", ("bert",)),
     C("export-gpt2-works", "export --model {gpt2} --out {out}", 0, "model.onnx", ("gpt2",)),
     C("export-no-attention", "export --model {mamba} --out {out}", 2, "has no attention heads", ("mamba",)),
+    C("export-gqa-unfusable", "export --model {gpt2} --out {out} --attention gqa", 2,
+      "--attention gqa: cannot fuse GPT2LMHeadModel", ("gpt2",)),
+    C("export-attention-unknown", "export --model {model} --out {out} --attention mha", 2, "invalid choice",
+      ("model",)),
     # rewrite
     C("rewrite-plain-dense-export", "rewrite --onnx {onnx} --checkpoint {ck} --out {out}", 2,
       "is a dense export, not the dense-equivalent", ("onnx", "ck")),

@@ -86,7 +86,9 @@ def test_genai_config_matches_config_and_graph(which, dense, quantized):
     assert model["vocab_size"] == config["vocab_size"]
     assert model["eos_token_id"] == generation["eos_token_id"] and model["bos_token_id"] == generation["bos_token_id"]
     assert model["pad_token_id"] == generation["eos_token_id"]  # the tiny models have none: EOS, as in og's builder
-    assert genai["search"]["past_present_share_buffer"] is False
+    fused = any(n.op_type == "GroupQueryAttention" for n in graph.node)
+    assert fused  # the default export (--attention auto) fuses Llama and Qwen2 attention
+    assert genai["search"]["past_present_share_buffer"] is fused  # GQA writes into the shared buffer in place
     assert genai["search"]["do_sample"] is False and genai["search"]["num_beams"] == 1
     assert genai["search"]["max_length"] == config["max_position_embeddings"]
     names_in, names_out = decoder["inputs"], decoder["outputs"]
@@ -111,7 +113,7 @@ def test_generation_config_sets_search_and_eos_list(tmp_path, dense):
     (tmp_path / "generation_config.json").write_text(json.dumps(generation))
     genai = genai_config(tmp_path, ir.load(src / "model.onnx").graph)
     assert genai["model"]["eos_token_id"] == [256, 7] and genai["model"]["pad_token_id"] == 3
-    assert genai["search"]["past_present_share_buffer"] is False
+    assert genai["search"]["past_present_share_buffer"] is True  # the default export's fused GQA
     assert {k: genai["search"][k] for k in ("max_length", "do_sample", "temperature", "top_k", "top_p")} == \
         {"max_length": 64, "do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9}
 

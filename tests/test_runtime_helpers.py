@@ -23,8 +23,9 @@ EOS = 256
 
 
 @functools.cache
-def tiny_artifact() -> SimpleNamespace:
-    """(model, tokenizer, dir, onnx): a tiny Llama exported with its KV cache, config and tokenizer, once."""
+def tiny_artifact(attention: str = "auto") -> SimpleNamespace:
+    """(model, tokenizer, dir, onnx): a tiny Llama exported with its KV cache, config and tokenizer, once
+    (the default attention: fused GQA; "unfused" for what only the unfused graph takes, left padding)."""
     model = tiny_model("llama", vocab=VOCAB)
     model.config.eos_token_id = model.config.bos_token_id = model.generation_config.eos_token_id = EOS
     model.generation_config.bos_token_id = EOS
@@ -32,7 +33,7 @@ def tiny_artifact() -> SimpleNamespace:
     tokenizer = tiny_tokenizer()
     out = Path(tempfile.mkdtemp(prefix="runtime-tiny-"))
     atexit.register(shutil.rmtree, out, True)
-    onnx_path = export_onnx(model, out, with_past=True, tokenizer=tokenizer)
+    onnx_path = export_onnx(model, out, with_past=True, tokenizer=tokenizer, attention=attention)
     return SimpleNamespace(model=model, tokenizer=tokenizer, dir=out, onnx=Path(onnx_path))
 
 

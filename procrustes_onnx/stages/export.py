@@ -38,10 +38,16 @@ def write_readme(folder: Path, title: str, details: dict) -> None:
              "from transformers import AutoTokenizer",
              f"model = ORTModelForCausalLM.from_pretrained('{folder.name}')",
              f"tokenizer = AutoTokenizer.from_pretrained('{folder.name}')", "```", "",
-             "or with onnxruntime-genai (genai_config.json; keep its past_present_share_buffer false):", "",
+             "or with onnxruntime-genai (genai_config.json; keep its past_present_share_buffer as written):", "",
              "```python", "import onnxruntime_genai as og", f"model = og.Model('{folder.name}')", "```", ""]
     lines += [f"- {k}: {v}" for k, v in details.items()]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _attention_key(job: Job) -> dict:
+    """The attention choice joins the cache key only when it is not the unfused graph (older caches stay valid)."""
+    attention = getattr(job.opts, "attention", "unfused")
+    return {} if attention == "unfused" else {"attention": attention}
 
 
 def title(source: Artifact, job: Job) -> str:
@@ -49,10 +55,10 @@ def title(source: Artifact, job: Job) -> str:
 
 
 def _dense(source: Artifact, job: Job, out: Path, note: Note) -> Artifact:
-    key = {"model": source.key, "stage": "export-dense"}
+    key = {"model": source.key, "stage": "export-dense", **_attention_key(job)}
 
     def build(d: Path) -> None:
-        export_model(str(source.path), d)
+        export_model(str(source.path), d, attention=job.opts.attention)
         write_readme(d, f"{job.opts.model}, dense", {"source": job.opts.model})
     folder = cached_dir(out / f"{_slug(job.opts.model)}-dense", key, build, note)
     job.graphs.append(folder)
@@ -61,13 +67,14 @@ def _dense(source: Artifact, job: Job, out: Path, note: Note) -> Artifact:
 
 def _compressed(source: Artifact, job: Job, out: Path, note: Note) -> Artifact:
     label, size = _removal_label(source.config)
-    key = {"checkpoint": source.key, "stage": "export-rewrite"}
+    key = {"checkpoint": source.key, "stage": "export-rewrite", **_attention_key(job)}
     same_shape = source.config["rotation"] == "global" and source.config["method"] != "slicegpt"
     # a globally rotated model has the dense graph with other weights: its dense twin is kept, a template for the next
     twin = job.work / f"{source.name}-{source.key}-twin" if same_shape else None
 
     def build(d: Path) -> None:
-        export_compressed(source.path, d, dense_dir=twin, templates=list(job.graphs) if twin else ())
+        export_compressed(source.path, d, dense_dir=twin, templates=list(job.graphs) if twin else (),
+                          attention=job.opts.attention)
         shutil.copy2(source.path / "structure.json", d / "structure.json")  # the structure manifest
         write_readme(d, f"{job.opts.model}, {source.name}, {size}", {"compression": source.config})
     folder = cached_dir(out / f"{_slug(job.opts.model)}-{source.name}-{label}", key, build, note)
