@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
+from procrustes_onnx.runtime.benchmark import peak_rss_mib
+
 from .pipeline_options import RunOptions
 from .report import write_report
 from .stages import Artifact, Job, benchmark, compress, export, heal, perplexity, quantize, tasks, validate
@@ -19,10 +21,11 @@ __all__ = ["run_pipeline"]
 
 
 class _Clock:
-    """Stage headers with elapsed time and a naive ETA from the stages done so far."""
+    """Stage headers with elapsed time and a naive ETA from the stages done so far; per stage its seconds and the
+    process's peak resident memory when it ended (a high-water mark: the stage where it rises set it)."""
 
     def __init__(self, total: int) -> None:
-        self.start, self.total, self.done, self.times = time.perf_counter(), total, 0, {}
+        self.start, self.total, self.done, self.times, self.peaks = time.perf_counter(), total, 0, {}, {}
         self._name, self._t, self._reused = None, None, False
 
     def note(self, message: str) -> None:
@@ -41,12 +44,13 @@ class _Clock:
         if self._name is not None:
             seconds = round(time.perf_counter() - self._t, 1)
             self.times[self._name] = f"{seconds} (reused earlier output)" if self._reused else seconds
+            self.peaks[self._name] = round(peak_rss_mib() / 1024, 2)
             self.done += 1
             self._name, self._reused = None, False
 
     def finish(self) -> dict:
         self._close()
-        return {"stages_s": self.times, "total_s": round(time.perf_counter() - self.start, 1)}
+        return {"stages_s": self.times, "peak_rss_gib": self.peaks, "total_s": round(time.perf_counter() - self.start, 1)}
 
 
 def _results(shipped: list[Artifact]) -> tuple[dict, dict | None]:

@@ -293,9 +293,12 @@ def write_report(out: Path, results: dict, opts: RunOptions, timing: dict, refer
                       f"![{plot}]({plot})", ""]
     lines += _quantized_lines(qrows, out)
     lines += [f"![{p}]({p})" for p in plots]
-    lines += ["", "## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in timing["stages_s"].items()]
-    lines += [f"| **total** | {timing['total_s']} |", ""]
+    peaks = timing.get("peak_rss_gib", {})
+    lines += ["", "## Stage times (s)", "", "Peak RSS: this process's high-water mark when the stage ended (Ray workers "
+              "not included); the stage where it rises set it.", "",
+              "| stage | seconds | peak RSS GiB |", "|---|---|---|"]
+    lines += [f"| {k} | {v} | {peaks.get(k, '')} |" for k, v in timing["stages_s"].items()]
+    lines += [f"| **total** | {timing['total_s']} | |", ""]
     report = out / "report.md"
     tmp = report.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")

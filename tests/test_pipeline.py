@@ -102,6 +102,10 @@ def test_chain_resumes_after_interrupt_and_reports_measured_numbers(first_run):
     assert (root / "tiny-w-kron-20-int4" / "quantize.json").is_file()
     assert "## Weight-only quantization" in report.read_text()
     stage_times = results["timing"]["stages_s"]
+    peaks = results["timing"]["peak_rss_gib"]  # a high-water mark per stage: present for each, never falling
+    assert list(peaks) == list(stage_times) and all(v > 0 for v in peaks.values())
+    assert list(peaks.values()) == sorted(peaks.values())
+    assert "| peak RSS GiB |" in report.read_text()
     assert "reused" in str(stage_times["compress w-kron at 20% removed"])  # resumed, not recomputed
     assert "w-kron" in report.read_text() and f"{rows['w-kron']['ppl']:.2f}" in report.read_text()
     assert (artifact / "structure.json").is_file() and (artifact / "README.md").is_file()
