@@ -19,14 +19,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from subprocess_worker import genai_decode_rates, run_worker  # noqa: E402
 
 
 def prepare(work: Path, model: str, fuse: bool) -> dict[str, Path]:
@@ -57,34 +57,10 @@ def prepare(work: Path, model: str, fuse: bool) -> dict[str, Path]:
 
 
 def genai_decode(folder: Path, prompt: int, new_tokens: int, repeats: int, share: bool | None = None) -> float | None:
-    """Decode tok/s in onnxruntime-genai (greedy, random prompt), median of ``repeats``; None without it.
-    ``share`` overrides the folder's past_present_share_buffer."""
-    try:
-        import onnxruntime_genai as og
-    except ImportError:
-        return None
-    import numpy as np
-
-    config = og.Config(str(folder))
-    config.clear_providers()
-    if share is not None:
-        config.overlay(json.dumps({"search": {"past_present_share_buffer": share}}))
-    model = og.Model(config)
-    ids = np.random.default_rng(0).integers(0, 256, size=prompt).astype(np.int32)
-    rates = []
-    for i in range(repeats + 1):  # the first is a warm-up
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt + new_tokens + 1, do_sample=False,
-                                  min_length=prompt + new_tokens)
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids)
-        start, steps = time.perf_counter(), 0
-        while not gen.is_done() and steps < new_tokens:
-            gen.generate_next_token()
-            steps += 1
-        if i:
-            rates.append(steps / (time.perf_counter() - start))
-    return statistics.median(rates)
+    """Decode tok/s in onnxruntime-genai (greedy, random prompt), median of ``repeats`` after a warm-up run; None
+    without it. ``share`` overrides the folder's past_present_share_buffer."""
+    rates = genai_decode_rates(folder, prompt, new_tokens, runs=repeats + 1, share=share)
+    return None if rates is None else statistics.median(rates[1:])
 
 
 def worker(folder: str, config: dict) -> None:
@@ -114,11 +90,7 @@ def worker(folder: str, config: dict) -> None:
 
 
 def measure(folder: Path, config: dict) -> dict:
-    cmd = [sys.executable, __file__, "--worker", str(folder), "--worker-config", json.dumps(config)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, folder, config)
 
 
 def _combine(runs: list[dict]) -> dict:

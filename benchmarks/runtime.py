@@ -16,12 +16,12 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from procrustes_onnx.core.environment import cpu_model, package_versions
+from subprocess_worker import run_worker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +50,8 @@ def _pairs(items: list[str] | None) -> dict[str, str]:
 
 
 def measure_in_subprocess(path: str, config: dict, timeout: int) -> dict:
-    """Run `--worker` in a fresh interpreter; its last stdout line is the JSON result."""
-    cmd = [sys.executable, __file__, "--worker", path, "--worker-config", json.dumps(config)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run `--worker` in a fresh interpreter (subprocess_worker.run_worker)."""
+    return run_worker(__file__, path, config, timeout)
 
 
 def worker(path: str, config: dict) -> None:
