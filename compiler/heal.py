@@ -47,6 +47,7 @@ from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead
 from .adapters import get_adapter, get_module
 from .calibration import _split_offset, capture_layer_inputs
 from .config import result_settings
+from .fake_quant import WeightQuant, quant_targets, quantized_weights
 from .skips import Shortcut, is_orthogonal
 
 __all__ = ["HEAL_MODES", "HealConfig", "HealReport", "heal_model", "trainable_parameters", "heal_windows",
@@ -76,6 +77,8 @@ class HealConfig:
     patience: int = 4             # held-out scores without improvement before stopping
     topk: int = 64                # e2e: teacher probabilities cached per token
     seed: int = 0
+    quantize: str = "none"        # e2e: train through the int4/int8 rounding `export --quantize` will apply
+    quantize_block: int = 32      # its block size (the exporter's --quantize-block)
     # how to run, not what to compute: left out of equality and settings()
     device: str = field(default="cpu", compare=False)
     threads: int = field(default_factory=lambda: os.cpu_count() or 2, compare=False)
@@ -89,6 +92,11 @@ class HealConfig:
         for name in ("seq_len", "batch_size", "epochs", "eval_every", "patience", "topk", "threads"):
             if getattr(self, name) < 1:
                 raise UserError(f"--heal-{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        quant = WeightQuant.named(self.quantize, self.quantize_block)
+        if quant is not None and self.mode != "e2e":
+            raise UserError(f"--heal-quantize {self.quantize} trains end to end: add --heal-mode e2e")
+        if self.quantize_block < 16 or self.quantize_block & (self.quantize_block - 1):
+            raise UserError(f"--heal-quantize-block {self.quantize_block} must be a power of two, at least 16")
         if self.lr is not None and not (0 < self.lr < 1):
             raise UserError(f"--heal-lr {self.lr:g} must be in (0, 1), e.g. 5e-5")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -99,6 +107,10 @@ class HealConfig:
         if name == "jargon" and (not skip.isdigit() or int(skip) < JARGON_EVAL_TOKENS):
             raise UserError(f"--heal-text {self.text}: the evaluation reads the Jargon File's first "
                             f"{JARGON_EVAL_TOKENS:,} tokens; train on jargon@{JARGON_EVAL_TOKENS} (the rest) or mix")
+
+    @property
+    def weight_quant(self) -> WeightQuant | None:
+        return WeightQuant.named(self.quantize, self.quantize_block)
 
     @property
     def learning_rate(self) -> float:
@@ -377,9 +389,13 @@ def _heal_e2e(student, teacher, train, held, config: HealConfig, work: Path, par
     order = torch.cat([torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(config.seed + e))
                        for e in range(config.epochs)])
     state_path = work / "heal-e2e-state.pt"
+    quant = config.weight_quant
+    targets = quant_targets(student, quant) if quant else []
+    rounded = lambda: quantized_weights(targets, quant)  # noqa: E731
     step, history, stale, stopped = 0, [], 0, False
     if not state_path.is_file():
-        best = before = _heldout_kl(student, held, h_logp, h_idx, bs) if held.numel() else float("nan")
+        with rounded():
+            best = before = _heldout_kl(student, held, h_logp, h_idx, bs) if held.numel() else float("nan")
         best_state = _snapshot(params)
     else:
         saved = torch.load(state_path, weights_only=False)
@@ -392,7 +408,7 @@ def _heal_e2e(student, teacher, train, held, config: HealConfig, work: Path, par
     bar = tqdm(total=n_steps, initial=step, desc="heal e2e", unit="step", disable=not progress)
     while step < n_steps and not stopped:
         sel = order[(step * bs) % order.numel():][:bs]
-        with torch.enable_grad(), _autocast(config):
+        with torch.enable_grad(), _autocast(config), rounded():
             logits = student(input_ids=train[sel], use_cache=False).logits
             loss = topk_kl(logits, t_logp[sel], t_idx[sel])
             opt.zero_grad(set_to_none=True)
@@ -402,7 +418,8 @@ def _heal_e2e(student, teacher, train, held, config: HealConfig, work: Path, par
         step += 1
         bar.update(1)
         if held.numel() and (step % config.eval_every == 0 or step == n_steps):
-            kl = _heldout_kl(student, held, h_logp, h_idx, bs)
+            with rounded():
+                kl = _heldout_kl(student, held, h_logp, h_idx, bs)
             history.append({"step": step, "tokens": step * bs * config.seq_len, "train_kl": float(loss.detach()),
                             "heldout_kl": kl})
             bar.set_postfix_str(f"held-out KL {kl:.4f}")

@@ -254,6 +254,10 @@ def add_heal_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
     p.add_argument("--heal-heldout-tokens", type=int, help=f"held-out tokens for early stopping "
                    f"(default {d.heldout_tokens})")
     p.add_argument("--heal-seed", type=int, help="data order seed (default 0)")
+    p.add_argument("--heal-quantize", choices=("none", "int4", "int8"),
+                   help="e2e: train through the weight rounding of `export --quantize` (default none); export "
+                        "with the same --quantize and --quantize-block")
+    p.add_argument("--heal-quantize-block", type=int, help=f"its block size (default {d.quantize_block})")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

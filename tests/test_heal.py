@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from procrustes_onnx.cli import main as cli
 from procrustes_onnx.compiler.checkpoint import load_compressed, save_compressed
 from procrustes_onnx.compiler.compress import compress, saved_param_count
+from procrustes_onnx.compiler.fake_quant import WeightQuant, quant_targets, quantized_weights, rtn_blockwise
 from procrustes_onnx.compiler.heal import HealConfig, heal_checkpoint, heal_model, stream_bases, topk_kl
 from procrustes_onnx.compiler.slicegpt import slice_model
 from procrustes_onnx.testing import relative_error, tiny_compression_config, tiny_model, tiny_tokenizer
@@ -85,6 +86,27 @@ def test_early_stopping_never_returns_a_worse_model(tmp_path):
     assert scores[-1] > 1.2 * report.heldout_before  # the run did overfit ...
     assert report.heldout_after == pytest.approx(min([report.heldout_before, *scores]), rel=1e-6)  # ... and kept the best
     assert _kl(student, teacher, HELD) == pytest.approx(report.heldout_after, rel=1e-3)
+
+
+def test_quantization_aware_healing_beats_plain_healing_once_rounded(tmp_path):
+    """Healed through the int4 rounding, the student is closer to the teacher after `export --quantize int4`
+    (simulated exactly: tests/test_fake_quant.py) than the same healing without it, and its float weights
+    (what the checkpoint stores) are not themselves on the int4 grid."""
+    teacher, ck = _teacher_student(tmp_path, rotation="global")
+    quant = WeightQuant(bits=4, block_size=16)
+    rounded_kl, reports = {}, {}
+    for q in ("none", "int4"):
+        student, _ = load_compressed(ck)
+        reports[q] = heal_model(student, teacher, None, _config("e2e", lr=1e-4, quantize=q, quantize_block=16),
+                                tmp_path / f"w-{q}", windows=(TRAIN, HELD), **quiet)
+        targets = quant_targets(student, quant)
+        with quantized_weights(targets, quant):
+            rounded_kl[q] = _kl(student, teacher)
+    assert targets and rounded_kl["int4"] < 0.95 * rounded_kl["none"], rounded_kl
+    assert reports["int4"].heldout_after < reports["int4"].heldout_before
+    trained = next(t for t in targets if t.param.requires_grad is False and "embed" not in t.name)
+    stored = trained.param.detach().contiguous().view(-1)[trained.index.long()]
+    assert not torch.equal(rtn_blockwise(stored, quant), stored)
 
 
 @pytest.mark.parametrize("variant", [{"rotation": "global", "preset": "full", "ratio": None},
@@ -184,6 +206,10 @@ def test_bad_values_are_one_line_errors(tmp_path, capsys):
           "--heal-text", "jargon"], "first 102,400 tokens"),
         (["heal", "--checkpoint", str(dense), "--model", str(dense), "--out", str(tmp_path / "o"),
           "--heal-batch-size", "0"], "--heal-batch-size 0 must be at least 1"),
+        (["heal", "--checkpoint", str(dense), "--model", str(dense), "--out", str(tmp_path / "o"),
+          "--heal-quantize", "int4", "--heal-mode", "blockwise"], "add --heal-mode e2e"),
+        (["heal", "--checkpoint", str(dense), "--model", str(dense), "--out", str(tmp_path / "o"),
+          "--heal-quantize", "int4", "--heal-quantize-block", "24"], "must be a power of two"),
     ]
     for argv, fragment in cases:
         assert cli(argv) == 2, argv
