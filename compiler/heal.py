@@ -68,8 +68,8 @@ class HealConfig:
     tokens: int = 32_768          # training tokens (blockwise: each layer sees each once per epoch)
     mode: str = "e2e"             # measured better than blockwise at equal tokens (docs/healing.md)
     text: str = "mix"             # training text: mix, kjv, a file, or name@N (skip the first N tokens)
-    seq_len: int = 256
-    batch_size: int = 4           # sequences per optimizer step
+    seq_len: int = 1024           # the evaluation's window: 256 left later positions untrained (docs/healing.md)
+    batch_size: int = 1           # sequences per optimizer step (1,024 tokens, as 4 x 256 before)
     lr: float | None = None       # None: DEFAULT_LR[mode]
     epochs: int = 1               # blockwise: passes over the training tokens per layer
     heldout_tokens: int = 4_096   # held-out slice of the training text, scored for early stopping
