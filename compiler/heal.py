@@ -50,7 +50,7 @@ from .config import result_settings
 from .fake_quant import WeightQuant, quant_targets, quantized_weights
 from .skips import Shortcut, is_orthogonal
 
-__all__ = ["HEAL_MODES", "HealConfig", "HealReport", "heal_model", "trainable_parameters", "heal_windows",
+__all__ = ["HEAL_MODES", "HealConfig", "HealReport", "heal_model", "healed_precision", "trainable_parameters", "heal_windows",
            "stream_bases", "topk_kl"]
 
 log = logging.getLogger(__name__)
@@ -580,6 +580,17 @@ def heal_checkpoint(checkpoint: str | Path, out: str | Path, teacher: nn.Module,
          f"{'KL' if report.mode == 'e2e' else 'layer nmse'} {report.heldout_before:.4f} -> {report.heldout_after:.4f}, "
          f"{report.seconds:.0f} s")
     return out
+
+
+def healed_precision(checkpoint: str | Path) -> tuple[str, int, bool] | None:
+    """(precision, block size, symmetric) the checkpoint's last healing trained through, None if float."""
+    path = Path(checkpoint) / "config.json"
+    if not path.is_file():
+        return None
+    healing = json.loads(path.read_text()).get("procrustes", {}).get("healing") or [{}]
+    config = healing[-1].get("config", {})
+    quantize = config.get("quantize", "none")
+    return None if quantize == "none" else (quantize, int(config.get("quantize_block", 32)), True)
 
 
 def _check_settings(work: Path, config: HealConfig) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from procrustes_onnx.cli_args import (SEED_MAX, THREADS_MAX, count, fraction, parse_kept, parse_layers, parse_list,
                                       parse_structures)
@@ -77,12 +78,14 @@ def _write_quantized(write, out: str, inputs: list, args: argparse.Namespace):
 
 def cmd_export(args: argparse.Namespace) -> int:
     from procrustes_onnx.exporters.pipeline import export_compressed, export_model
+    from procrustes_onnx.pipeline_options import quantize_config_from_args
 
     if args.dense_equivalent and not args.checkpoint:
         raise UserError("--dense-equivalent exports a compressed checkpoint's dense twin: pass --checkpoint CK too")
     if args.dense_equivalent and args.quantize != "none":
         raise UserError("--dense-equivalent writes the input of `rewrite`, which must stay fp32: drop --quantize")
     if args.checkpoint:
+        _note_healed_precision(args.checkpoint, quantize_config_from_args(args))
         out = _write_quantized(lambda d: export_compressed(args.checkpoint, d, with_past=not args.no_past,
                                                            dense_equivalent=args.dense_equivalent,
                                                            overwrite=args.overwrite, attention=args.attention),
@@ -93,6 +96,20 @@ def cmd_export(args: argparse.Namespace) -> int:
                                args.out, [], args)
     print(out)
     return 0
+
+
+def _note_healed_precision(checkpoint: str, config) -> None:
+    """A checkpoint healed through one rounding (--heal-quantize) and exported with another loses what that
+    healing bought: say so on stderr (it is the user's choice, not an error)."""
+    from procrustes_onnx.compiler.heal import healed_precision
+
+    healed = healed_precision(checkpoint)
+    wanted = None if config is None else (f"int{config.bits}", config.block_size, config.symmetric)
+    if healed is not None and healed != wanted:
+        got = "fp32" if wanted is None else f"{wanted[0]} block {wanted[1]}{'' if wanted[2] else ' asymmetric'}"
+        print(f"note: {checkpoint} was healed for {healed[0]} block {healed[1]} (--heal-quantize) but is exported "
+              f"as {got}: export with --quantize {healed[0]} --quantize-block {healed[1]} to get what it was healed for",
+              file=sys.stderr)
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ from procrustes_onnx.cli import main as cli
 from procrustes_onnx.compiler.checkpoint import load_compressed, save_compressed
 from procrustes_onnx.compiler.compress import compress, saved_param_count
 from procrustes_onnx.compiler.fake_quant import WeightQuant, quant_targets, quantized_weights, rtn_blockwise
-from procrustes_onnx.compiler.heal import HealConfig, heal_checkpoint, heal_model, stream_bases, topk_kl
+from procrustes_onnx.compiler.heal import (HealConfig, heal_checkpoint, heal_model, healed_precision, stream_bases,
+                                           topk_kl)
 from procrustes_onnx.compiler.slicegpt import slice_model
 from procrustes_onnx.testing import relative_error, tiny_compression_config, tiny_model, tiny_tokenizer
 
@@ -239,3 +240,17 @@ def test_state_left_by_other_settings_is_not_resumed(tmp_path):
     for p, q, r in zip(runs["other"].parameters(), runs["fresh"].parameters(), runs["first"].parameters()):
         assert torch.equal(p, q)
     assert any(not torch.equal(p, r) for p, r in zip(runs["other"].parameters(), runs["first"].parameters()))
+
+
+def test_export_says_when_its_precision_is_not_the_one_healed_for(tmp_path, capsys):
+    teacher, ck = _teacher_student(tmp_path, rotation="global")
+    out = heal_checkpoint(ck, tmp_path / "healed", teacher, tiny_tokenizer(),
+                          _config("e2e", epochs=1, tokens=256, heldout_tokens=128, quantize="int4", quantize_block=16,
+                                  text=str(_text_file(tmp_path))), **quiet)
+    assert healed_precision(out) == ("int4", 16, True) and healed_precision(ck) is None
+    capsys.readouterr()
+    assert cli(["export", "--checkpoint", str(out), "--out", str(tmp_path / "fp32")]) == 0
+    assert "healed for int4 block 16" in capsys.readouterr().err
+    assert cli(["export", "--checkpoint", str(out), "--out", str(tmp_path / "q"), "--quantize", "int4",
+                "--quantize-block", "16"]) == 0
+    assert "healed for" not in capsys.readouterr().err
