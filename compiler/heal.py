@@ -48,6 +48,7 @@ from .adapters import get_adapter, get_module
 from .calibration import _split_offset, capture_layer_inputs
 from .config import result_settings
 from .fake_quant import WeightQuant, quant_targets, quantized_weights
+from .teacher_text import TEACHER_TEXT, sample_teacher_windows
 from .skips import Shortcut, is_orthogonal
 
 __all__ = ["HEAL_MODES", "HealConfig", "HealReport", "heal_model", "healed_precision", "trainable_parameters", "heal_windows",
@@ -67,7 +68,7 @@ class HealConfig:
 
     tokens: int = 32_768          # training tokens (blockwise: each layer sees each once per epoch)
     mode: str = "e2e"             # measured better than blockwise at equal tokens (docs/healing.md)
-    text: str = "mix"             # training text: mix, kjv, a file, or name@N (skip the first N tokens)
+    text: str = "mix"             # training text: mix, kjv, teacher (sampled from it), a file, or name@N (skip N tokens)
     seq_len: int = 1024           # the evaluation's window: 256 left later positions untrained (docs/healing.md)
     batch_size: int = 1           # sequences per optimizer step (1,024 tokens, as 4 x 256 before)
     lr: float | None = None       # None: DEFAULT_LR[mode]
@@ -171,13 +172,18 @@ def _set_trainable(model: nn.Module, params: list[nn.Parameter]) -> None:
 
 # ---------------------------------------------------------------------------------------------- data
 
+def _window_counts(config: HealConfig) -> tuple[int, int]:
+    """Training and held-out windows: whole batches only, so every step is alike."""
+    per_batch = config.seq_len * config.batch_size
+    return (math.ceil(config.tokens / per_batch) * config.batch_size,
+            math.ceil(config.heldout_tokens / per_batch) * config.batch_size)
+
+
 def heal_windows(tokenizer, config: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(training windows, held-out windows) of ``seq_len`` tokens: non-overlapping windows of the training
     text in a seeded random order, the held-out ones first, so the two never share a token."""
     name, skip = _split_offset(config.text)
-    per_batch = config.seq_len * config.batch_size                 # whole batches only: every step is alike
-    n_train = math.ceil(config.tokens / per_batch) * config.batch_size
-    n_held = math.ceil(config.heldout_tokens / per_batch) * config.batch_size
+    n_train, n_held = _window_counts(config)
     ids = tokenize_corpus(tokenizer, load_text(name), max_tokens=skip + 4_000_000)[skip:]
     n_windows = ids.numel() // config.seq_len
     if n_windows < n_train + n_held:
@@ -514,7 +520,15 @@ def heal_model(student: nn.Module, teacher: nn.Module, tokenizer, config: HealCo
     _check_pair(student, teacher)
     if config.tokens == 0:  # nothing to train: the checkpoint is returned as it is
         return HealReport(config.mode, 0, 0, 0, float("nan"), float("nan"), 0.0)
-    train, held = windows if windows is not None else heal_windows(tokenizer, config)
+    if windows is not None:
+        train, held = windows
+    elif config.text == TEACHER_TEXT:
+        n_train, n_held = _window_counts(config)
+        train, held = sample_teacher_windows(teacher, model_fingerprint(teacher), n_train, n_held, config.seq_len,
+                                             config.seed, cache=Path(teacher_cache) if teacher_cache else None,
+                                             progress=progress)
+    else:
+        train, held = heal_windows(tokenizer, config)
     student.eval(), teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -262,8 +262,8 @@ def add_heal_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
     p.add_argument("--heal-tokens", type=int, default=d.tokens if verb == "heal" else None, help=tokens_help)
     p.add_argument("--heal-mode", choices=HEAL_MODES, help=f"default {d.mode}: KL to the dense model's (cached "
                    "top-k) next-token distribution; blockwise: layer by layer against the dense layer's output")
-    p.add_argument("--heal-text", help=f"training text (default {d.text}; kjv, a file, or jargon@102400: the "
-                   "Jargon File after the evaluation's tokens)")
+    p.add_argument("--heal-text", help=f"training text (default {d.text}; teacher: sampled from the dense model; kjv, "
+                   "a file, or jargon@102400: the Jargon File after the evaluation's tokens)")
     p.add_argument("--heal-lr", type=float, help=f"peak learning rate (default {DEFAULT_LR})")
     p.add_argument("--heal-seq-len", type=int, help=f"tokens per training sequence (default {d.seq_len})")
     p.add_argument("--heal-batch-size", type=int, help=f"sequences per step (default {d.batch_size})")

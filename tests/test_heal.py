@@ -254,3 +254,21 @@ def test_export_says_when_its_precision_is_not_the_one_healed_for(tmp_path, caps
     assert cli(["export", "--checkpoint", str(out), "--out", str(tmp_path / "q"), "--quantize", "int4",
                 "--quantize-block", "16"]) == 0
     assert "healed for" not in capsys.readouterr().err
+
+
+def test_teacher_sampled_text_is_deterministic_cached_and_heals(tmp_path):
+    from procrustes_onnx.compiler.teacher_text import sample_teacher_windows
+
+    teacher, ck = _teacher_student(tmp_path, rotation="global")
+    a = sample_teacher_windows(teacher, "t", 6, 2, 24, seed=0, cache=tmp_path / "c", batch=4, progress=False)
+    assert a[0].shape == (6, 24) and a[1].shape == (2, 24) and len(list((tmp_path / "c").iterdir())) == 1
+    c = sample_teacher_windows(teacher, "t", 6, 2, 24, seed=0, cache=None, batch=4, progress=False)
+    assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])                     # same seed, same text
+    assert not torch.equal(a[0][:2], a[1])                                         # held-out is other text
+    student, _ = load_compressed(ck)
+    before = _kl(student, teacher)
+    report = heal_model(student, teacher, None, _config("e2e", lr=1e-4, text="teacher", tokens=48 * 32),
+                        tmp_path / "w", teacher_cache=tmp_path / "c", **quiet)
+    assert report.heldout_after < report.heldout_before
+    assert _kl(student, teacher) < before
+    assert len(list((tmp_path / "c").glob("teacher-text-*"))) == 2
