@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import StaticCache
 
 __all__ = ["sample_teacher_windows", "TEACHER_TEXT"]
 
@@ -33,10 +34,12 @@ def _sample(teacher: nn.Module, n: int, seq_len: int, seed: int, batch: int, pro
     for start in range(0, n, batch):
         b = min(batch, n - start)
         ids = torch.randint(0, vocab, (b, 1), generator=gen)
-        seq, past = [ids], None
-        for _ in range(seq_len - 1):
-            step = teacher(input_ids=ids.to(device), past_key_values=past, use_cache=True)
-            past = step.past_key_values
+        # a preallocated cache: a growing one is copied whole at every step, quadratic in seq_len
+        past = StaticCache(config=teacher.config, max_cache_len=seq_len)
+        seq = [ids]
+        for t in range(seq_len - 1):
+            step = teacher(input_ids=ids.to(device), past_key_values=past, use_cache=True,
+                           cache_position=torch.tensor([t], device=device))
             probs = torch.softmax(step.logits[:, -1].float().cpu(), dim=-1)
             ids = torch.multinomial(probs, 1, generator=gen)
             seq.append(ids)
@@ -48,11 +51,12 @@ def _sample(teacher: nn.Module, n: int, seq_len: int, seed: int, batch: int, pro
 
 
 def sample_teacher_windows(teacher: nn.Module, teacher_id: str, n_train: int, n_held: int, seq_len: int, seed: int,
-                           *, cache: Path | None = None, batch: int = 16,
+                           *, cache: Path | None = None, batch: int = 32,
                            progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(train [n_train, seq_len], held-out [n_held, seq_len]) sampled from ``teacher``; the held-out ones use
-    another seed, so the two never share a sequence. Deterministic for (teacher, seed)."""
-    key = hashlib.sha256(f"{teacher_id}|{n_train}|{n_held}|{seq_len}|{seed}".encode()).hexdigest()[:16]
+    another seed, so the two never share a sequence. Deterministic for (teacher, seed, batch): the batch
+    decides the order of the random draws."""
+    key = hashlib.sha256(f"{teacher_id}|{n_train}|{n_held}|{seq_len}|{seed}|{batch}".encode()).hexdigest()[:16]
     path = None if cache is None else cache / f"teacher-text-{key}.safetensors"
     if path is not None and path.is_file():
         saved = load_file(str(path))
