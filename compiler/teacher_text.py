@@ -10,6 +10,7 @@ temperature 1 with the KV cache; sequences are cached on disk keyed by the teach
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def _sample(teacher: nn.Module, n: int, seq_len: int, seed: int, batch: int, pro
     gen = torch.Generator().manual_seed(seed)
     vocab = int(teacher.config.vocab_size)
     device = next(teacher.parameters()).device
+    # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns); the cache object is ours
+    cache_arg = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
     out = []
     bar = tqdm(total=n * seq_len, desc="teacher text", unit="tok", unit_scale=True, disable=not progress)
     for start in range(0, n, batch):
@@ -38,8 +41,8 @@ def _sample(teacher: nn.Module, n: int, seq_len: int, seed: int, batch: int, pro
         past = StaticCache(config=teacher.config, max_cache_len=seq_len)
         seq = [ids]
         for t in range(seq_len - 1):
-            step = teacher(input_ids=ids.to(device), past_key_values=past, use_cache=True,
-                           cache_position=torch.tensor([t], device=device))
+            step = teacher(input_ids=ids.to(device), use_cache=True, cache_position=torch.tensor([t], device=device),
+                           **{cache_arg: past})
             probs = torch.softmax(step.logits[:, -1].float().cpu(), dim=-1)
             ids = torch.multinomial(probs, 1, generator=gen)
             seq.append(ids)
