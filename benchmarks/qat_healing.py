@@ -43,6 +43,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     work = Path(args.work) / f"{args.variant}-{arm}-{args.tokens}"
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     ckpt = ensure_checkpoint(args.variant, Path(args.checkpoints))
     teacher, tokenizer = load_model("smollm2-135m")
     row: dict = {"arm": arm, "variant": args.variant, "checkpoint": ckpt.name, "tokens": 0 if arm == "start" else args.tokens}

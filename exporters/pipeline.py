@@ -65,6 +65,8 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     factor_map = materialize_dense(torch_model)
     if dense_equivalent:
         dense_dir = out_dir
+    if not dense_dir:  # the scratch twin lives beside the output, whose parent may not exist yet
+        Path(out_dir).resolve().parent.mkdir(parents=True, exist_ok=True)
     scratch = None if dense_dir else Path(tempfile.mkdtemp(prefix=".dense-", dir=Path(out_dir).resolve().parent))
     target = Path(dense_dir) if dense_dir else scratch / "onnx"
     twin = {**origin, "kind": "dense-equivalent"}

@@ -90,7 +90,8 @@ def test_fused_greedy_decode_matches_torch(pair, arch):
 def test_structured_rewrite_of_a_fused_export_matches_torch(tmp_path):
     """The compressed-checkpoint route (skip matrices, Kronecker and GS factors) with fused attention."""
     structured, _, _, dense_path = exported("llama")
-    out = export_compressed(dense_path.parent.parent / "ckpt", tmp_path / "structured", attention="gqa")
+    out = export_compressed(dense_path.parent.parent / "ckpt", tmp_path / "new" / "structured",  # parent made too
+                            attention="gqa")
     ops = [n.op_type for n in ir.load(out).graph]
     assert ops.count("GroupQueryAttention") == structured.config.num_hidden_layers
     assert json.loads((out.parent / "rewrite.json").read_text())  # the rewrite ran on the fused twin
