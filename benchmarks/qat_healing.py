@@ -50,7 +50,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     if arm != "start":
         config = HealConfig(tokens=args.tokens, text=args.text, seq_len=args.seq_len, batch_size=args.batch_size,
-                            quantize=ARMS[arm], threads=args.threads)
+                            quantize=ARMS[arm], lr=args.lr, threads=args.threads)
         ckpt = heal_checkpoint(ckpt, work / "checkpoint", teacher, tokenizer, config,
                                teacher_cache=cache_root() / "heal-teacher", progress=False, echo=lambda s: None)
         row["heal"] = config.to_dict()
@@ -79,6 +79,7 @@ def main() -> int:
     p.add_argument("--arms", default="start,plain,qat")
     p.add_argument("--tokens", type=int, default=25_600)
     p.add_argument("--text", default="mix")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: heal's e2e default)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--windows", type=int, default=8)
@@ -99,7 +100,7 @@ def main() -> int:
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if args.resume and out.is_file() else []
     done = {(r["variant"], r["arm"], r["tokens"]) for r in rows}
-    forward = [a for k, v in vars(args).items() if k not in ("arms", "out", "resume", "one", "keep")
+    forward = [a for k, v in vars(args).items() if k not in ("arms", "out", "resume", "one", "keep") and v is not None
                for a in (f"--{k.replace('_', '-')}", str(v))] + (["--keep"] if args.keep else [])
     for arm in args.arms.split(","):
         if (args.variant, arm, 0 if arm == "start" else args.tokens) in done:
