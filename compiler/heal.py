@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -49,6 +49,7 @@ from .calibration import _split_offset, capture_layer_inputs
 from .config import result_settings
 from .fake_quant import WeightQuant, quant_targets, quantized_weights
 from .teacher_text import TEACHER_TEXT, sample_teacher_windows
+from .tensor_files import save_tensors_atomic
 from .skips import Shortcut, is_orthogonal
 
 __all__ = ["HEAL_MODES", "HealConfig", "HealReport", "heal_model", "healed_precision", "trainable_parameters", "heal_windows",
@@ -93,8 +94,7 @@ class HealConfig:
         for name in ("seq_len", "batch_size", "epochs", "eval_every", "patience", "topk", "threads"):
             if getattr(self, name) < 1:
                 raise UserError(f"--heal-{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        quant = WeightQuant.named(self.quantize, self.quantize_block)
-        if quant is not None and self.mode != "e2e":
+        if self.weight_quant is not None and self.mode != "e2e":
             raise UserError(f"--heal-quantize {self.quantize} trains end to end: add --heal-mode e2e")
         if self.quantize_block < 16 or self.quantize_block & (self.quantize_block - 1):
             raise UserError(f"--heal-quantize-block {self.quantize_block} must be a power of two, at least 16")
@@ -363,10 +363,7 @@ def _teacher_topk(teacher, windows: torch.Tensor, k: int, cache: Path | None, ba
         idxs.append(ix.int())
     logp, idx = torch.cat(logps), torch.cat(idxs)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
-        save_file({"logp": logp.cpu(), "idx": idx.cpu(), "windows": windows.cpu().contiguous()}, str(tmp))
-        os.replace(tmp, cache)
+        save_tensors_atomic({"logp": logp.cpu(), "idx": idx.cpu(), "windows": windows.cpu().contiguous()}, cache)
     return logp, idx
 
 
@@ -485,10 +482,8 @@ def _restore(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
 
 def _save_params(module: nn.Module, params: list[nn.Parameter], path: Path) -> None:
     ids = {id(p) for p in params}
-    tensors = {n: p.detach().contiguous().clone() for n, p in module.named_parameters() if id(p) in ids}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    save_tensors_atomic({n: p.detach().contiguous().clone() for n, p in module.named_parameters() if id(p) in ids},
+                        path)
 
 
 def _load_params(module: nn.Module, path: Path) -> None:
@@ -604,7 +599,7 @@ def healed_precision(checkpoint: str | Path) -> tuple[str, int, bool] | None:
     healing = json.loads(path.read_text()).get("procrustes", {}).get("healing") or [{}]
     config = healing[-1].get("config", {})
     quantize = config.get("quantize", "none")
-    return None if quantize == "none" else (quantize, int(config.get("quantize_block", 32)), True)
+    return None if quantize == "none" else (quantize, int(config.get("quantize_block", HealConfig.quantize_block)), True)
 
 
 def _check_settings(work: Path, config: HealConfig) -> None:

@@ -21,11 +21,10 @@ calibration data. Each layer's factors are saved to ``work`` as it finishes, so 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,6 +32,7 @@ from procrustes_onnx.ops import StructuredLinear, structured_from_spec
 
 from .adapters import get_adapter
 from .calibration import StopForward, capture_layer_inputs
+from .tensor_files import save_tensors_atomic
 from .weighted import project_weighted
 
 __all__ = ["REFINE_MODES", "refine_sequential"]
@@ -163,9 +163,7 @@ def refine_sequential(model: nn.Module, reference: nn.Module, specs: dict[str, d
 
 def _save_layer(path: Path, factors: dict[str, dict[str, torch.Tensor]]) -> None:
     tensors = {f"{name}::{k}": t for name, fac in factors.items() for k, t in fac.items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    save_tensors_atomic(tensors, path)
 
 
 def _load_layer(layer: nn.Module, names: list[str], specs: dict[str, dict], prefix: str, path: Path) -> None:

@@ -6,13 +6,12 @@ every projection, checkpointed per position group so a killed run resumes exactl
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from procrustes_onnx.ops import project_factors, structured_from_spec
@@ -22,6 +21,7 @@ from .calibration import rotate_gram
 from .config import CompressionConfig
 from .positions import Position, stream_matrix
 from .procrustes import frobenius_als
+from .tensor_files import save_tensors_atomic
 from .weighted import WeightedTerm, balance_weights, project_weighted, weighted_stage
 
 __all__ = ["Projector", "gram_paths", "rotated_input_grams", "GroupTerm", "GroupProblem", "group_problem", "solve_group", "load_group",
@@ -193,9 +193,7 @@ def save_group(path: Path, r: torch.Tensor, factors: dict[str, Factors]) -> None
     for module, fac in factors.items():
         for name, t in fac.items():
             tensors[f"{module}::{name}"] = t
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    save_tensors_atomic(tensors, path)
 
 
 def load_group(path: Path) -> tuple[torch.Tensor, dict[str, Factors]]:

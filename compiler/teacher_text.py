@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import StaticCache
+
+from .tensor_files import save_tensors_atomic
 
 __all__ = ["sample_teacher_windows", "TEACHER_TEXT"]
 
@@ -70,8 +71,5 @@ def sample_teacher_windows(teacher: nn.Module, teacher_id: str, n_train: int, n_
     train = _sample(teacher, n_train, seq_len, seed * 2, batch, progress)
     teacher.train(was_training)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"train": train.contiguous(), "held": held.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        save_tensors_atomic({"train": train.contiguous(), "held": held.contiguous()}, path)
     return train, held
