@@ -18,10 +18,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from subprocess_worker import run_one
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -170,13 +171,9 @@ def main() -> int:
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if args.resume and out.is_file() else []
     for point in [x for x in args.points.split(",") if x and not _measured(rows, x, args)]:
-        cmd = [sys.executable, __file__, "--one", point, *_forward(args)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        row = run_one(__file__, point, _forward(args))
+        if row is None:
             return 1
-        row = json.loads(line[len("RESULT "):])
         rows.append(row)
         print(f"{row['point']:32s} ppl {row['ppl']:>10,.1f}  full {row.get('ppl_full', float('nan')):>8,.1f}  "
               f"heal {row['heal_s']:>7.1f} s  "

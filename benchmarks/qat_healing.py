@@ -15,7 +15,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from subprocess_worker import run_one  # noqa: E402
 ARMS = {"start": "none", "plain": "none", "qat": "int4"}
 
 
@@ -105,13 +105,10 @@ def main() -> int:
     for arm in args.arms.split(","):
         if (args.variant, arm, 0 if arm == "start" else args.tokens) in done:
             continue
-        proc = subprocess.run([sys.executable, __file__, "--one", arm, *forward], capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        r = run_one(__file__, arm, forward)
+        if r is None:
             return 1
-        rows.append(json.loads(line[len("RESULT "):]))
-        r = rows[-1]
+        rows.append(r)
         print(f"{r['variant']:8s} {r['arm']:6s} tokens {r['tokens']:>7,}  fp32 {r['ppl_fp32_torch']:>9.2f}  "
               f"int4 {r['ppl_int4_ort']:>9.2f}  ({r['int4_mb']} MB)  heal {r['heal_s']} s", flush=True)
         write_results(out, {"benchmark": "qat_healing", "dense_ppl_8_windows": 20.40, "rows": rows})

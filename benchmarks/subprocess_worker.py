@@ -22,6 +22,17 @@ def run_worker(script: str, folder: str | Path, config: dict, timeout: int = 360
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_one(script: str, point: str, flags: list[str]) -> dict | None:
+    """Run ``script --one POINT *flags`` in a fresh interpreter; its ``RESULT <json>`` stdout line, or None
+    (its stderr's tail printed) when it printed none."""
+    proc = subprocess.run([sys.executable, script, "--one", point, *flags], capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(line[len("RESULT "):])
+
+
 def genai_decode_rates(folder: Path, prompt: int, new_tokens: int, runs: int, share: bool | None = None,
                        ) -> list[float] | None:
     """Decode tok/s of each of ``runs`` greedy generations after a random ``prompt``-token prompt in
