@@ -602,11 +602,17 @@ def healed_precision(checkpoint: str | Path) -> tuple[str, int, bool] | None:
     return None if quantize == "none" else (quantize, int(config.get("quantize_block", HealConfig.quantize_block)), True)
 
 
+def _with_defaults(saved: dict) -> dict:
+    """Settings saved by an older version, with the fields added since at their defaults: a setting that
+    did not exist then was at its default, so adding one must not throw a long run's progress away."""
+    return {**HealConfig().settings(), **saved}
+
+
 def _check_settings(work: Path, config: HealConfig) -> None:
     """A resumed run must have the same settings as the one that left ``work``; else its state is dropped."""
     saved = work / "heal-config.json"
     wanted = config.settings()
-    if saved.is_file() and json.loads(saved.read_text()) != wanted:
+    if saved.is_file() and _with_defaults(json.loads(saved.read_text())) != wanted:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     _write_json(saved, wanted)

@@ -158,30 +158,38 @@ def _text_file(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("mode", ["blockwise", "e2e"])
-def test_resume_after_a_kill_gives_the_same_weights(tmp_path, mode, monkeypatch):
+@pytest.mark.parametrize("mode, older_version", [("blockwise", False), ("e2e", False), ("e2e", True)])
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path, mode, older_version, monkeypatch):
+    """``older_version``: the state was left by a version without the quantize settings (at their defaults)."""
     teacher, ck = _teacher_student(tmp_path, rotation="global")
     config = _config(mode, patience=100)
-    whole, _ = load_compressed(ck)
-    heal_model(whole, teacher, None, config, tmp_path / "w1", windows=(TRAIN, HELD), **quiet)
-
-    resumed, _ = load_compressed(ck)
     optimizer = torch.optim.Adam if mode == "blockwise" else torch.optim.AdamW
-    real_step, calls = optimizer.step, {"n": 0}
-    kill_at = 50 if mode == "blockwise" else 22  # inside layer 1 / between two saved states
+    real_step, calls = optimizer.step, {"n": 0, "kill_at": None}
 
     def step(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == kill_at:
+        if calls["n"] == calls["kill_at"]:
             raise KeyboardInterrupt
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(optimizer, "step", step)
+    whole, _ = load_compressed(ck)
+    heal_model(whole, teacher, None, config, tmp_path / "w1", windows=(TRAIN, HELD), **quiet)
+    uninterrupted = calls["n"]
+
+    calls.update(n=0, kill_at=50 if mode == "blockwise" else 22)  # inside layer 1 / between two saved states
+    resumed, _ = load_compressed(ck)
     with pytest.raises(KeyboardInterrupt):
         heal_model(resumed, teacher, None, config, tmp_path / "w2", windows=(TRAIN, HELD), **quiet)
-    monkeypatch.setattr(optimizer, "step", real_step)
+    if older_version:
+        saved = tmp_path / "w2" / "heal-config.json"
+        settings = json.loads(saved.read_text())
+        del settings["quantize"], settings["quantize_block"]
+        saved.write_text(json.dumps(settings))
+    calls.update(n=0, kill_at=None)
     resumed, _ = load_compressed(ck)
     heal_model(resumed, teacher, None, config, tmp_path / "w2", windows=(TRAIN, HELD), **quiet)
+    assert calls["n"] < uninterrupted  # it resumed rather than starting over
     for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
 
