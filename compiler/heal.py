@@ -511,8 +511,9 @@ def heal_model(student: nn.Module, teacher: nn.Module, tokenizer, config: HealCo
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     work = Path(work)
-    _check_settings(work, config)  # state left by other settings is dropped, never resumed
     _check_pair(student, teacher)
+    # state left by other settings, another starting checkpoint or another teacher is dropped, never resumed
+    _check_settings(work, config, {"student": model_fingerprint(student), "teacher": model_fingerprint(teacher)})
     if config.tokens == 0:  # nothing to train: the checkpoint is returned as it is
         return HealReport(config.mode, 0, 0, 0, float("nan"), float("nan"), 0.0)
     if windows is not None:
@@ -602,17 +603,14 @@ def healed_precision(checkpoint: str | Path) -> tuple[str, int, bool] | None:
     return None if quantize == "none" else (quantize, int(config.get("quantize_block", HealConfig.quantize_block)), True)
 
 
-def _with_defaults(saved: dict) -> dict:
-    """Settings saved by an older version, with the fields added since at their defaults: a setting that
-    did not exist then was at its default, so adding one must not throw a long run's progress away."""
-    return {**HealConfig().settings(), **saved}
-
-
-def _check_settings(work: Path, config: HealConfig) -> None:
-    """A resumed run must have the same settings as the one that left ``work``; else its state is dropped."""
+def _check_settings(work: Path, config: HealConfig, identity: dict[str, str]) -> None:
+    """A resumed run must have the same settings, starting weights and teacher as the one that left ``work``;
+    else its state is dropped. A file saved by an older version is read with the settings added since at their
+    defaults (a setting that did not exist then was at its default) and, where it recorded no fingerprints,
+    trusted as before, so upgrading the tool never throws a long run's progress away."""
     saved = work / "heal-config.json"
-    wanted = config.settings()
-    if saved.is_file() and _with_defaults(json.loads(saved.read_text())) != wanted:
+    wanted = {**config.settings(), **identity}
+    if saved.is_file() and {**HealConfig().settings(), **identity, **json.loads(saved.read_text())} != wanted:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     _write_json(saved, wanted)

@@ -250,6 +250,34 @@ def test_state_left_by_other_settings_is_not_resumed(tmp_path):
     assert any(not torch.equal(p, r) for p, r in zip(runs["other"].parameters(), runs["first"].parameters()))
 
 
+def test_state_left_by_another_starting_checkpoint_is_not_resumed(tmp_path, monkeypatch):
+    """A killed heal of checkpoint A leaves its state in ``work``; healing checkpoint B there starts afresh
+    (resuming would hand back A's weights under B's name)."""
+    teacher, ck = _teacher_student(tmp_path, rotation="global")
+    config = _config("e2e", patience=100)
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 22:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    first, _ = load_compressed(ck)
+    with pytest.raises(KeyboardInterrupt):
+        heal_model(first, teacher, None, config, tmp_path / "w", windows=(TRAIN, HELD), **quiet)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    runs = {}
+    for name, work in (("other", "w"), ("fresh", "fresh")):
+        runs[name], _ = load_compressed(ck)
+        with torch.no_grad():
+            next(runs[name].parameters()).mul_(0.5)  # checkpoint B: another starting point
+        heal_model(runs[name], teacher, None, config, tmp_path / work, windows=(TRAIN, HELD), **quiet)
+    for p, q in zip(runs["other"].parameters(), runs["fresh"].parameters()):
+        assert torch.equal(p, q)
+
+
 def test_export_says_when_its_precision_is_not_the_one_healed_for(tmp_path, capsys):
     teacher, ck = _teacher_student(tmp_path, rotation="global")
     out = heal_checkpoint(ck, tmp_path / "healed", teacher, tiny_tokenizer(),
