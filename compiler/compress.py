@@ -6,6 +6,7 @@ save the checkpoint. Per-position results are checkpointed in ``out_dir/work`` s
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import shutil
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from procrustes_onnx.core.artifacts import write_json
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.core.outputs import FILE_LIST, check_output, claim
 from procrustes_onnx.core.sources import (is_compressed_checkpoint, load_tokenizer, model_fingerprint, require_dense,
@@ -184,10 +186,11 @@ def plan_and_solve(model: nn.Module, config: CompressionConfig, original: int, w
 
 def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work: str | Path, *,
                    progress: bool = True, echo: Callable[[str], None] = print,
-                   calib_tokens: torch.Tensor | None = None) -> Plan:
+                   calib_tokens: torch.Tensor | None = None, source: str | None = None) -> Plan:
     """Compress ``model`` in place (fuse, plan, solve, rotate, swap linears) without saving; per-position
     results go to ``work`` and are reused from there. Returns the plan (the promised count).
-    ``calib_tokens`` (a 1-D token stream) replaces the config's calibration text, e.g. in tests."""
+    ``calib_tokens`` (a 1-D token stream) replaces the config's calibration text, e.g. in tests.
+    ``source``: the model's fingerprint, if the caller has it already."""
     config.validate()
     config.fanout.check()
     check_layers(model, config)
@@ -198,7 +201,7 @@ def compress_model(model: nn.Module, tokenizer, config: CompressionConfig, work:
         windows, heldout = calibration_split(tokenizer, config, calib_tokens)
     else:
         windows = calibration_windows_for(tokenizer, config, calib_tokens) if needs_text else None
-    work = open_work(work, config)
+    work = open_work(work, config, source or model_fingerprint(model))
     torch.manual_seed(config.seed)
     model.eval()
     original = count_params(model)
@@ -252,7 +255,8 @@ def compress(model: nn.Module, tokenizer, config: CompressionConfig, out_dir: st
     created = not out_dir.exists()
     claim(out_dir, ["work"])
     try:
-        plan = compress_model(model, tokenizer, config, work, progress=progress, echo=echo, calib_tokens=calib_tokens)
+        plan = compress_model(model, tokenizer, config, work, progress=progress, echo=echo, calib_tokens=calib_tokens,
+                              source=source)
     except BaseException:
         discard_empty(out_dir, work, created)
         raise
@@ -270,15 +274,23 @@ def report_saved(out_dir: Path, plan: Plan, start: float, echo: Callable[[str], 
          f"{time.perf_counter() - start:.0f} s{how}")
 
 
-def open_work(work: str | Path, config: CompressionConfig) -> Path:
-    """The resumable work folder, recording ``config``; a partial run of other settings is refused."""
+def open_work(work: str | Path, config: CompressionConfig, source: str) -> Path:
+    """The resumable work folder, recording ``config`` and the dense model's fingerprint ``source``; a partial
+    run of other settings, or of another model (its rotations would be applied to this one), is refused.
+    A folder from a version that recorded no fingerprint is trusted, as it was then."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    saved_cfg = work / "config.json"
+    saved_cfg, saved_source = work / "config.json", work / "source.json"
     if saved_cfg.exists() and _has_results(work) and CompressionConfig.load(saved_cfg) != config:
         raise UserError(f"{work} holds a partial run with different settings: rerun with those settings to "
                         "resume, or use another --out (or delete the folder)")
+    if saved_source.exists() and _has_results(work):
+        before = json.loads(saved_source.read_text()).get("source")
+        if before != source:
+            raise UserError(f"{work} holds a partial run of another model (fingerprint {before}, this one {source}): "
+                            "rerun with that model to resume, or use another --out (or delete the folder)")
     config.save(saved_cfg)
+    write_json(saved_source, {"source": source})
     return work
 
 

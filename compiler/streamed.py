@@ -78,9 +78,9 @@ def compress_streamed(model_dir: str | Path, tokenizer, config: CompressionConfi
     created = not out_dir.exists()
     claim(out_dir, ["work"])
     try:
-        open_work(work, config)
-        torch.manual_seed(config.seed)
         source = _fingerprint(model, reader)
+        open_work(work, config, source)
+        torch.manual_seed(config.seed)
         run = _Run(model, reader, config, work, windows, progress)
         plan = run.prepare(echo)
         run.layers()

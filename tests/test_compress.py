@@ -86,6 +86,9 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
                        calib_tokens=CALIB)
     assert len(list((tmp_path / "b").glob("pos*.safetensors"))) == 2
     monkeypatch.setattr(driver, "solve_group", real)
+    with pytest.raises(UserError, match="partial run of another model"):  # its rotations are not this model's
+        compress_model(tiny_model("llama", seed=1), None, config, tmp_path / "b", progress=False, echo=lambda s: None,
+                       calib_tokens=CALIB)
     resumed = tiny_model("llama")
     compress_model(resumed, None, config, tmp_path / "b", progress=False, echo=lambda s: None, calib_tokens=CALIB)
     assert torch.equal(resumed(IDS).logits, full(IDS).logits)
