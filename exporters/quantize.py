@@ -32,6 +32,7 @@ from procrustes_onnx.core.outputs import check_output
 from procrustes_onnx.ops.lowering import lower_gs_blocks
 
 from .genai_config import write_runtime_files
+from .pack import pack_sibling_matmuls
 from .pipeline import compare_logits
 
 __all__ = ["QuantizeConfig", "quantize_artifact", "relower_gs_blocks", "untie_matmul_weights", "QUANT_FILE",
@@ -62,6 +63,7 @@ class QuantizeConfig:
     min_elements: int = 4096
     keep: str | None = None  # a regular expression: constant-weight nodes whose name matches it stay float
     share_table: bool = True  # a tied head and the token table keep one copy of their quantized blocks
+    pack: bool = True  # sibling MatMuls (q/k/v, gate/up) quantized as one (exporters/pack.py)
 
     def validate(self) -> "QuantizeConfig":
         if self.bits not in (4, 8):
@@ -382,6 +384,8 @@ def quantize_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, co
     untied = untie_matmul_weights(model)
     tied = any(v.name.removesuffix(".transposed") in tables for n in model.graph if n.name in untied
                for v in n.inputs[1:2])
+    keep = re.compile(config.keep) if config.keep else None
+    packs = pack_sibling_matmuls(model, lambda n: not (keep and keep.search(n.name))) if config.pack else []
     for p in (common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass()):
         p(model)
     proto = ir.to_proto(ir.external_data.load_to_model(model))  # ORT's quantizer reads weights from the proto
@@ -414,7 +418,7 @@ def quantize_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, co
         check = _logits_check(src / "model.onnx", tmp / "model.onnx", vocab)
         write_json(tmp / QUANT_FILE, {
             "config": asdict(config), "label": label, "source": str(src.resolve()), "quantized_ops": ops,
-            "kept_float": kept, "gs_relowered_in_blocks": len(gs_modules), "untied_heads": untied,
+            "kept_float": kept, "gs_relowered_in_blocks": len(gs_modules), "untied_heads": untied, "packed": packs,
             "groups": {k: len(v) for k, v in groups.items()}, "token_table_shared_with_head": shared, "embedding_bits": config.bits if groups["gather"] else None,
             "bytes_before": folder_bytes(src), "bytes_after": folder_bytes(tmp), **check,
             "seconds": round(time.perf_counter() - start, 2), "onnxruntime": onnxruntime.__version__,

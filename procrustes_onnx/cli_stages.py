@@ -166,6 +166,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
                         "residual-path matrices of a per-position rotation)")
     p.add_argument("--no-quantize-embedding", action="store_true",
                    help="keep the token table in float (default: the same precision as the weights)")
+    p.add_argument("--no-quantize-pack", action="store_true",
+                   help="quantize q/k/v and gate/up as separate MatMuls (default: packed into one each, as "
+                        "onnxruntime-genai's builder does; the same numbers, fewer nodes)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

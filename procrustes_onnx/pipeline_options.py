@@ -49,7 +49,7 @@ def quantize_config_from_args(args: argparse.Namespace, default: str = "none"):
     return QuantizeConfig(bits=int(precision[3:]), block_size=args.quantize_block,
                           symmetric=not args.quantize_asymmetric, algorithm=args.quantize_algorithm, head_bits=head,
                           embedding=not args.no_quantize_embedding, accuracy_level=args.quantize_accuracy,
-                          keep=args.quantize_keep).validate()
+                          keep=args.quantize_keep, pack=not args.no_quantize_pack).validate()
 
 
 def heal_config_from_args(args: argparse.Namespace, default_tokens: int | None = None):

@@ -145,3 +145,32 @@ def test_tied_table_is_stored_once_and_logits_do_not_move(tmp_path, bits):
         np.testing.assert_array_equal(shared, separate)
     else:          # the head's rounding of the table instead of the Gather's own: within int8 noise
         assert rel_err(shared, separate) < 0.01
+
+
+def test_packed_siblings_quantize_to_the_same_numbers_in_fewer_nodes(tmp_path):
+    """q/k/v (into GroupQueryAttention's packed input) and gate/up packed into one MatMul each: the fp32 graph
+    computes the same logits bit for bit, and so does the int4 one (each column's blocks round alone)."""
+    from procrustes_onnx.core.artifacts import load_onnx
+    from procrustes_onnx.exporters.pack import pack_sibling_matmuls
+
+    tiny = tiny_artifact()
+    ids = _ids(256, 12, seed=4)
+    model = load_onnx(tiny.onnx)
+    before = sum(n.op_type == "MatMul" for n in model.graph)
+    packs = pack_sibling_matmuls(model)
+    layers = json.loads((tiny.dir / "config.json").read_text())["num_hidden_layers"]
+    assert sorted(p["cut"] for p in packs) == ["GroupQueryAttention packed QKV"] * layers + ["Split"] * layers
+    assert sum(n.op_type == "MatMul" for n in model.graph) == before - 3 * layers
+    assert not [v for v in model.graph.initializers if v.endswith(("q_proj.weight_t", "up_proj.weight_t"))]
+    (tmp_path / "fp32").mkdir()
+    ir.save(model, tmp_path / "fp32" / "model.onnx", external_data="model.onnx.data")
+    assert np.array_equal(ort_logits(tmp_path / "fp32" / "model.onnx", ids), ort_logits(tiny.onnx, ids))
+
+    logits, nbits = {}, {}
+    for pack in (False, True):
+        out = quantize_artifact(tiny.dir, tmp_path / f"int4-{pack}", QuantizeConfig(block_size=16, min_elements=0, pack=pack))
+        report = json.loads((out.parent / QUANT_FILE).read_text())
+        logits[pack], nbits[pack] = ort_logits(out, ids), report["quantized_ops"]["MatMulNBits"]
+        assert len(report["packed"]) == (2 * layers if pack else 0)
+    assert np.array_equal(logits[True], logits[False])
+    assert nbits[True] == nbits[False] - 3 * layers
