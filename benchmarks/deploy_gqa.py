@@ -8,7 +8,10 @@ unfused one. Each model is measured in its own subprocess, one at a time; the ex
     flock /tmp/heavy.lock python benchmarks/deploy_gqa.py [--work /tmp/procrustes-gqa] [--fuse] [--builder]
 
 --fuse adds the gqa graph with onnxscript's RMSNorm/SkipRMSNorm fusions (exporters/fuse.py); --builder adds
-onnxruntime-genai's model builder int4 of the same Hugging Face folder.
+onnxruntime-genai's model builder int4 of the same Hugging Face folder. Every int4 is quantized twice: with the
+sibling MatMuls packed (q/k/v, gate/up: exporters/pack.py, the default of `quantize`) and without
+(``:int4-unpacked``). ``--structured NAME=CHECKPOINT,...`` adds compressed checkpoints, exported with gqa
+attention, fp32 and int4 packed.
 
 Writes docs/results/deploy_gqa.json and prints a table.
 """
@@ -29,10 +32,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from subprocess_worker import genai_decode_rates, run_worker  # noqa: E402
 
 
-def prepare(work: Path, model: str, fuse: bool) -> dict[str, Path]:
-    """fp32 exports (unfused, gqa, optionally gqa + ORT norm fusions) and their int4 copies, reused if present."""
+def prepare(work: Path, model: str, fuse: bool, structured: dict[str, str] | None = None) -> dict[str, Path]:
+    """fp32 exports (unfused, gqa, optionally gqa + ORT norm fusions, compressed checkpoints with gqa) and their
+    int4 copies (packed, and unpacked for the dense ones), reused if present."""
     from procrustes_onnx.exporters.fuse import fuse_artifact
-    from procrustes_onnx.exporters.pipeline import export_model
+    from procrustes_onnx.exporters.pipeline import export_compressed, export_model
     from procrustes_onnx.exporters.quantize import QuantizeConfig, quantize_artifact
 
     fp32 = {}
@@ -46,13 +50,22 @@ def prepare(work: Path, model: str, fuse: bool) -> dict[str, Path]:
         if not (out / "fuse.json").is_file():
             fuse_artifact(fp32["gqa"], out)
         fp32["gqa+fused"] = out
+    for name, checkpoint in (structured or {}).items():
+        out = work / name
+        if not (out / "rewrite.json").is_file():
+            export_compressed(checkpoint, out, attention="gqa")
+        fp32[name] = out
     models = {}
     for name, src in fp32.items():
         models[f"{name}:fp32"] = src
-        q = work / f"dense-{name}-int4"
-        if not (q / "quantize.json").is_file():
-            quantize_artifact(src, q, QuantizeConfig(bits=4), overwrite=True)
-        models[f"{name}:int4"] = q
+        for suffix, pack in (("int4", True), ("int4-unpacked", False)):
+            if not pack and name in (structured or {}):
+                continue
+            q = work / f"{src.name}-{suffix}"
+            if not (q / "quantize.json").is_file() or \
+                    bool(json.loads((q / "quantize.json").read_text()).get("packed")) != pack:
+                quantize_artifact(src, q, QuantizeConfig(bits=4, pack=pack), overwrite=True)
+            models[f"{name}:{suffix}"] = q
     return models
 
 
@@ -113,8 +126,10 @@ def exactness(models: dict[str, Path]) -> dict:
     from procrustes_onnx.exporters.pipeline import compare_logits
 
     ids = (np.arange(1, 65, dtype=np.int64) * 7919 % 49152)[None]
+    if "unfused:fp32" not in models:
+        return {}
     return {name: compare_logits(models["unfused:fp32"] / "model.onnx", folder / "model.onnx", ids)
-            for name, folder in models.items() if name.endswith(":fp32") and not name.startswith("unfused")}
+            for name, folder in models.items() if name in ("gqa:fp32", "gqa+fused:fp32")}
 
 
 def main() -> int:
@@ -128,6 +143,9 @@ def main() -> int:
     parser.add_argument("--fuse", action="store_true", help="also the gqa graph with onnxscript's ORT norm fusions")
     parser.add_argument("--builder", action="store_true",
                         help="also onnxruntime-genai's model builder int4 of the same folder (the anchor)")
+    parser.add_argument("--structured", default="",
+                        help="NAME=CHECKPOINT,... compressed checkpoints to add (gqa, fp32 and int4 packed)")
+    parser.add_argument("--only", default="", help="comma-separated model names to time (default: all)")
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "deploy_gqa.json"))
     parser.add_argument("--worker")
@@ -141,14 +159,18 @@ def main() -> int:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    models = prepare(work, str(resolve_model_dir(args.model)), args.fuse)
+    structured = dict(item.split("=", 1) for item in args.structured.split(",") if item)
+    models = prepare(work, str(resolve_model_dir(args.model)), args.fuse, structured)
     if args.builder:
         from procrustes_onnx.reference import build_reference
 
         folder = build_reference(resolve_model_dir(args.model), work / "builder-int4", "int4")
         if folder is not None:
             models["builder:int4"] = folder
+    if args.only:
+        models = {k: v for k, v in models.items() if k in args.only.split(",")}
     if args.prepare_only:
+        print("\n".join(f"{k}: {v}" for k, v in models.items()))
         return 0
     errors = exactness(models)
     config = {"threads": args.threads, "repeats": args.repeats, "rounds": args.rounds,
