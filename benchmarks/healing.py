@@ -201,8 +201,9 @@ def fits(rows: list[dict]) -> dict:
     dense = next((r["ppl"] for r in rows if r["variant"] == "dense"), None)
     out = {}
     for key in sorted({(series_of(r), r["mode"]) for r in rows if r["tokens"]}):
-        pts = sorted((r["tokens"], r["ppl"]) for r in rows if (series_of(r), r["mode"]) == key and r["tokens"]
-                     and r["windows"] == rows[0]["windows"])
+        # one point per token count (a point scored on the full protocol too repeats its 8-window PPL)
+        pts = sorted({r["tokens"]: r["ppl"] for r in rows if (series_of(r), r["mode"]) == key and r["tokens"]
+                      and r["windows"] == rows[0]["windows"]}.items())
         if len(pts) < 2:
             continue
         xs, ys = [math.log(t) for t, _ in pts], [math.log(p) for _, p in pts]
