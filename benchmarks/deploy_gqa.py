@@ -92,7 +92,7 @@ def worker(folder: str, config: dict) -> None:
     shared = True if result["attention"] == "gqa" else None  # what genai_config.json says today
     result["genai_decode_tokens_per_s"] = genai_decode(Path(folder), 128, config["decode_tokens"], config["repeats"],
                                                        share=shared)
-    if result["attention"] == "gqa":  # its genai_config shares the buffer; the growing cache too, for comparison
+    if result["attention"] == "gqa" and config.get("unshared", True):  # the growing cache too, for comparison
         result["genai_decode_unshared_tokens_per_s"] = genai_decode(Path(folder), 128, config["decode_tokens"],
                                                                     config["repeats"], share=False)
     if config.get("profile", True):
@@ -146,6 +146,8 @@ def main() -> int:
     parser.add_argument("--structured", default="",
                         help="NAME=CHECKPOINT,... compressed checkpoints to add (gqa, fp32 and int4 packed)")
     parser.add_argument("--only", default="", help="comma-separated model names to time (default: all)")
+    parser.add_argument("--no-unshared", action="store_true",
+                        help="skip genai's decode with the growing (unshared) cache (measured since 2026-12-04)")
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "deploy_gqa.json"))
     parser.add_argument("--worker")
@@ -174,7 +176,7 @@ def main() -> int:
         return 0
     errors = exactness(models)
     config = {"threads": args.threads, "repeats": args.repeats, "rounds": args.rounds,
-              "decode_tokens": args.decode_tokens, "prompt": 128}
+              "decode_tokens": args.decode_tokens, "prompt": 128, "unshared": not args.no_unshared}
     load_start = os.getloadavg()
     print(f"load average at start: {load_start}", flush=True)
     rounds: dict[str, list[dict]] = {name: [] for name in models}
