@@ -174,3 +174,15 @@ def test_packed_siblings_quantize_to_the_same_numbers_in_fewer_nodes(tmp_path):
         assert len(report["packed"]) == (2 * layers if pack else 0)
     assert np.array_equal(logits[True], logits[False])
     assert nbits[True] == nbits[False] - 3 * layers
+
+
+def test_packing_a_structured_artifact_changes_no_logit(structured, tmp_path):
+    """Kronecker first factors and dense linears of one activation pack too; the logits stay the same."""
+    ids = _ids(256, 10, seed=5)
+    logits, packed = {}, {}
+    for pack in (False, True):
+        out = quantize_artifact(structured, tmp_path / f"int4-{pack}", QuantizeConfig(block_size=16, min_elements=0, pack=pack))
+        logits[pack] = ort_logits(out, ids)
+        packed[pack] = json.loads((out.parent / QUANT_FILE).read_text())["packed"]
+    assert packed[True] and not packed[False]
+    assert np.array_equal(logits[True], logits[False])
