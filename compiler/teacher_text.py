@@ -10,7 +10,6 @@ temperature 1 with the KV cache; sequences are cached on disk keyed by the teach
 from __future__ import annotations
 
 import hashlib
-import inspect
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import StaticCache
 
+from .adapters import cache_keyword
 from .tensor_files import save_tensors_atomic
 
 __all__ = ["sample_teacher_windows", "TEACHER_TEXT"]
@@ -31,8 +31,7 @@ def _sample(teacher: nn.Module, n: int, seq_len: int, seed: int, batch: int, pro
     gen = torch.Generator().manual_seed(seed)
     vocab = int(teacher.config.vocab_size)
     device = next(teacher.parameters()).device
-    # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns); the cache object is ours
-    cache_arg = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
+    cache_arg = cache_keyword(teacher)  # the cache object is ours
     out = []
     bar = tqdm(total=n * seq_len, desc="teacher text", unit="tok", unit_scale=True, disable=not progress)
     for start in range(0, n, batch):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
+from procrustes_onnx.compiler.adapters import cache_keyword
+
 __all__ = ["KVCacheWrapper", "LogitsWrapper", "IOSpec", "io_spec", "example_inputs"]
 
 
@@ -38,10 +40,11 @@ class KVCacheWrapper(torch.nn.Module):
 
             extra["gqa_inputs"] = (*gqa_lengths(attention_mask), self.cos_cache, self.sin_cache, position_ids,
                                    query_lengths(input_ids))
+        extra[cache_keyword(self.model)] = cache
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, **extra)
+                         use_cache=True, **extra)
         flat = [out.logits]
-        for layer in out.past_key_values.layers[: self.num_layers]:
+        for layer in cache.layers[: self.num_layers]:  # updated in place by every attention layer
             flat += [layer.keys, layer.values]
         return tuple(flat)
 

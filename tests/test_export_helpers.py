@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from procrustes_onnx.compiler.adapters import cache_keyword
 from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense, save_compressed
 from procrustes_onnx.compiler.skips import install_shortcuts, shortcut_paths
 from procrustes_onnx.exporters.onnx_export import export_onnx
@@ -129,8 +130,8 @@ def torch_greedy(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> tu
     with torch.no_grad():
         for _ in range(steps + 1):
             mask = torch.ones(tokens.shape, dtype=torch.long)
-            out = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_keyword(model): past})
+            past = getattr(out, "cache", None) or out.past_key_values
             logits.append(out.logits.numpy())
             ids = out.logits[:, -1:].argmax(-1)
             tokens = torch.cat([tokens, ids], dim=1)

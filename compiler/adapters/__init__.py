@@ -6,7 +6,7 @@ from torch import nn
 
 from procrustes_onnx.core.errors import UserError
 
-from .base import LinearRef, ModelAdapter, get_module, set_module, surgery_state
+from .base import LinearRef, ModelAdapter, cache_keyword, get_module, set_module, surgery_state
 from .llama import LlamaAdapter
 from .opt import OPTAdapter
 

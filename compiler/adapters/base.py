@@ -6,13 +6,20 @@ Adapters are the only code that knows Hugging Face attribute names. Everything e
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 from torch import nn
 
-__all__ = ["LinearRef", "ModelAdapter", "get_module", "set_module", "surgery_state"]
+__all__ = ["LinearRef", "ModelAdapter", "cache_keyword", "get_module", "set_module", "surgery_state"]
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword ``model.forward`` takes its KV cache by: ``cache`` from transformers 5.25 (where
+    ``past_key_values`` is deprecated, and removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 READER_ROLES = ("q", "k", "v", "gate", "up", "head", "head_pre")
 WRITER_ROLES = ("o", "down", "embed", "pos_embed")

@@ -11,14 +11,15 @@ from .base import ModelAdapter
 __all__ = ["LlamaAdapter"]
 
 
-def _llama_shortcut_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                            use_cache=False, position_embeddings=None, **kwargs):
-    """LlamaDecoderLayer.forward with the residual path multiplied by the skip matrices."""
+def _llama_shortcut_forward(self, hidden_states, attention_mask=None, position_ids=None, use_cache=False,
+                            position_embeddings=None, **kwargs):
+    """LlamaDecoderLayer.forward with the residual path multiplied by the skip matrices. The KV cache passes
+    through ``kwargs`` under the name the model gave it (``past_key_values``, ``cache`` from transformers 5.25)."""
     residual = self.attn_shortcut(hidden_states)
     hidden_states = self.input_layernorm(hidden_states)
     hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
-                                      position_ids=position_ids, past_key_values=past_key_values,
-                                      use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+                                      position_ids=position_ids, use_cache=use_cache,
+                                      position_embeddings=position_embeddings, **kwargs)
     hidden_states = residual + hidden_states
     residual = self.mlp_shortcut(hidden_states)
     hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))

@@ -13,13 +13,14 @@ from .base import ModelAdapter
 __all__ = ["OPTAdapter"]
 
 
-def _opt_shortcut_forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
-                          position_ids=None, **kwargs):
-    """OPTDecoderLayer.forward (pre-LN) with the residual path multiplied by the skip matrices."""
+def _opt_shortcut_forward(self, hidden_states, attention_mask=None, use_cache=False, position_ids=None, **kwargs):
+    """OPTDecoderLayer.forward (pre-LN) with the residual path multiplied by the skip matrices. The KV cache
+    passes through ``kwargs`` under the name the model gave it (``past_key_values``, ``cache`` from
+    transformers 5.25), so the attention never gets it twice."""
     residual = self.attn_shortcut(hidden_states)
     hidden_states = self.self_attn_layer_norm(hidden_states)
-    hidden_states, _ = self.self_attn(hidden_states=hidden_states, past_key_values=past_key_values,
-                                      position_ids=position_ids, attention_mask=attention_mask, **kwargs)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, position_ids=position_ids,
+                                      attention_mask=attention_mask, **kwargs)
     hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
     hidden_states = residual + hidden_states
     residual = self.mlp_shortcut(hidden_states)
