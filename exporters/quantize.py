@@ -154,6 +154,16 @@ def untie_matmul_weights(model: ir.Model) -> list[str]:
     return changed
 
 
+def _quantized_alone(node: ir.Node, config: QuantizeConfig) -> bool:
+    """Whether ``_plan`` would quantize this constant-weight MatMul on its own: only such MatMuls are packed, so
+    packing never changes which weights are rounded (quantization-aware healing mirrors the unpacked rule)."""
+    shape = node.inputs[1].shape
+    k, n = int(shape[0]), int(shape[1])
+    head = any(v.name == "logits" for v in node.outputs)  # it may take other bits (--quantize-head)
+    return not head and not (config.keep and re.search(config.keep, node.name or "")) and k >= config.block_size \
+        and k * n >= config.min_elements
+
+
 def _drop_unused_initializers(graph: ir.Graph) -> None:
     for name, value in list(graph.initializers.items()):
         if not list(value.uses()) and not value.is_graph_output():
@@ -384,8 +394,7 @@ def quantize_artifact(onnx_in: str | os.PathLike, out_dir: str | os.PathLike, co
     untied = untie_matmul_weights(model)
     tied = any(v.name.removesuffix(".transposed") in tables for n in model.graph if n.name in untied
                for v in n.inputs[1:2])
-    keep = re.compile(config.keep) if config.keep else None
-    packs = pack_sibling_matmuls(model, lambda n: not (keep and keep.search(n.name))) if config.pack else []
+    packs = pack_sibling_matmuls(model, lambda n: _quantized_alone(n, config)) if config.pack else []
     for p in (common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass()):
         p(model)
     proto = ir.to_proto(ir.external_data.load_to_model(model))  # ORT's quantizer reads weights from the proto
