@@ -376,12 +376,11 @@ def _heldout_kl(student, held, logp, idx, batch_size: int) -> float:
         return total / max(held.shape[0], 1)
 
 
-def _heal_e2e(student, teacher, train, held, config: HealConfig, work: Path, params: list, progress: bool,
-              echo: Callable[[str], None], teacher_cache: Path | None) -> HealReport:
+def _heal_e2e(student, teacher, teacher_id: str, train, held, config: HealConfig, work: Path, params: list,
+              progress: bool, echo: Callable[[str], None], teacher_cache: Path | None) -> HealReport:
     start = time.perf_counter()
     bs = config.batch_size
     cache = lambda tag: None if teacher_cache is None else teacher_cache / f"{tag}.safetensors"  # noqa: E731
-    teacher_id = model_fingerprint(teacher)  # the weights, not a name: another teacher never reads this cache
     key = _windows_key(teacher_id, train, config)
     t_logp, t_idx = _teacher_topk(teacher, train, config.topk, cache(f"train-{key}"), bs, progress)
     h_logp, h_idx = (_teacher_topk(teacher, held, config.topk, cache(f"held-{_windows_key(teacher_id, held, config)}"),
@@ -513,14 +512,15 @@ def heal_model(student: nn.Module, teacher: nn.Module, tokenizer, config: HealCo
     work = Path(work)
     _check_pair(student, teacher)
     # state left by other settings, another starting checkpoint or another teacher is dropped, never resumed
-    _check_settings(work, config, {"student": model_fingerprint(student), "teacher": model_fingerprint(teacher)})
+    teacher_id = model_fingerprint(teacher)  # the weights, not a name: keys the work folder and the teacher caches
+    _check_settings(work, config, {"student": model_fingerprint(student), "teacher": teacher_id})
     if config.tokens == 0:  # nothing to train: the checkpoint is returned as it is
         return HealReport(config.mode, 0, 0, 0, float("nan"), float("nan"), 0.0)
     if windows is not None:
         train, held = windows
     elif config.text == TEACHER_TEXT:
         n_train, n_held = _window_counts(config)
-        train, held = sample_teacher_windows(teacher, model_fingerprint(teacher), n_train, n_held, config.seq_len,
+        train, held = sample_teacher_windows(teacher, teacher_id, n_train, n_held, config.seq_len,
                                              config.seed, cache=Path(teacher_cache) if teacher_cache else None,
                                              progress=progress)
     else:
@@ -537,7 +537,7 @@ def heal_model(student: nn.Module, teacher: nn.Module, tokenizer, config: HealCo
         if config.mode == "blockwise":
             report = _heal_blockwise(student, teacher, train, held, config, work, params, progress, echo)
         else:
-            report = _heal_e2e(student, teacher, train, held, config, work, params, progress, echo,
+            report = _heal_e2e(student, teacher, teacher_id, train, held, config, work, params, progress, echo,
                                Path(teacher_cache) if teacher_cache is not None else None)
     finally:
         for p in student.parameters():

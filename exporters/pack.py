@@ -62,16 +62,14 @@ def pack_sibling_matmuls(model: ir.Model, eligible: Callable[[ir.Node], bool] = 
         for siblings in by_kind.values():
             if len(siblings) >= 2:
                 packs.append(_pack(graph, siblings))
-    if packs:
+    if packs:  # the first pass also drops the separate weights, now unused
         for p in (common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass()):
             p(model)
-        for name, value in list(graph.initializers.items()):
-            if not list(value.uses()) and not value.is_graph_output():
-                graph.initializers.pop(name)
     return packs
 
 
 def _pack(graph: ir.Graph, siblings: list[tuple[ir.Node, np.ndarray]]) -> dict:
+    """One pack; ``siblings`` in graph order."""
     nodes = [n for n, _ in siblings]
     widths = [int(w.shape[1]) for _, w in siblings]
     first = nodes[0]
@@ -101,8 +99,7 @@ def _pack(graph: ir.Graph, siblings: list[tuple[ir.Node, np.ndarray]]) -> dict:
         split = ir.node("Split", [out, split_sizes], {"axis": -1}, num_outputs=len(widths), name=f"{name}/Split")
         for new, old in zip(split.outputs, olds):
             new.name, new.type, new.shape = f"{name}/Split/{old.name}", old.type, old.shape
-        last = max(nodes, key=lambda n: list(graph).index(n))
-        graph.insert_after(last, [matmul, split])
+        graph.insert_after(nodes[-1], [matmul, split])  # siblings come in graph order: after the last of them
         for new, old in zip(split.outputs, olds):
             old.replace_all_uses_with(new, replace_graph_outputs=True)
         how = "Split"

@@ -154,14 +154,23 @@ def untie_matmul_weights(model: ir.Model) -> list[str]:
     return changed
 
 
+def _size_reason(dims: list[int], config: QuantizeConfig) -> str | None:
+    """Why a MatMul weight of shape ``dims`` stays float whatever its name, or None (the rule ``_plan`` applies)."""
+    if len(dims) != 2:
+        return f"{len(dims)}-D weight (MatMulNBits takes 2-D)"
+    if dims[0] < config.block_size:
+        return f"K={dims[0]} is below the block size {config.block_size}: padding would cost more than it saves"
+    if dims[0] * dims[1] < config.min_elements:
+        return f"{dims[0] * dims[1]} weights, fewer than {config.min_elements}: nothing to gain"
+    return None
+
+
 def _quantized_alone(node: ir.Node, config: QuantizeConfig) -> bool:
     """Whether ``_plan`` would quantize this constant-weight MatMul on its own: only such MatMuls are packed, so
     packing never changes which weights are rounded (quantization-aware healing mirrors the unpacked rule)."""
-    shape = node.inputs[1].shape
-    k, n = int(shape[0]), int(shape[1])
     head = any(v.name == "logits" for v in node.outputs)  # it may take other bits (--quantize-head)
-    return not head and not (config.keep and re.search(config.keep, node.name or "")) and k >= config.block_size \
-        and k * n >= config.min_elements
+    kept = config.keep and re.search(config.keep, node.name or "")
+    return not head and not kept and _size_reason([int(d) for d in node.inputs[1].shape], config) is None
 
 
 def _drop_unused_initializers(graph: ir.Graph) -> None:
@@ -192,13 +201,7 @@ def _plan(proto, config: QuantizeConfig) -> tuple[dict[str, list[str]], list[dic
             elif len(dims) == 2 and dims[0] * dims[1] >= config.min_elements:
                 groups["gather"].append(node.name)
             continue
-        why = None
-        if len(dims) != 2:
-            why = f"{len(dims)}-D weight (MatMulNBits takes 2-D)"
-        elif dims[0] < config.block_size:
-            why = f"K={dims[0]} is below the block size {config.block_size}: padding would cost more than it saves"
-        elif dims[0] * dims[1] < config.min_elements:
-            why = f"{dims[0] * dims[1]} weights, fewer than {config.min_elements}: nothing to gain"
+        why = _size_reason(dims, config)
         if why:
             kept.append({"node": node.name, "weight": weight, "shape": dims, "why": why})
         else:
