@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 from accelerate import init_empty_weights
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from procrustes_onnx.core.errors import UserError
@@ -38,6 +38,7 @@ from .positions import position_dims, residual_positions
 from .rotation import rotate_position
 from .skips import add_layer_shortcuts, install_shortcuts
 from .solve import gram_paths
+from .tensor_files import save_tensors_atomic
 from .stream import ShardReader, empty_model, layer_output, materialise, release
 
 __all__ = ["compress_streamed", "check_streamable"]
@@ -131,6 +132,7 @@ class _Run:
         self.numbers: list[int] = []
         self.manifest: dict = {}
         self.grams: dict[str, torch.Tensor] = {}
+        self.spilled: dict[str, Path] = {}
         self.rs: dict[int, torch.Tensor] = {}
         self.factors: dict[str, dict] = {}
 
@@ -194,9 +196,25 @@ class _Run:
     def _add_grams(self, grams: dict[str, torch.Tensor]) -> None:
         self.grams.update({k: damp_gram(v, self.config.damp) for k, v in grams.items()})
 
+    def _grams_for(self, sel: list) -> dict[str, torch.Tensor]:
+        """The Grams positions ``sel`` need, in memory; every other Gram goes to disk until a solve needs it.
+        A layer's down projection Gram (intermediate^2 float64: 0.5 GiB at 8192) is taken with the layer but
+        only solved with the next one, so it waits on disk rather than beside this layer's solves."""
+        needed = set(gram_paths(sel, self.specs))
+        for path in [k for k in self.grams if k not in needed]:
+            file = self.work / f"gram-{path}.safetensors"
+            save_tensors_atomic({"gram": self.grams.pop(path)}, file)
+            self.spilled[path] = file
+        for path in [k for k in self.spilled if k in needed]:
+            file = self.spilled.pop(path)
+            self.grams[path] = load_file(str(file))["gram"]
+            file.unlink()
+        return self.grams
+
     def _solve(self, indices: list[int]) -> None:
         sel = [self.positions[p] for p in indices]
-        rs, factors = solve_positions(self.model, sel, self.specs, self.config, self.work, self.grams, self.progress)
+        grams = self._grams_for(sel) if self.grams or self.spilled else self.grams
+        rs, factors = solve_positions(self.model, sel, self.specs, self.config, self.work, grams, self.progress)
         self.rs.update({p: r for p, r in zip(indices, rs)})
         self.factors.update(factors)
 
@@ -215,6 +233,8 @@ class _Run:
         self.manifest["format"] = manifest["format"]
         self._write_part(tensors)
         self.grams = {k: v for k, v in self.grams.items() if not k.startswith(prefix + ".")}
+        for path in [k for k in self.spilled if k.startswith(prefix + ".")]:
+            self.spilled.pop(path).unlink()
 
     def _write_part(self, tensors: dict[str, torch.Tensor]) -> None:
         """One finished module's tensors into work/partNNNN.stream (merged into model.safetensors at the end)."""
@@ -240,11 +260,11 @@ class _Run:
                 release(previous)
             self._rotate(2 * i + 1)
             previous = layer
-        if self.batches:
+        head = self.positions[-1].readers[0].path
+        if self.batches and head in self.gram_paths:  # only a compressed head reads the final stream's Gram
             acc = GramSum()
             final = get_module(model, adapter.final_norm_path)
             norm = getattr(final, "norm", final)  # HeadNorm (tied) or the RMSNorm itself
-            head = self.positions[-1].readers[0].path
             with torch.inference_mode():
                 for hidden, _ in self.batches:
                     acc.add(head, norm(hidden))
@@ -254,6 +274,8 @@ class _Run:
         surgery_state(model)["rotation"] = "per-position"
         self._finish(adapter.layer_path(n - 1), previous)
         release(previous)
+        for file in self.spilled.values():
+            file.unlink()
         self._finish_rest()
 
     def _finish_rest(self) -> None:

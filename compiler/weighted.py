@@ -175,14 +175,14 @@ def weighted_stage(terms: Sequence[WeightedTerm], r0: torch.Tensor | None = None
 
     losses = [None if a is None else term_loss(t, r, a) for t, a in zip(terms, approx)]
 
-    def candidate(t: WeightedTerm) -> tuple[torch.Tensor, float]:
-        cand = t.project(*t.target(r)).to(torch.float64)
-        return cand, term_loss(t, r, cand)
+    def candidate(i: int) -> None:  # kept at once if it is better, else dropped: one candidate per thread alive
+        cand = terms[i].project(*terms[i].target(r)).to(torch.float64)
+        cand_loss = term_loss(terms[i], r, cand)
+        if losses[i] is None or cand_loss <= losses[i]:
+            approx[i], losses[i] = cand, cand_loss
 
     def project_all() -> None:  # the terms are independent: side by side on this process's threads
-        for i, (cand, cand_loss) in enumerate(map_threads(candidate, terms)):
-            if losses[i] is None or cand_loss <= losses[i]:
-                approx[i], losses[i] = cand, cand_loss
+        map_threads(candidate, range(len(terms)))
         trace.append(sum(losses))
 
     if approx0 is not None:

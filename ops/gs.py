@@ -51,11 +51,29 @@ def gs_channels(kl: int, bl2: int, kr: int, br1: int) -> dict[str, np.ndarray]:
     return {"l": l, "c": c, "r": r, "j": j, "t": t, "counts": counts.reshape(kl, kr)}
 
 
+@lru_cache(maxsize=256)
+def _pair_channels(kl: int, bl2: int, kr: int, br1: int) -> tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]:
+    """(l, r, columns of L_l, rows of R_r) for every block pair the shuffle connects."""
+    ch = gs_channels(kl, bl2, kr, br1)
+    pairs = []
+    for l in range(kl):
+        for r in range(kr):
+            sel = np.flatnonzero((ch["l"] == l) & (ch["r"] == r))
+            if len(sel):
+                pairs.append((l, r, torch.as_tensor(ch["c"][sel]), torch.as_tensor(ch["j"][sel])))
+    return tuple(pairs)
+
+
 def gs_materialize(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Dense blockdiag(left)[:, p] @ blockdiag(right), built from the definition of P."""
-    kl, _, bl2 = left.shape
-    p = shuffle_perm(kl, bl2).to(left.device)
-    return torch.block_diag(*left)[:, p] @ torch.block_diag(*right)
+    """Dense blockdiag(left) P blockdiag(right), one block at a time: block (l, r) is L_l[:, S_lr] R_r[S_lr, :]
+    for the channels S_lr the shuffle routes from l to r (`gs_channels`). The product of the two block diagonals
+    would spend kl*kr times the flops on zeros and hold two dense copies of Z."""
+    kl, bl1, bl2 = left.shape
+    kr, br1, br2 = right.shape
+    w = left.new_zeros(kl * bl1, kr * br2, dtype=torch.promote_types(left.dtype, right.dtype))
+    for l, r, cols, rows in _pair_channels(kl, bl2, kr, br1):
+        w[l * bl1:(l + 1) * bl1, r * br2:(r + 1) * br2] = left[l][:, cols.to(left.device)] @ right[r][rows.to(right.device)]
+    return w
 
 
 def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

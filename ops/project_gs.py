@@ -76,38 +76,50 @@ class _WeightedGS:
         self.cm = c @ m                                                              # the one dense C-product
 
     def products(self, left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Z, C Z), both in x inner, from the blocks of L."""
+        """(Z, C Z), both in x inner, from the blocks of L. C Z is taken block by block from column slices of C
+        (a batched product over a strided view of C would first copy all of C)."""
         kl, bl1, bl2 = left.shape
         p = shuffle_perm(kl, bl2)
         z = torch.block_diag(*left)[:, p]
-        cl = torch.bmm(self.c.reshape(-1, kl, bl1).transpose(0, 1), left)           # [kl, in, bl2]: C[:, rows_l] L_l
-        return z, cl.transpose(0, 1).reshape(self.c.shape[0], kl * bl2)[:, p]
+        cz = torch.empty_like(z)
+        where = torch.argsort(p)                                                     # column of CZ for Z's column
+        for l in range(kl):
+            cz[:, where[l * bl2:(l + 1) * bl2]] = self.c[:, l * bl1:(l + 1) * bl1] @ left[l]
+        return z, cz
+
+    def _times_right(self, a: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """a [in, inner] @ blockdiag(R), one R block at a time on column slices of a (no copy of a)."""
+        kr, br1, br2 = right.shape
+        out = a.new_empty(a.shape[0], kr * br2)
+        for r in range(kr):
+            out[:, r * br2:(r + 1) * br2] = a[:, r * br1:(r + 1) * br1] @ right[r]
+        return out
 
     def r_step(self, z: torch.Tensor, cz: torch.Tensor, br1: int) -> torch.Tensor:
         """Exact weighted LS for every R block given L: columns of R-block r see only Z_r."""
-        kr = self.kr
-        zr = z.reshape(-1, kr, br1).transpose(0, 1)                                  # [kr, in, br1]
-        czr = cz.reshape(-1, kr, br1).transpose(0, 1)
-        g = zr.transpose(1, 2) @ czr                                                 # [kr, br1, br1]
-        h = czr.transpose(1, 2) @ self.m.reshape(-1, kr, self.m.shape[1] // kr).transpose(0, 1)
-        return spd_solve(g, h)
+        kr, cols = self.kr, self.m.shape[1] // self.kr
+        g, h = [], []
+        for r in range(kr):
+            czr = cz[:, r * br1:(r + 1) * br1]
+            g.append(z[:, r * br1:(r + 1) * br1].T @ czr)                               # [br1, br1]
+            h.append(czr.T @ self.m[:, r * cols:(r + 1) * cols])
+        return spd_solve(torch.stack(g), torch.stack(h))
 
     def residual(self, z: torch.Tensor, cz: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(C E, tr(E^T C E)) for E = M - W, W = Z blockdiag(R), block by block over R."""
-        kr, br1, br2 = right.shape
-        w = torch.bmm(z.reshape(-1, kr, br1).transpose(0, 1), right).transpose(0, 1).reshape(self.m.shape)
-        cw = torch.bmm(cz.reshape(-1, kr, br1).transpose(0, 1), right).transpose(0, 1).reshape(self.m.shape)
-        ce = self.cm - cw
-        return ce, float(((self.m - w) * ce).sum())
+        ce = self._times_right(cz, right).neg_().add_(self.cm)                      # in place: no temporaries
+        e = self._times_right(z, right).neg_().add_(self.m)
+        return ce, float(torch.dot(e.view(-1), ce.view(-1)))
 
     def l_sweep(self, left: torch.Tensor, right: torch.Tensor, ce: torch.Tensor, err: float,
                 ) -> tuple[torch.Tensor, float]:
         """One Gauss-Seidel sweep of exact per-block LS over the L blocks (C couples the row blocks):
-        L_l += C_ll^-1 (C E)_l V_l^T (V_l V_l^T)^-1, then (C E) of the later blocks and the error updated."""
+        L_l += C_ll^-1 (C E)_l V_l^T (V_l V_l^T)^-1, then (C E) of the later blocks (``ce``, in place) and the
+        error updated."""
         kl, bl1, bl2 = left.shape
         v = self.m.new_zeros(kl * bl2, self.m.shape[1])
         v[shuffle_perm(kl, bl2)] = torch.block_diag(*right)                         # V = P blockdiag(R)
-        left, ce = left.clone(), ce.clone()
+        left = left.clone()                                                          # ce is updated in place
         for l in range(kl):
             rows = slice(l * bl1, (l + 1) * bl1)
             vl = v[l * bl2:(l + 1) * bl2]
@@ -141,7 +153,9 @@ def project_gs_weighted(m: torch.Tensor, gram: torch.Tensor, kl: int, bl1: int, 
     for _ in range(sweeps):
         right = state.r_step(z, cz, br1)
         ce, err = state.residual(z, cz, right)
+        z = cz = None                                                                # free before the next products
         left, err = state.l_sweep(left, right, ce, err)
+        del ce
         z, cz = state.products(left)
         if not err < best[0]:
             break

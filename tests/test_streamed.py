@@ -58,6 +58,31 @@ def test_streamed_checkpoint_equals_in_memory(tmp_path, tie, method):
         assert torch.isfinite(model(IDS).logits).all()
 
 
+def test_streamed_solves_hold_only_their_own_grams(tmp_path, monkeypatch):
+    """A layer's down projection Gram waits on disk while that layer's positions are solved; each solve sees
+    exactly the Grams of its positions, and no spilled Gram outlives the run."""
+    import procrustes_onnx.compiler.streamed as streamed
+    from procrustes_onnx.compiler.solve import gram_paths
+
+    seen = []
+    real = streamed.solve_positions
+
+    def spy(model, sel, specs, config, work, grams, progress):
+        seen.append((sorted(grams), sorted(gram_paths(sel, specs)), sorted(p.name for p in work.glob("gram-*"))))
+        return real(model, sel, specs, config, work, grams, progress)
+
+    monkeypatch.setattr(streamed, "solve_positions", spy)
+    folder = tmp_path / "dense"
+    tiny_model(layers=3, vocab=264).save_pretrained(folder, max_shard_size="200KB")
+    out = compress_streamed(folder, None, _cfg("weighted"), tmp_path / "stream", echo=_quiet, calib_tokens=CALIB,
+                            keep_work=True)
+    assert len(seen) == 4                                          # two positions per layer's call, then the head's
+    for held, needed, _ in seen:
+        assert held == needed
+    assert "gram-model.layers.0.mlp.down_proj.safetensors" in seen[0][2]   # taken with layer 0, solved with layer 1
+    assert not list((out / "work").glob("gram-*"))
+
+
 def test_streamed_solves_on_two_ray_workers_give_the_in_memory_checkpoint(tmp_path):
     ray = pytest.importorskip("ray")
     folder = tmp_path / "dense"
