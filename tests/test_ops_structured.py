@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from procrustes_onnx.core.errors import UserError
-from procrustes_onnx.ops import (DenseMatrix, GSMatrix, KroneckerSum, StructuredLinear, gs_channels,
+from procrustes_onnx.ops import (DenseMatrix, GSMatrix, KroneckerSum, StructuredLinear, gs_channels, gs_materialize,
                                  kron_apply, shuffle_perm, structured_from_spec)
 from procrustes_onnx.ops.linalg import torch_threads
 
@@ -121,3 +121,13 @@ def test_kron_layout_cache_follows_in_place_updates():
     k.a.requires_grad_(True)
     k(x).sum().backward()                 # with grad enabled the layouts are rebuilt, so autograd works
     assert k.a.grad is not None and k.a.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", [((4, 12, 6), (3, 8, 10)), ((2, 5, 7), (7, 2, 3)), ((3, 4, 4), (2, 6, 5))])
+def test_gs_materialize_is_the_product_of_its_definition(shape):
+    """Block by block (only the pairs the shuffle connects) equals blockdiag(L) P blockdiag(R) as written."""
+    g = torch.Generator().manual_seed(3)
+    left = torch.randn(*shape[0], generator=g, dtype=torch.float64)
+    right = torch.randn(*shape[1], generator=g, dtype=torch.float64)
+    ref = torch.block_diag(*left)[:, shuffle_perm(shape[0][0], shape[0][2])] @ torch.block_diag(*right)
+    assert _rel(gs_materialize(left, right), ref) < 1e-14
