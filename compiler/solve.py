@@ -39,18 +39,20 @@ def _materialize(factors: Factors, spec: dict) -> torch.Tensor:
 
 
 class Projector:
-    """Projection closures that remember the factors behind their latest result, per module path,
-    so the final structured modules come from exactly the projections the solver scored. The result is
-    held weakly: a projection the solver drops is freed with its factors (at hidden 2048 each is 128 MiB)."""
+    """Projection closures that remember the factors behind every result still alive, so the final structured
+    modules come from exactly the projections the solver scored, whichever iterate it kept. Results are held
+    weakly: a projection the solver drops is freed with its factors (at hidden 2048 each is 128 MiB)."""
 
     def __init__(self) -> None:
-        self.last: dict[str, tuple[weakref.ref, Factors]] = {}
+        self.known: dict[int, tuple[weakref.ref, Factors]] = {}
 
-    def _remember(self, path: str, dense: torch.Tensor, fac: Factors) -> None:
+    def _remember(self, dense: torch.Tensor, fac: Factors) -> None:
+        key = id(dense)
+
         def forget(ref: weakref.ref) -> None:
-            if self.last.get(path, (None,))[0] is ref:
-                del self.last[path]
-        self.last[path] = (weakref.ref(dense, forget), fac)
+            if self.known.get(key, (None,))[0] is ref:
+                del self.known[key]
+        self.known[key] = (weakref.ref(dense, forget), fac)
 
     def frobenius(self, path: str, spec: dict, reads: bool):
         """Stacked orientation (hidden dim as rows): writers arrive transposed."""
@@ -58,7 +60,7 @@ class Projector:
             fac = project_factors(m if reads else m.T, spec)
             dense = _materialize(fac, spec)
             out = dense if reads else dense.T
-            self._remember(path, out, fac)
+            self._remember(out, fac)
             return out
         return proj
 
@@ -67,12 +69,12 @@ class Projector:
         def proj(m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             fac = project_weighted(m, c, spec)
             dense = _materialize(fac, spec)
-            self._remember(path, dense, fac)
+            self._remember(dense, fac)
             return dense
         return proj
 
-    def factors_of(self, path: str, dense: torch.Tensor) -> Factors | None:
-        got = self.last.get(path)
+    def factors_of(self, dense: torch.Tensor | None) -> Factors | None:
+        got = self.known.get(id(dense))
         return got[1] if got is not None and dense is not None and got[0]() is dense else None
 
 
@@ -186,8 +188,8 @@ def solve_group(problem: GroupProblem, config: CompressionConfig) -> tuple[torch
         log.info("weighted: loss %s, %.0f s", " -> ".join(f"{x:.4g}" for x in res_w.loss), info["weighted_seconds"])
     factors = {}
     for t in terms:
-        fac = proj.factors_of(t.path, chosen.get(t.path))
-        if fac is None:  # the solver kept an earlier iterate: project again at the final rotation
+        fac = proj.factors_of(chosen.get(t.path))
+        if fac is None:  # not a projection this solve made (none today): project again at the final rotation
             w = r.T @ weights[t.path] if t.reads else weights[t.path] @ r
             if config.method == "weighted":      # Frobenius runs have no Grams
                 fac = project_weighted(w, rotate_gram(t.gram, r) if t.reads else t.gram, t.spec)

@@ -138,3 +138,27 @@ def test_weighted_kron_is_ops_projection_and_beats_frobenius(shape, side):
     fro = err(project_factors(m, spec))
     assert err(mine) <= fro * (1 + 1e-12)
     assert err(mine) < 0.97 * fro
+
+
+def test_projector_keeps_the_factors_of_every_live_result_and_frees_dropped_ones():
+    """The solver may keep an earlier iterate than a projection's latest: its factors must still be found
+    (no re-projection, which would give the rejected candidate), and a dropped result must not stay in memory."""
+    import gc
+
+    from procrustes_onnx.compiler.solve import Projector
+    from procrustes_onnx.ops import structured_from_spec
+
+    spec = {"kind": "gs", "left": [2, 8, 4], "right": [2, 4, 6], "in": 16, "out": 12}
+    g = torch.Generator().manual_seed(0)
+    gram = torch.eye(16, dtype=torch.float64)
+    projector = Projector()
+    proj = projector.weighted("layer.up", spec)
+    first = proj(torch.randn(16, 12, generator=g, dtype=torch.float64), gram)
+    second = proj(torch.randn(16, 12, generator=g, dtype=torch.float64), gram)
+    for dense in (first, second):
+        fac = projector.factors_of(dense)
+        rebuilt = structured_from_spec(spec, fac, dtype=torch.float64).materialize()
+        assert torch.allclose(rebuilt, dense, rtol=0, atol=1e-12)
+    del second, dense
+    gc.collect()
+    assert len(projector.known) == 1 and projector.factors_of(first) is not None
