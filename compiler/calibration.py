@@ -101,14 +101,15 @@ class GramSum:
     the in-memory and the streamed (`compiler.stream`) passes share it, so their Grams add the same batches
     in the same order and come out bitwise equal."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | torch.device = "cpu") -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.device = torch.device(device)  # where the sums run (N x d^2 float64 flops: a GPU's job when lent)
 
     def add(self, path: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.device, torch.float64)
         if path not in self.sums:
-            self.sums[path] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.sums[path] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=self.device)
             self.counts[path] = 0
         self.sums[path].addmm_(x.T, x)
         self.counts[path] += x.shape[0]
@@ -125,19 +126,19 @@ class GramSum:
         missing = [p for p in paths if p not in self.sums]
         if missing:
             raise RuntimeError(f"calibration hooks never fired for {missing[:3]}")
-        return {p: self.sums.pop(p).div_(self.counts.pop(p)) for p in paths}
+        return {p: self.sums.pop(p).div_(self.counts.pop(p)).cpu() for p in paths}
 
 
 @torch.inference_mode()
 def collect_grams(model: nn.Module, windows: torch.Tensor, paths: Iterable[str], *, batch_size: int = 4,
-                  progress: bool = True) -> dict[str, torch.Tensor]:
-    """C = X^T X / N (float64) of the input X of each module in ``paths`` over all calibration tokens.
+                  progress: bool = True, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """C = X^T X / N (float64, on the CPU) of the input X of each module in ``paths`` over all calibration tokens.
 
     Hooks run during plain forward passes of the model in batches, so memory is the model plus
-    one batch of activations plus the Grams.
+    one batch of activations plus the Grams. The sums run on ``device`` (the forward stays where the model is).
     """
     paths = list(dict.fromkeys(paths))
-    acc = GramSum()
+    acc = GramSum(device)
     handles = [model.get_submodule(p).register_forward_pre_hook(acc.hook(p)) for p in paths]
     try:
         bar = tqdm(total=windows.shape[0], desc="calibration", unit="seq", disable=not progress, leave=False)

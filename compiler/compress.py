@@ -178,7 +178,7 @@ def plan_and_solve(model: nn.Module, config: CompressionConfig, original: int, w
     positions = residual_positions(model)
     grams = {}
     if config.method == "weighted":
-        grams = collect_grams(model, windows, gram_paths(positions, specs), progress=progress)
+        grams = collect_grams(model, windows, gram_paths(positions, specs), progress=progress, device=config.device)
         grams = {k: damp_gram(v, config.damp) for k, v in grams.items()}
     rs, factors = solve_positions(model, positions, specs, config, work, grams, progress)
     return plan, positions, grams, rs, factors

@@ -20,6 +20,7 @@ ROLES = ("q", "k", "v", "o", "gate", "up", "down", "embed", "head")
 STRUCTURES = ("kron", "gs", "dense")
 ROTATIONS = ("global", "per-position")
 METHODS = ("frobenius", "weighted", "slicegpt")
+DEVICES = ("cpu", "cuda")
 BALANCES = ("relative", "paper", "none")
 ALLOCATIONS = ("middle", "first", "last", "measured")
 #: with --max-loss the rotation is solved for a uniform plan removing this share; the search then moves
@@ -74,6 +75,8 @@ class CompressionConfig:
     workers: int = field(default=1, compare=False)              # independent solves at once (> 1: on Ray)
     ray_address: str | None = field(default=None, compare=False)  # a Ray cluster to run them on
     stream: bool = field(default=False, compare=False)          # read the model one layer at a time (same tensors)
+    device: str = field(default="cpu", compare=False)           # where Gram sums and solves run; cuda: the same
+                                                                # float64 math, rounded differently
 
     def __post_init__(self) -> None:
         self.validate()
@@ -123,6 +126,10 @@ class CompressionConfig:
             if self.kept:
                 raise UserError("--kept fixes shares by role, which measured allocation chooses: drop one")
         _choice("kron split", self.kron_split, ("input", "hidden"))
+        check_device(self.device)
+        if self.device == "cuda" and (int(self.workers) > 1 or self.ray_address):
+            raise UserError("--device cuda solves in this process, one GPU (Ray workers are given none): drop "
+                            "--workers/--ray-address, or use --device cpu")
         if "embed" in self.kept and not self.compress_embeddings:
             raise UserError("--kept embed=... needs --compress-embeddings (the embedding is dense otherwise)")
         if self.compress_embeddings and self.method == "slicegpt":
@@ -203,6 +210,17 @@ class CompressionConfig:
         except json.JSONDecodeError as exc:
             raise UserError(f"{path} is not valid JSON ({exc.msg}): fix or delete it") from None
         return cls.from_dict(data)
+
+
+def check_device(device: str) -> None:
+    """``--device`` of compress and heal: cpu, or cuda where torch sees a GPU (refused in one line before any work,
+    not at the first solve)."""
+    _choice("device", device, DEVICES)
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device cuda: torch {torch.__version__} sees no GPU (torch.cuda.is_available() is False): "
+                        "use --device cpu, or a CUDA build of torch on a machine with a GPU")
 
 
 def result_settings(config) -> dict:

@@ -46,7 +46,7 @@ from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead
 
 from .adapters import get_adapter, get_module
 from .calibration import _split_offset, capture_layer_inputs
-from .config import result_settings
+from .config import check_device, result_settings
 from .fake_quant import WeightQuant, quant_targets, quantized_weights
 from .teacher_text import TEACHER_TEXT, sample_teacher_windows
 from .tensor_files import save_tensors_atomic
@@ -100,10 +100,7 @@ class HealConfig:
             raise UserError(f"--heal-quantize-block {self.quantize_block} must be a power of two, at least 16")
         if self.lr is not None and not (0 < self.lr < 1):
             raise UserError(f"--heal-lr {self.lr:g} must be in (0, 1), e.g. 5e-5")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda but torch sees no GPU here: use --device cpu")
-        if self.device not in ("cpu", "cuda"):
-            raise UserError(f"--device {self.device!r}: use cpu or cuda")
+        check_device(self.device)
         name, _, skip = self.text.rpartition("@") if "@" in self.text else (self.text, "", "0")
         if name == "jargon" and (not skip.isdigit() or int(skip) < JARGON_EVAL_TOKENS):
             raise UserError(f"--heal-text {self.text}: the evaluation reads the Jargon File's first "

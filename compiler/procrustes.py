@@ -58,15 +58,15 @@ def polar(m: torch.Tensor) -> torch.Tensor:
     with the QR-iteration driver (gesvd) if needed.
     """
     m = m.double()
-    eye = torch.eye(m.shape[1], dtype=m.dtype)
+    eye = torch.eye(m.shape[1], dtype=m.dtype, device=m.device)
     try:
         u, _, vh = torch.linalg.svd(m)
         q = u @ vh
     except torch.linalg.LinAlgError:
         q = torch.full_like(m, float("nan"))
     if not bool(torch.isfinite(q).all()) or float((q.T @ q - eye).abs().max()) > 1e-8:
-        u, _, vh = scipy.linalg.svd(np.nan_to_num(m.numpy()), lapack_driver="gesvd")
-        q = torch.from_numpy(u @ vh)
+        u, _, vh = scipy.linalg.svd(np.nan_to_num(m.cpu().numpy()), lapack_driver="gesvd")
+        q = torch.from_numpy(u @ vh).to(m.device)
     return q
 
 
@@ -118,11 +118,12 @@ def frobenius_als(mats: Sequence[torch.Tensor], projections: Sequence[Projection
     if any(m.shape[0] != d for m in mats):
         raise ValueError("all stacked matrices must have the hidden dimension as rows")
     weights = [1.0] * len(mats) if weights is None else [float(w) for w in weights]
-    q = torch.eye(d, dtype=torch.float64) if q0 is None else q0.detach().to(torch.float64).clone()
+    dev = mats[0].device
+    q = torch.eye(d, dtype=torch.float64, device=dev) if q0 is None else q0.detach().to(dev, torch.float64).clone()
     obj, projs = stack_objective(q, mats, projections, weights)
     result = AlsResult(q=q, objective=[obj], projections=projs)
     for it in range(iters):
-        cross = torch.zeros(d, d, dtype=torch.float64)
+        cross = torch.zeros(d, d, dtype=torch.float64, device=dev)
         for m, p, w in zip(mats, projs, weights):
             cross += w * (p @ m.T)
         q_new = procrustes_rotation(cross)

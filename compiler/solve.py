@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -123,10 +123,10 @@ class GroupTerm:
     spec: dict
     gram: torch.Tensor | None
 
-    def stream(self) -> torch.Tensor:
+    def stream(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The in x out weight in float64."""
         w = self.weight.t() if self.transposed else self.weight
-        return w.detach().to(torch.float64)
+        return w.detach().to(device, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -153,13 +153,15 @@ def group_problem(model: nn.Module, sel: list[Position], specs: dict[str, dict],
 
 def solve_group(problem: GroupProblem, config: CompressionConfig) -> tuple[torch.Tensor, dict[str, Factors], dict]:
     """One rotation R (stream h -> h R) shared by the group's positions, the factors of every compressed
-    linear there (in the rotated basis), and a log of the objectives. Pure: fan-out workers run it."""
-    terms = problem.terms
-    r = torch.eye(problem.width, dtype=torch.float64)
+    linear there (in the rotated basis), and a log of the objectives. Pure: fan-out workers run it. The math runs
+    on ``config.device``; what it returns is on the CPU."""
+    device = torch.device(config.device)
+    terms = tuple(replace(t, gram=None if t.gram is None else t.gram.to(device)) for t in problem.terms)
+    r = torch.eye(problem.width, dtype=torch.float64, device=device)
     info: dict = {}
     if not terms:
-        return r, {}, info
-    weights = {t.path: t.stream() for t in terms}
+        return r.cpu(), {}, info
+    weights = {t.path: t.stream(device) for t in terms}
     proj = Projector()
     chosen: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
@@ -195,8 +197,8 @@ def solve_group(problem: GroupProblem, config: CompressionConfig) -> tuple[torch
                 fac = project_weighted(w, rotate_gram(t.gram, r) if t.reads else t.gram, t.spec)
             else:
                 fac = project_factors(w, t.spec)
-        factors[t.path] = {k: v.detach().to(torch.float32).contiguous() for k, v in fac.items()}
-    return r, factors, info
+        factors[t.path] = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in fac.items()}
+    return r.cpu(), factors, info
 
 
 def save_group(path: Path, r: torch.Tensor, factors: dict[str, Factors]) -> None:

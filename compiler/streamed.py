@@ -183,7 +183,7 @@ class _Run:
             return
         prefix = self.adapter.layer_path(i) + "."
         inside = sorted(p for p in self.gram_paths if p.startswith(prefix))
-        acc = GramSum()
+        acc = GramSum(self.config.device)
         handles = [get_module(self.model, p).register_forward_pre_hook(acc.hook(p)) for p in inside]
         with torch.inference_mode():  # as collect_grams runs (its Grams are inference tensors too)
             try:
@@ -262,7 +262,7 @@ class _Run:
             previous = layer
         head = self.positions[-1].readers[0].path
         if self.batches and head in self.gram_paths:  # only a compressed head reads the final stream's Gram
-            acc = GramSum()
+            acc = GramSum(self.config.device)
             final = get_module(model, adapter.final_norm_path)
             norm = getattr(final, "norm", final)  # HeadNorm (tied) or the RMSNorm itself
             with torch.inference_mode():

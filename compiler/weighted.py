@@ -81,7 +81,8 @@ def weighted_loss(terms: Sequence[WeightedTerm], r: torch.Tensor, approx: Sequen
 def _quadratic_parts(terms, approx):
     """G, the (C, P) pairs of the quadratic part (grouped by shared Gram), and the constant K."""
     d = terms[0].weight.shape[1] if terms[0].kind == "out" else terms[0].weight.shape[0]
-    g = torch.zeros(d, d, dtype=torch.float64)
+    dev = terms[0].weight.device
+    g = torch.zeros(d, d, dtype=torch.float64, device=dev)
     const = 0.0
     groups: dict[tuple, list] = {}
     for t, a in zip(terms, approx):
@@ -93,7 +94,7 @@ def _quadratic_parts(terms, approx):
             const += t.scale * float((a * ca).sum())
         else:
             g += t.scale * (cw @ a.T)
-            entry = groups.setdefault((t.gram.data_ptr(), tuple(t.gram.shape)), [t.gram, torch.zeros(d, d, dtype=torch.float64)])
+            entry = groups.setdefault((t.gram.data_ptr(), tuple(t.gram.shape)), [t.gram, torch.zeros(d, d, dtype=torch.float64, device=dev)])
             entry[1] += t.scale * (a @ a.T)
     return g, [(c, p) for c, p in groups.values()], const
 
@@ -109,7 +110,7 @@ def _f_and_grad(r, g, quads, const):
 
 
 def _cayley(r: torch.Tensor, a: torch.Tensor, tau: float) -> torch.Tensor:
-    eye = torch.eye(r.shape[0], dtype=r.dtype)
+    eye = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)
     return torch.linalg.solve(eye + 0.5 * tau * a, (eye - 0.5 * tau * a) @ r)
 
 
@@ -169,7 +170,8 @@ def weighted_stage(terms: Sequence[WeightedTerm], r0: torch.Tensor | None = None
     if not terms:
         raise ValueError("weighted_stage needs at least one term")
     d = terms[0].weight.shape[1] if terms[0].kind == "out" else terms[0].weight.shape[0]
-    r = torch.eye(d, dtype=torch.float64) if r0 is None else r0.detach().to(torch.float64)
+    dev = terms[0].weight.device
+    r = torch.eye(d, dtype=torch.float64, device=dev) if r0 is None else r0.detach().to(dev, torch.float64)
     approx = [None] * len(terms) if approx0 is None else [a.detach().to(torch.float64) for a in approx0]
     trace: list[float] = []
 

@@ -73,7 +73,7 @@ def project_embedding(table: torch.Tensor, rank: int, row_weights: torch.Tensor 
         raise UserError(f"embedding rank {rank} is outside 1..{min(table.shape)} for a table of shape "
                         f"{tuple(table.shape)}")
     e = table.detach().to(torch.float64)
-    w = torch.ones(e.shape[0], dtype=torch.float64) if row_weights is None else row_weights.to(torch.float64)
+    w = torch.ones(e.shape[0], dtype=torch.float64, device=e.device) if row_weights is None else row_weights.to(e.device, torch.float64)
     if w.shape != (e.shape[0],) or not bool((w > 0).all()):
         raise UserError(f"embedding row weights must be {e.shape[0]} positive numbers, got shape {tuple(w.shape)}")
     x = w[:, None] * e

@@ -50,14 +50,14 @@ def project_gs(m: torch.Tensor, kl: int, bl1: int, bl2: int, kr: int, br1: int, 
     ch = gs_channels(kl, bl2, kr, br1)
     k = min(bl1, br2, int(ch["counts"].max()))                                  # the most any block keeps
     u_root, _, root_vh = gram_svd(gs_blocks(m.to(torch.float64), kl, kr), k)    # U sqrt(S), sqrt(S) V^T
-    l_, r_, t_, c_, j_ = (torch.as_tensor(ch[key]) for key in ("l", "r", "t", "c", "j"))
+    l_, r_, t_, c_, j_ = (torch.as_tensor(ch[key], device=m.device) for key in ("l", "r", "t", "c", "j"))
     valid = (t_ < k).to(torch.float64)
     tc = t_.clamp(max=k - 1)
     cols = u_root.transpose(-1, -2)[..., l_, r_, tc, :] * valid[..., None]     # [..., n, bl1]
     rows = root_vh[..., l_, r_, tc, :] * valid[..., None]                       # [..., n, br2]
-    left_t = torch.zeros(*lead, kl, bl2, bl1, dtype=torch.float64)
+    left_t = torch.zeros(*lead, kl, bl2, bl1, dtype=torch.float64, device=m.device)
     left_t[..., l_, c_, :] = cols
-    right = torch.zeros(*lead, kr, br1, br2, dtype=torch.float64)
+    right = torch.zeros(*lead, kr, br1, br2, dtype=torch.float64, device=m.device)
     right[..., r_, j_, :] = rows
     return left_t.transpose(-1, -2).to(m.dtype), right.to(m.dtype)
 

@@ -22,7 +22,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                  "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
                  "compress_embeddings": args.compress_embeddings or None, "refine": args.refine,
                  "allocation": args.allocation, "max_loss": args.max_loss, "heldout_samples": args.heldout_samples,
-                 "workers": args.workers, "ray_address": args.ray_address, "stream": args.stream or None}
+                 "workers": args.workers, "ray_address": args.ray_address, "stream": args.stream or None,
+                 "device": args.device}
     if args.kept:
         overrides["kept"] = parse_kept("--kept", args.kept)
     if args.dense_layers is not None:
@@ -331,6 +332,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true",
                    help="read the model from its safetensors shards one decoder layer at a time (memory: a layer, "
                         "not the model); same checkpoint; per-position rotation only (docs/scale.md)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="where the Gram sums and the solves run (default cpu); cuda: the same float64 math on a GPU, "
+                        "rounded differently (docs/scale.md)")
     add_budget_arguments(p)
     add_fanout_arguments(p)
     add_heal_arguments(p, verb="compress")

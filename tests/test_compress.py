@@ -155,3 +155,32 @@ def test_frobenius_per_position_kron_runs_without_grams(tmp_path):
                                            method="frobenius"), tmp_path, progress=False, echo=lambda s: None,
                           calib_tokens=CALIB)
     assert sum(isinstance(m, StructuredLinear) for m in model.modules()) == len(plan.entries)
+
+
+def test_device_cuda_without_a_gpu_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from procrustes_onnx.cli import main as cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    folder = tmp_path / "dense"
+    tiny_model(layers=1, vocab=264).save_pretrained(folder)
+    capsys.readouterr()
+    for extra in ([], ["--stream", "--rotation", "per-position"]):
+        assert cli(["compress", "--model", str(folder), "--out", str(tmp_path / "o"), "--ratio", "0.2",
+                    "--device", "cuda", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --device cuda") and "sees no GPU" in err and "\n" not in err, err
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rotation", ["global", "per-position"])
+def test_compression_on_cuda_matches_cpu(tmp_path, rotation):
+    """Gram sums and solves on the GPU: the same float64 math, so the same checkpoint up to rounding."""
+    outs = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_model(layers=2)
+        compress_model(model, None, cfg(rotation=rotation, structure="gs", method="weighted", device=device),
+                       tmp_path / device, progress=False, echo=lambda _: None, calib_tokens=CALIB)
+        with torch.no_grad():
+            outs[device] = model(IDS).logits
+    assert rel(outs["cuda"], outs["cpu"]) < 1e-6
