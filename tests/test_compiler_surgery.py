@@ -162,9 +162,9 @@ def test_rotations_compose_with_compression_order() -> None:
     assert _rel(_logits(model, ids), ref) < 1e-12
 
 
+@pytest.mark.parametrize("d", [48, 150])    # 150: the sign choice crosses its 64-column panels
 @pytest.mark.parametrize("kind", ["random", "minus_identity", "swap", "reflection"])
-def test_cayley_round_trip_is_exact(kind: str) -> None:
-    d = 48
+def test_cayley_round_trip_is_exact(kind: str, d: int) -> None:
     q = {"random": random_orthogonal(d, seed=5),
          "minus_identity": -torch.eye(d, dtype=torch.float64),
          "swap": torch.eye(d, dtype=torch.float64)[torch.randperm(d, generator=torch.Generator().manual_seed(0))],
