@@ -211,7 +211,9 @@ def save_group(path: Path, r: torch.Tensor, factors: dict[str, Factors]) -> None
 
 
 def load_group(path: Path) -> tuple[torch.Tensor, dict[str, Factors]]:
-    tensors = load_file(str(path))
+    """A saved group, copied out of the file: load_file's tensors are 16-byte aligned, the allocator's 64, and BLAS
+    rounds some products differently on the two, so a resumed run would differ in the last bits."""
+    tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
     factors: dict[str, Factors] = {}
     for key, t in tensors.items():
         if "::" in key:

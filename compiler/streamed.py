@@ -14,13 +14,14 @@ Not streamed yet: a global rotation (one solve over every position's Grams), `--
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 from accelerate import init_empty_weights
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from procrustes_onnx.core.errors import UserError
@@ -38,7 +39,6 @@ from .positions import position_dims, residual_positions
 from .rotation import rotate_position
 from .skips import add_layer_shortcuts, install_shortcuts
 from .solve import gram_paths
-from .tensor_files import save_tensors_atomic
 from .stream import ShardReader, empty_model, layer_output, materialise, release
 
 __all__ = ["compress_streamed", "check_streamable"]
@@ -202,12 +202,16 @@ class _Run:
         only solved with the next one, so it waits on disk rather than beside this layer's solves."""
         needed = set(gram_paths(sel, self.specs))
         for path in [k for k in self.grams if k not in needed]:
-            file = self.work / f"gram-{path}.safetensors"
-            save_tensors_atomic({"gram": self.grams.pop(path)}, file)
+            file = self.work / f"gram-{path}.pt"
+            tmp = file.with_name(file.name + ".tmp")
+            torch.save(self.grams.pop(path), tmp)
+            os.replace(tmp, file)
             self.spilled[path] = file
         for path in [k for k in self.spilled if k in needed]:
             file = self.spilled.pop(path)
-            self.grams[path] = load_file(str(file))["gram"]
+            # torch.load gives the allocator's 64-byte alignment, as the Gram had; safetensors' load_file gives
+            # 16, and BLAS rounds some products differently on it (a serial run then differs from a Ray one)
+            self.grams[path] = torch.load(file, weights_only=True)
             file.unlink()
         return self.grams
 

@@ -184,3 +184,15 @@ def test_compression_on_cuda_matches_cpu(tmp_path, rotation):
         with torch.no_grad():
             outs[device] = model(IDS).logits
     assert rel(outs["cuda"], outs["cpu"]) < 1e-6
+
+
+def test_resumed_group_is_read_into_aligned_tensors(tmp_path):
+    """A resumed run rotates with the saved R: read with the allocator's 64-byte alignment, as the run that saved
+    it held it (safetensors' own tensors are 16-byte aligned, and BLAS rounds some products differently there)."""
+    from procrustes_onnx.compiler.solve import load_group, save_group
+
+    save_group(tmp_path / "pos.safetensors", torch.eye(40, dtype=torch.float64),
+               {"m.q": {"left": torch.ones(4, 10, 5), "right": torch.ones(4, 5, 10)}})
+    r, factors = load_group(tmp_path / "pos.safetensors")
+    assert torch.equal(r, torch.eye(40, dtype=torch.float64))
+    assert all(t.data_ptr() % 64 == 0 for t in [r, *factors["m.q"].values()])
