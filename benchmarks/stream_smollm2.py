@@ -1,0 +1,75 @@
+"""SmolLM2-135M compressed in memory and streamed (`compress --stream`): the same checkpoint, tensor for tensor, and
+each run's peak memory. Per-position weighted W-GS 20% with cheap solver settings (the result's equality does not
+depend on them), each run a fresh `procrustes-onnx compress` process whose process tree is sampled for resident
+memory. Writes docs/results/stream_smollm2.json; docs/scale.md reports it.
+
+    flock /tmp/heavy.lock python benchmarks/stream_smollm2.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from scale import _tree_rss_kib  # noqa: E402
+
+from procrustes_onnx.core.environment import write_results  # noqa: E402
+
+SETTINGS = {"structure": "gs", "ratio": 0.2, "rotation": "per-position", "method": "weighted", "iterations": 1,
+            "rotation_iters": 5, "calib_samples": 8, "calib_seq_len": 256, "allocation": "middle"}
+
+
+def compress(model: str, out: Path, config: Path, stream: bool) -> dict:
+    """One `compress` in a fresh process: wall time and the peak resident memory of its process tree."""
+    argv = [sys.executable, "-m", "procrustes_onnx.cli", "compress", "--model", model, "--out", str(out),
+            "--config", str(config), "--workers", "1"] + (["--stream"] if stream else [])
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss_kib(proc.pid))
+        time.sleep(0.25)
+    _, stderr = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"error: compress{' --stream' if stream else ''} failed:\n{stderr[-3000:]}")
+    return {"stream": stream, "wall_seconds": round(time.perf_counter() - start, 1), "peak_kib": peak}
+
+
+def same_tensors(a: Path, b: Path) -> dict:
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    differ = [k for k in ta if k not in tb or ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
+    return {"tensors": len(ta), "differ": differ + sorted(set(tb) - set(ta)),
+            "same_manifest": json.loads((a / "structure.json").read_text()) == json.loads((b / "structure.json").read_text())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", default="docs/results/stream_smollm2.json")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "config.json").write_text(json.dumps(SETTINGS))
+        rows = [compress(args.model, root / ("stream" if s else "memory"), root / "config.json", s) for s in (False, True)]
+        check = same_tensors(root / "memory", root / "stream")
+    for r in rows:
+        print(f"{'streamed ' if r['stream'] else 'in memory'}: {r['wall_seconds']} s, peak {r['peak_kib'] / 2**20:.2f} GiB")
+    print(f"{check['tensors']} tensors, {len(check['differ'])} differ, same manifest: {check['same_manifest']}")
+    write_results(args.out, {"benchmark": "stream_smollm2", "model": args.model, "settings": SETTINGS, "rows": rows,
+                             "comparison": check})
+
+
+if __name__ == "__main__":
+    main()
