@@ -99,24 +99,31 @@ def _tree_rss_kib(root: int) -> int:
     return sum(rss.get(p, 0) for p in tree)
 
 
-def compress_once(folder: Path, out: Path, workers: int, vocab: int, solver: dict) -> dict:
-    """One streamed compression in a fresh process; wall time, peaks, bytes written."""
-    code = CHILD.format(**solver)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run_sampled(argv: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float, int]:
+    """Run ``argv`` in a fresh process, sampling its process tree's resident memory every 0.25 s; returns the
+    finished process (text stdout/stderr), its wall seconds and the tree's peak KiB."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), str(out), str(workers), str(vocab)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, _tree_rss_kib(proc.pid))
         time.sleep(0.25)
     stdout, stderr = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"error: the compression with {workers} worker(s) failed:\n{stderr[-3000:]}")
-    row = json.loads(stdout.strip().splitlines()[-1])
+    done = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+    return done, round(time.perf_counter() - start, 1), peak
+
+
+def compress_once(folder: Path, out: Path, workers: int, vocab: int, solver: dict) -> dict:
+    """One streamed compression in a fresh process; wall time, peaks, bytes written."""
+    code = CHILD.format(**solver)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done, seconds, peak = run_sampled([sys.executable, "-c", code, str(folder), str(out), str(workers), str(vocab)],
+                                      env)
+    if done.returncode:
+        raise SystemExit(f"error: the compression with {workers} worker(s) failed:\n{done.stderr[-3000:]}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
     written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "work" not in p.parts)
-    return {"workers": workers, "wall_seconds": round(time.perf_counter() - start, 1), **row,
-            "tree_peak_kib": peak, "bytes_written": written}
+    return {"workers": workers, "wall_seconds": seconds, **row, "tree_peak_kib": peak, "bytes_written": written}
 
 
 def main() -> None:

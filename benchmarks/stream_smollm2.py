@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from scale import _tree_rss_kib  # noqa: E402
+from scale import run_sampled  # noqa: E402
 
 from procrustes_onnx.core.environment import write_results  # noqa: E402
 
@@ -35,16 +33,10 @@ def compress(model: str, out: Path, config: Path, stream: bool) -> dict:
     """One `compress` in a fresh process: wall time and the peak resident memory of its process tree."""
     argv = [sys.executable, "-m", "procrustes_onnx.cli", "compress", "--model", model, "--out", str(out),
             "--config", str(config), "--workers", "1"] + (["--stream"] if stream else [])
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _tree_rss_kib(proc.pid))
-        time.sleep(0.25)
-    _, stderr = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"error: compress{' --stream' if stream else ''} failed:\n{stderr[-3000:]}")
-    return {"stream": stream, "wall_seconds": round(time.perf_counter() - start, 1), "peak_kib": peak}
+    done, seconds, peak = run_sampled(argv)
+    if done.returncode:
+        raise SystemExit(f"error: compress{' --stream' if stream else ''} failed:\n{done.stderr[-3000:]}")
+    return {"stream": stream, "wall_seconds": seconds, "peak_kib": peak}
 
 
 def same_tensors(a: Path, b: Path) -> dict:
