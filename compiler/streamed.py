@@ -217,8 +217,8 @@ class _Run:
 
     def _solve(self, indices: list[int]) -> None:
         sel = [self.positions[p] for p in indices]
-        grams = self._grams_for(sel) if self.grams or self.spilled else self.grams
-        rs, factors = solve_positions(self.model, sel, self.specs, self.config, self.work, grams, self.progress)
+        rs, factors = solve_positions(self.model, sel, self.specs, self.config, self.work, self._grams_for(sel),
+                                      self.progress)
         self.rs.update({p: r for p, r in zip(indices, rs)})
         self.factors.update(factors)
 
