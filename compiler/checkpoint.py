@@ -317,15 +317,19 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     return model.eval(), tokenizer
 
 
-def materialize_dense(model: nn.Module) -> dict:
+def materialize_dense(model: nn.Module, *, stand_ins: bool = False) -> dict:
     """Swap every StructuredLinear for an equivalent nn.Linear in place; return the factor map the exporter
-    needs to rewrite them back: path -> {"spec", "factors" (name -> tensor), "bias" (bool)}."""
+    needs to rewrite them back: path -> {"spec", "factors" (name -> tensor), "bias" (bool)}.
+
+    ``stand_ins``: each Linear's weight is a distinct constant broadcast to its shape instead (`to_linear`'s
+    ``fill``), for an export whose MatMuls are all rewritten to the factors: the model is never dense in
+    memory. Distinct, so that no two weights look equal (or transposed) to the exporter's deduplication."""
     factor_map = {}
-    for name, module in list(model.named_modules()):
+    for i, (name, module) in enumerate(list(model.named_modules())):
         if isinstance(module, StructuredLinear):
             factor_map[name] = {"spec": module.matrix.spec(), "bias": module.bias is not None,
                               "factors": {k: v.detach().clone() for k, v in module.matrix.factors().items()}}
-            set_module(model, name, module.to_linear())
+            set_module(model, name, module.to_linear(fill=(1 + i / 1024) / 4096 if stand_ins else None))
     return factor_map
 
 

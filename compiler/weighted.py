@@ -70,8 +70,8 @@ class WeightedResult:
 
 def term_loss(term: WeightedTerm, r: torch.Tensor, approx: torch.Tensor) -> float:
     """w ||X (W R - W_hat)||^2 or w ||X (W - R W_hat)||^2 for one term."""
-    diff = term.weight @ r - approx if term.kind == "out" else term.weight - r @ approx
-    return term.scale * float((diff * (term.gram @ diff)).sum())
+    diff = (term.weight @ r).sub_(approx) if term.kind == "out" else (r @ approx).neg_().add_(term.weight)
+    return term.scale * float(torch.dot(diff.view(-1), (term.gram @ diff).view(-1)))  # no elementwise temporaries
 
 
 def weighted_loss(terms: Sequence[WeightedTerm], r: torch.Tensor, approx: Sequence[torch.Tensor]) -> float:

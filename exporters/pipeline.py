@@ -51,6 +51,8 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     """Compressed checkpoint -> structured ONNX folder: export its dense twin (kept in ``dense_dir`` if
     given, e.g. as the materialized baseline), then rewrite the structured MatMuls. With
     ``dense_equivalent`` the dense twin itself goes to ``out_dir`` (the first half of export + rewrite).
+    A twin that is not kept is traced with stand-in weights (``materialize_dense(stand_ins=True)``) and read
+    back from disk by the rewrite: the process holds the checkpoint's own tensors, never a dense copy.
 
     ``templates``: exported folders that may share this model's architecture (the dense
     model, or another globally rotated model's dense twin); the first whose graph takes every parameter
@@ -62,9 +64,10 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     ck = checkpoint_identity(checkpoint)
     origin = {"source": ck.get("source"), "structure": ck.get("structure"), "checkpoint": ck["id"]}
     torch_model, tokenizer = load_compressed(checkpoint)
-    factor_map = materialize_dense(torch_model)
     if dense_equivalent:
         dense_dir = out_dir
+    # a twin nobody keeps only carries the graph: stand-in weights, so the model is never dense in memory
+    factor_map = materialize_dense(torch_model, stand_ins=not dense_dir)
     if not dense_dir:  # the scratch twin lives beside the output, whose parent may not exist yet
         Path(out_dir).resolve().parent.mkdir(parents=True, exist_ok=True)
     scratch = None if dense_dir else Path(tempfile.mkdtemp(prefix=".dense-", dir=Path(out_dir).resolve().parent))
@@ -83,6 +86,7 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                                 tokenizer=tokenizer, identity=twin, attention=attention)
         if dense_equivalent:
             return dense
+        del torch_model, tries, swapped  # the rewrite holds the factors and reads the twin from disk
         return rewrite_structured_matmuls(dense.parent, out_dir, factor_map=factor_map, overwrite=overwrite,
                                           identity={"format": f"procrustes-onnx onnx {opset or DEFAULT_OPSET}",
                                                     **origin, "kind": "structured", "with_past": with_past})

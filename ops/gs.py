@@ -52,7 +52,7 @@ def gs_channels(kl: int, bl2: int, kr: int, br1: int) -> dict[str, np.ndarray]:
 
 
 @lru_cache(maxsize=256)
-def _pair_channels(kl: int, bl2: int, kr: int, br1: int) -> tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]:
+def gs_pairs(kl: int, bl2: int, kr: int, br1: int) -> tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]:
     """(l, r, columns of L_l, rows of R_r) for every block pair the shuffle connects."""
     ch = gs_channels(kl, bl2, kr, br1)
     pairs = []
@@ -71,7 +71,7 @@ def gs_materialize(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     kl, bl1, bl2 = left.shape
     kr, br1, br2 = right.shape
     w = left.new_zeros(kl * bl1, kr * br2, dtype=torch.promote_types(left.dtype, right.dtype))
-    for l, r, cols, rows in _pair_channels(kl, bl2, kr, br1):
+    for l, r, cols, rows in gs_pairs(kl, bl2, kr, br1):
         w[l * bl1:(l + 1) * bl1, r * br2:(r + 1) * br2] = left[l][:, cols.to(left.device)] @ right[r][rows.to(right.device)]
     return w
 

@@ -32,15 +32,21 @@ class StructuredLinear(nn.Module):
         y = self.matrix(x)
         return y if self.bias is None else y + self.bias
 
-    def to_linear(self) -> nn.Linear:
-        """An equivalent nn.Linear (weight = W^T), e.g. for the dense ONNX baseline."""
-        w = self.matrix.materialize().detach()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w.T)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
+    def to_linear(self, fill: float | None = None) -> nn.Linear:
+        """An equivalent nn.Linear (weight = W^T), e.g. for the dense ONNX baseline. With ``fill``, a stand-in of
+        the same shape whose weight is that constant broadcast (no memory): what an export traces before its
+        MatMul is rewritten to the factors, so a large model is never held dense."""
+        ref = next(iter(self.matrix.factors().values()))
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                        dtype=ref.dtype)
+        if fill is None:
+            weight = self.matrix.materialize().detach().T.contiguous()
+        else:
+            weight = torch.full((), fill, dtype=ref.dtype, device=ref.device).expand(self.out_features,
+                                                                                     self.in_features)
+        lin.weight = nn.Parameter(weight, requires_grad=fill is None)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.detach().clone())
         return lin
 
     @property

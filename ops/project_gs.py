@@ -11,7 +11,7 @@ import torch
 
 from procrustes_onnx.core.errors import UserError
 
-from .gs import check_gs_shapes, gs_channels, shuffle_perm
+from .gs import check_gs_shapes, gs_channels, gs_pairs, shuffle_perm
 from .linalg import gram_svd, spd_solve
 
 __all__ = ["project_gs", "project_gs_weighted", "gs_blocks", "gs_discarded_sq"]
@@ -67,49 +67,47 @@ class _WeightedGS:
     steps need so that no step multiplies C by a dense in x out matrix except the one-time C M.
 
     Z = blockdiag(L) P (in x inner) and V = P blockdiag(R) (inner x out), so W = Z blockdiag(R) = blockdiag(L) V.
-    C Z is built block by block (in^2 bl2 flops instead of in^2 inner), C E = C M - (C Z) blockdiag(R), and
-    the L sweep tracks the error exactly as tr(E^T C E) changes, instead of re-forming and re-weighting W.
+    R block r reads only Z_r, the br1 columns of Z routed to it, so the R step, C E = C M - (C Z) blockdiag(R)
+    and the error go one R block at a time: Z and C Z are never held whole (at in 8192 each is 0.25 GiB), and
+    C Z_r is built from the L blocks' columns (in^2 bl2 flops over all r, as for the whole C Z). The L sweep
+    tracks the error exactly as tr(E^T C E) changes, instead of re-forming and re-weighting W.
     """
 
-    def __init__(self, m: torch.Tensor, c: torch.Tensor, kl: int, kr: int) -> None:
-        self.m, self.c, self.kl, self.kr = m, c, kl, kr
+    def __init__(self, m: torch.Tensor, c: torch.Tensor, kl: int, bl2: int, kr: int, br1: int) -> None:
+        self.m, self.c, self.kl, self.kr, self.br1 = m, c, kl, kr, br1
+        self.pairs = gs_pairs(kl, bl2, kr, br1)
         self.cm = c @ m                                                              # the one dense C-product
 
-    def products(self, left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Z, C Z), both in x inner, from the blocks of L. C Z is taken block by block from column slices of C
-        (a batched product over a strided view of C would first copy all of C)."""
-        kl, bl1, bl2 = left.shape
-        p = shuffle_perm(kl, bl2)
-        z = torch.block_diag(*left)[:, p]
-        cz = torch.empty_like(z)
-        where = torch.argsort(p)                                                     # column of CZ for Z's column
-        for l in range(kl):
-            cz[:, where[l * bl2:(l + 1) * bl2]] = self.c[:, l * bl1:(l + 1) * bl1] @ left[l]
+    def z_block(self, left: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Z_r, C Z_r), both in x br1: column j of Z_r is column c of L_l, in L_l's rows, for the channels
+        the shuffle routes from l to row j of R_r (C Z_r from column slices of C: no copy of C)."""
+        bl1 = left.shape[1]
+        z = self.m.new_zeros(self.m.shape[0], self.br1)
+        cz = self.m.new_empty(self.m.shape[0], self.br1)                             # every column is some pair's
+        for l, rr, cols, rows in self.pairs:
+            if rr == r:
+                piece = left[l][:, cols.to(left.device)]
+                rows = rows.to(left.device)
+                z[l * bl1:(l + 1) * bl1, rows] = piece
+                cz[:, rows] = self.c[:, l * bl1:(l + 1) * bl1] @ piece
         return z, cz
 
-    def _times_right(self, a: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """a [in, inner] @ blockdiag(R), one R block at a time on column slices of a (no copy of a)."""
-        kr, br1, br2 = right.shape
-        out = a.new_empty(a.shape[0], kr * br2)
-        for r in range(kr):
-            out[:, r * br2:(r + 1) * br2] = a[:, r * br1:(r + 1) * br1] @ right[r]
-        return out
-
-    def r_step(self, z: torch.Tensor, cz: torch.Tensor, br1: int) -> torch.Tensor:
-        """Exact weighted LS for every R block given L: columns of R-block r see only Z_r."""
-        kr, cols = self.kr, self.m.shape[1] // self.kr
-        g, h = [], []
-        for r in range(kr):
-            czr = cz[:, r * br1:(r + 1) * br1]
-            g.append(z[:, r * br1:(r + 1) * br1].T @ czr)                               # [br1, br1]
-            h.append(czr.T @ self.m[:, r * cols:(r + 1) * cols])
-        return spd_solve(torch.stack(g), torch.stack(h))
-
-    def residual(self, z: torch.Tensor, cz: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(C E, tr(E^T C E)) for E = M - W, W = Z blockdiag(R), block by block over R."""
-        ce = self._times_right(cz, right).neg_().add_(self.cm)                      # in place: no temporaries
-        e = self._times_right(z, right).neg_().add_(self.m)
-        return ce, float(torch.dot(e.view(-1), ce.view(-1)))
+    def right_step(self, left: torch.Tensor, right: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(R, C E, tr(E^T C E)) for E = M - Z blockdiag(R), one R block at a time. R is the exact weighted LS
+        given L (``right`` None: columns of R-block r see only Z_r) or ``right`` as given."""
+        cols = self.m.shape[1] // self.kr
+        ce = torch.empty_like(self.cm)
+        blocks, err = [], 0.0
+        for r in range(self.kr):
+            z, cz = self.z_block(left, r)
+            span = slice(r * cols, (r + 1) * cols)
+            block = spd_solve(z.T @ cz, cz.T @ self.m[:, span]) if right is None else right[r]
+            ce[:, span] = (cz @ block).neg_().add_(self.cm[:, span])
+            e = (z @ block).neg_().add_(self.m[:, span])
+            err += float((e * ce[:, span]).sum())
+            blocks.append(block)
+        return torch.stack(blocks), ce, err
 
     def l_sweep(self, left: torch.Tensor, right: torch.Tensor, ce: torch.Tensor, err: float,
                 ) -> tuple[torch.Tensor, float]:
@@ -127,9 +125,9 @@ class _WeightedGS:
             delta = spd_solve(vl @ vl.T, step.T).T                                   # ... (V_l V_l^T)^-1
             left[l] += delta
             dv = delta @ vl                                                          # E_l -= dv
-            cdv = self.c[l * bl1:, rows] @ dv                                        # C[rows >= l, rows_l] dv
-            err += float((dv * (cdv[:bl1] - 2.0 * ce[rows])).sum())
-            ce[(l + 1) * bl1:] -= cdv[bl1:]
+            err += float((dv * (self.c[rows, rows] @ dv - 2.0 * ce[rows])).sum())
+            for k in range(l + 1, kl):                                               # C[rows_k, rows_l] dv
+                ce[k * bl1:(k + 1) * bl1] -= self.c[k * bl1:(k + 1) * bl1, rows] @ dv
         return left, err
 
 
@@ -147,16 +145,12 @@ def project_gs_weighted(m: torch.Tensor, gram: torch.Tensor, kl: int, bl1: int, 
     m64, c64 = m.to(torch.float64), gram.to(torch.float64)
     left, right = init if init is not None else project_gs(m64, kl, bl1, bl2, kr, br1, br2)
     left, right = left.to(torch.float64), right.to(torch.float64)
-    state = _WeightedGS(m64, c64, kl, kr)
-    z, cz = state.products(left)
-    best = (state.residual(z, cz, right)[1], left, right)
+    state = _WeightedGS(m64, c64, kl, bl2, kr, br1)
+    best = (state.right_step(left, right)[2], left, right)
     for _ in range(sweeps):
-        right = state.r_step(z, cz, br1)
-        ce, err = state.residual(z, cz, right)
-        z = cz = None                                                                # free before the next products
+        right, ce, err = state.right_step(left)
         left, err = state.l_sweep(left, right, ce, err)
         del ce
-        z, cz = state.products(left)
         if not err < best[0]:
             break
         best = (err, left, right)

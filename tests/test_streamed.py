@@ -60,7 +60,8 @@ def test_streamed_checkpoint_equals_in_memory(tmp_path, tie, method):
 
 def test_streamed_solves_hold_only_their_own_grams(tmp_path, monkeypatch):
     """A layer's down projection Gram waits on disk while that layer's positions are solved; each solve sees
-    exactly the Grams of its positions, and no spilled Gram outlives the run."""
+    exactly the Grams of its positions, no spilled Gram outlives the run, and only the first solve holds the
+    embedding table."""
     import procrustes_onnx.compiler.streamed as streamed
     from procrustes_onnx.compiler.solve import gram_paths
 
@@ -70,7 +71,8 @@ def test_streamed_solves_hold_only_their_own_grams(tmp_path, monkeypatch):
     def spy(model, sel, specs, config, work, grams, progress):
         # a Gram back from disk has the allocator's alignment: BLAS rounds some products differently otherwise
         assert all(g.data_ptr() % 64 == 0 for g in grams.values())
-        seen.append((sorted(grams), sorted(gram_paths(sel, specs)), sorted(p.name for p in work.glob("gram-*"))))
+        seen.append((sorted(grams), sorted(gram_paths(sel, specs)), sorted(p.name for p in work.glob("gram-*")),
+                     model.model.embed_tokens.weight.is_meta and model.lm_head.weight.is_meta))
         return real(model, sel, specs, config, work, grams, progress)
 
     monkeypatch.setattr(streamed, "solve_positions", spy)
@@ -79,8 +81,10 @@ def test_streamed_solves_hold_only_their_own_grams(tmp_path, monkeypatch):
     out = compress_streamed(folder, None, _cfg("weighted"), tmp_path / "stream", echo=_quiet, calib_tokens=CALIB,
                             keep_work=True)
     assert len(seen) == 4                                          # two positions per layer's call, then the head's
-    for held, needed, _ in seen:
+    for held, needed, _, _ in seen:
         assert held == needed
+    # the tied embedding table is written and freed once position 0 is rotated: later solves never hold it
+    assert [freed for *_, freed in seen] == [False, True, True, True]
     assert "gram-model.layers.0.mlp.down_proj.pt" in seen[0][2]   # taken with layer 0, solved with layer 1
     assert not list((out / "work").glob("gram-*"))
 
