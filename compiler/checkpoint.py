@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -275,7 +276,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple
         config._attn_implementation = manifest["attn_implementation"]
     tensors = load_file(str(path / "model.safetensors"))
     dtype = dtype or getattr(torch, manifest["dtype"])
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with init_empty_weights(include_buffers=False):  # every weight comes from the file: never build them dense
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = surgery_state(model)
     if state.get("fused"):
         install_fused_modules(model)

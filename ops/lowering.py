@@ -39,7 +39,7 @@ class _Emitter:
         return v
 
     def weight(self, key: str, arr: np.ndarray) -> ir.Value:
-        return self.const(key, arr.astype(self.dtype.numpy()))
+        return self.const(key, arr.astype(self.dtype.numpy(), copy=False))  # the factor map's own array if it can
 
     def op(self, op_type: str, inputs: Sequence[ir.Value], **attrs) -> ir.Value:
         self._n += 1
