@@ -19,7 +19,6 @@ from typing import Sequence
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -265,6 +264,25 @@ def require_checkpoint(path: str | Path) -> Path:
     return path
 
 
+class _TensorFile:
+    """A safetensors file's tensors, each read when the loader takes it: ``load_file`` would hold every tensor
+    beside the modules built from them (twice the checkpoint at the peak)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = safe_open(str(path), framework="pt")
+        self._left = set(self._file.keys())
+
+    def pop(self, key: str) -> torch.Tensor:
+        if key not in self._left:
+            raise KeyError(key)
+        self._left.remove(key)
+        return self._file.get_tensor(key)
+
+    def items(self):
+        for key in sorted(self._left):
+            yield key, self.pop(key)
+
+
 def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
     """Rebuild the torch model (StructuredLinears, exact orthogonal skips) and the tokenizer (None if absent)."""
     path = require_checkpoint(path)
@@ -274,7 +292,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     config = AutoConfig.from_pretrained(path)
     if manifest.get("attn_implementation"):                     # same attention kernel as when saved
         config._attn_implementation = manifest["attn_implementation"]
-    tensors = load_file(str(path / "model.safetensors"))
+    tensors = _TensorFile(path / "model.safetensors")
     dtype = dtype or getattr(torch, manifest["dtype"])
     with init_empty_weights(include_buffers=False):  # every weight comes from the file: never build them dense
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

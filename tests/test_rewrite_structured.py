@@ -12,11 +12,14 @@ import onnx_ir as ir
 import pytest
 import torch
 
+from procrustes_onnx.compiler.adapters import get_module
+from procrustes_onnx.compiler.checkpoint import load_compressed, materialize_dense
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.exporters import (RewriteStructuredMatmulsPass, promised_saving,
                                              rewrite_structured_matmuls)
 from procrustes_onnx.exporters.inspect import inspect_onnx
 from procrustes_onnx.exporters.onnx_export import MAP_FILE
+from procrustes_onnx.exporters.pipeline import export_compressed
 from test_export_helpers import STRUCTURED_DIR, assert_decode_matches, exported
 
 ARCHS = ("llama", "qwen2", "opt")
@@ -167,3 +170,21 @@ def test_compressed_checkpoint_with_skips_exports_structured_and_matches():
     assert info["matmuls"]["structured_modules"] == len(factor_map)
     assert info["matmuls"]["structured_gemms"] == 2 * len(factor_map)
     assert_decode_matches(structured, out, steps=2, seed=5)
+
+
+def test_export_without_a_kept_twin_traces_stand_ins_and_writes_the_same_model(tmp_path):
+    """Not keeping the dense twin, export traces broadcast stand-ins (no memory: stride 0) instead of dense
+    weights; after the rewrite the structured model is the one the kept-twin route writes, tensor for tensor."""
+    structured, _, _, path = exported("llama")
+    model, _ = load_compressed(path.parent.parent / "ckpt")
+    factor_map = materialize_dense(model, stand_ins=True)
+    weights = [get_module(model, name).weight for name in factor_map]
+    assert weights and all(w.stride() == (0, 0) for w in weights)
+    assert len({float(w[0, 0]) for w in weights}) == len(weights)  # distinct: no two may be deduplicated
+    lean = ir.load(export_compressed(path.parent.parent / "ckpt", tmp_path / "lean"))
+    kept = ir.load(path.parent.parent / STRUCTURED_DIR / "model.onnx")
+    assert [n.op_type for n in lean.graph] == [n.op_type for n in kept.graph]
+    assert sorted(lean.graph.initializers) == sorted(kept.graph.initializers)
+    for name, v in kept.graph.initializers.items():
+        assert np.array_equal(lean.graph.initializers[name].const_value.numpy(), v.const_value.numpy()), name
+    assert not list(tmp_path.glob(".dense-*"))  # the scratch twin is gone
