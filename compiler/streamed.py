@@ -224,6 +224,15 @@ class _Run:
         self.rs.update({p: r for p, r in zip(indices, rs)})
         self.factors.update(factors)
 
+    def _solve_pair(self, a: int, b: int) -> None:
+        """A layer's two positions: on workers side by side; serially one at a time, so that each solve holds
+        only its own Grams (the other's wait on disk). The same solves either way."""
+        if self.config.fanout.workers > 1:
+            self._solve([a, b])
+        else:
+            self._solve([a])
+            self._solve([b])
+
     def _rotate(self, p: int) -> None:
         rotate_position(self.model, p, self.rs.pop(p).to(torch.float64))
 
@@ -259,7 +268,7 @@ class _Run:
             self._run_layer(i, layer)
             add_layer_shortcuts(layer, self.dims[2 * i: 2 * i + 3], next(layer.parameters()).dtype,
                                 adapter.shortcut_forward())
-            self._solve([2 * i, 2 * i + 1])
+            self._solve_pair(2 * i, 2 * i + 1)
             self._rotate(2 * i)
             if i == 0:
                 self._write_embedding()
