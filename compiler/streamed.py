@@ -224,15 +224,6 @@ class _Run:
         self.rs.update({p: r for p, r in zip(indices, rs)})
         self.factors.update(factors)
 
-    def _solve_pair(self, a: int, b: int) -> None:
-        """A layer's two positions: on workers side by side; serially one at a time, so that each solve holds
-        only its own Grams (the other's wait on disk). The same solves either way."""
-        if self.config.fanout.workers > 1:
-            self._solve([a, b])
-        else:
-            self._solve([a])
-            self._solve([b])
-
     def _rotate(self, p: int) -> None:
         rotate_position(self.model, p, self.rs.pop(p).to(torch.float64))
 
@@ -259,23 +250,33 @@ class _Run:
         self.numbers.append(sum(int(t.numel()) for t in tensors.values()))
 
     def layers(self) -> None:
-        """The streamed pass: load, run, solve and rotate layer by layer; the head's position last."""
+        """The streamed pass: load, run, solve and rotate layer by layer; the head's position last.
+
+        On workers a layer's two positions are solved side by side. Serially they are solved one at a time, so
+        each solve holds only its own Grams (the other's wait on disk), and the first is rotated before the second
+        is solved (that problem reads no module the rotation touches), so the embedding (after layer 0's first
+        position) and the previous layer are written and freed before the second solve. The same solves either way.
+        """
         adapter, model = self.adapter, self.model
         n = adapter.num_layers
+        together = self.config.fanout.workers > 1
         previous = None
         for i in range(n):
             layer = self._load_layer(i)
             self._run_layer(i, layer)
             add_layer_shortcuts(layer, self.dims[2 * i: 2 * i + 3], next(layer.parameters()).dtype,
                                 adapter.shortcut_forward())
-            self._solve_pair(2 * i, 2 * i + 1)
-            self._rotate(2 * i)
+            a, b = 2 * i, 2 * i + 1
+            self._solve([a, b] if together else [a])
+            self._rotate(a)
             if i == 0:
                 self._write_embedding()
-            if previous is not None:
+            if previous is not None:  # complete once position a is rotated
                 self._finish(adapter.layer_path(i - 1), previous)
                 release(previous)
-            self._rotate(2 * i + 1)
+            if not together:
+                self._solve([b])
+            self._rotate(b)
             previous = layer
         head = self.positions[-1].readers[0].path
         if self.batches and head in self.gram_paths:  # only a compressed head reads the final stream's Gram

@@ -11,7 +11,7 @@ import torch
 
 from procrustes_onnx.core.errors import UserError
 
-from .gs import check_gs_shapes, gs_channels, gs_pairs, shuffle_perm
+from .gs import check_gs_shapes, gs_channels, gs_pairs
 from .linalg import gram_svd, spd_solve
 
 __all__ = ["project_gs", "project_gs_weighted", "gs_blocks", "gs_discarded_sq"]
@@ -109,18 +109,26 @@ class _WeightedGS:
             blocks.append(block)
         return torch.stack(blocks), ce, err
 
+    def v_block(self, right: torch.Tensor, l: int, bl2: int) -> torch.Tensor:
+        """V_l, the bl2 rows of V = P blockdiag(R) that L block l feeds (bl2 x out; V whole is kl times that): row
+        c is row j of R_r, in R_r's columns, for the channels the shuffle routes from column c of L_l to R_r."""
+        br2 = right.shape[2]
+        v = self.m.new_zeros(bl2, self.m.shape[1])
+        for ll, r, cols, rows in self.pairs:
+            if ll == l:
+                v[cols.to(v.device), r * br2:(r + 1) * br2] = right[r][rows.to(v.device)]
+        return v
+
     def l_sweep(self, left: torch.Tensor, right: torch.Tensor, ce: torch.Tensor, err: float,
                 ) -> tuple[torch.Tensor, float]:
         """One Gauss-Seidel sweep of exact per-block LS over the L blocks (C couples the row blocks):
         L_l += C_ll^-1 (C E)_l V_l^T (V_l V_l^T)^-1, then (C E) of the later blocks (``ce``, in place) and the
         error updated."""
         kl, bl1, bl2 = left.shape
-        v = self.m.new_zeros(kl * bl2, self.m.shape[1])
-        v[shuffle_perm(kl, bl2)] = torch.block_diag(*right)                         # V = P blockdiag(R)
         left = left.clone()                                                          # ce is updated in place
         for l in range(kl):
             rows = slice(l * bl1, (l + 1) * bl1)
-            vl = v[l * bl2:(l + 1) * bl2]
+            vl = self.v_block(right, l, bl2)
             step = spd_solve(self.c[rows, rows], ce[rows] @ vl.T)                    # C_ll^-1 (CE)_l V_l^T
             delta = spd_solve(vl @ vl.T, step.T).T                                   # ... (V_l V_l^T)^-1
             left[l] += delta
