@@ -123,10 +123,14 @@ class GroupTerm:
     spec: dict
     gram: torch.Tensor | None
 
+    def view(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The in x out weight as stored (on the CPU, the model's own tensor: no copy)."""
+        w = self.weight.t() if self.transposed else self.weight
+        return w.detach().to(device)
+
     def stream(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The in x out weight in float64."""
-        w = self.weight.t() if self.transposed else self.weight
-        return w.detach().to(device, torch.float64)
+        return self.view(device).to(torch.float64)
 
 
 @dataclass(frozen=True)
@@ -161,11 +165,11 @@ def solve_group(problem: GroupProblem, config: CompressionConfig) -> tuple[torch
     info: dict = {}
     if not terms:
         return r.cpu(), {}, info
-    weights = {t.path: t.stream(device) for t in terms}
     proj = Projector()
     chosen: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
     if config.iterations > 0 or config.method == "frobenius":
+        weights = {t.path: t.stream(device) for t in terms}  # float64 copies, for this stage only
         mats = [weights[t.path] if t.reads else weights[t.path].T for t in terms]
         projs = [proj.frobenius(t.path, t.spec, t.reads) for t in terms]
         res = frobenius_als(mats, projs, iters=config.iterations, tol=config.tol)
@@ -176,10 +180,10 @@ def solve_group(problem: GroupProblem, config: CompressionConfig) -> tuple[torch
         info["frobenius_seconds"] = round(time.perf_counter() - t0, 1)
         log.info("frobenius: %d matrices, rel error %.4f -> %.4f in %d iterations, %.0f s", len(mats),
                  info["frobenius_rel"][0], info["frobenius_rel"][-1], res.iterations, info["frobenius_seconds"])
-        del mats, res
+        del mats, res, weights
     if config.method == "weighted":
         chosen = {}  # the weighted stage starts afresh at R: the Frobenius projections can go
-        wterms = [WeightedTerm(weights[t.path], t.gram, proj.weighted(t.path, t.spec), "in" if t.reads else "out",
+        wterms = [WeightedTerm(t.view(device), t.gram, proj.weighted(t.path, t.spec), "in" if t.reads else "out",
                                name=t.path) for t in terms]
         balance_weights(wterms, config.balance)
         res_w = weighted_stage(wterms, r, outer_iters=config.weighted_outer, rotation_iters=config.rotation_iters)
@@ -192,7 +196,7 @@ def solve_group(problem: GroupProblem, config: CompressionConfig) -> tuple[torch
     for t in terms:
         fac = proj.factors_of(chosen.get(t.path))
         if fac is None:  # not a projection this solve made (none today): project again at the final rotation
-            w = r.T @ weights[t.path] if t.reads else weights[t.path] @ r
+            w = r.T @ t.stream(device) if t.reads else t.stream(device) @ r
             if config.method == "weighted":      # Frobenius runs have no Grams
                 fac = project_weighted(w, rotate_gram(t.gram, r) if t.reads else t.gram, t.spec)
             else:

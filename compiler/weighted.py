@@ -51,14 +51,19 @@ class WeightedTerm:
     def __post_init__(self) -> None:
         if self.kind not in ("in", "out"):
             raise ValueError(f"term kind must be 'in' or 'out', not {self.kind!r}")
-        self.weight = self.weight.detach().to(torch.float64)
+        self.weight = self.weight.detach()
         self.gram = self.gram.detach().to(torch.float64)
+
+    def w64(self) -> torch.Tensor:
+        """The weight in float64, made on use: the term keeps the caller's tensor (a float32 model weight is not
+        copied), and float64 of it is exact, so every product is the same as with a stored float64 copy."""
+        return self.weight.to(torch.float64)
 
     def target(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(matrix to project, Gram of its input side) under rotation r."""
         if self.kind == "out":
-            return self.weight @ r, self.gram
-        return r.T @ self.weight, r.T @ self.gram @ r
+            return self.w64() @ r, self.gram
+        return r.T @ self.w64(), r.T @ self.gram @ r
 
 
 @dataclass
@@ -70,7 +75,7 @@ class WeightedResult:
 
 def term_loss(term: WeightedTerm, r: torch.Tensor, approx: torch.Tensor) -> float:
     """w ||X (W R - W_hat)||^2 or w ||X (W - R W_hat)||^2 for one term."""
-    diff = (term.weight @ r).sub_(approx) if term.kind == "out" else (r @ approx).neg_().add_(term.weight)
+    diff = (term.w64() @ r).sub_(approx) if term.kind == "out" else (r @ approx).neg_().add_(term.w64())
     return term.scale * float(torch.dot(diff.view(-1), (term.gram @ diff).view(-1)))  # no elementwise temporaries
 
 
@@ -86,8 +91,9 @@ def _quadratic_parts(terms, approx):
     const = 0.0
     groups: dict[tuple, list] = {}
     for t, a in zip(terms, approx):
-        cw = t.gram @ t.weight
-        const += t.scale * float((t.weight * cw).sum())
+        w = t.w64()
+        cw = t.gram @ w
+        const += t.scale * float((w * cw).sum())
         if t.kind == "out":
             ca = t.gram @ a
             g += t.scale * (cw.T @ a)
@@ -202,7 +208,7 @@ def weighted_stage(terms: Sequence[WeightedTerm], r0: torch.Tensor | None = None
 def balance_weights(terms: Sequence[WeightedTerm], mode: str = "relative") -> None:
     """Set each term's scale in place. 'relative': 1/||X W||^2, so each linear's relative output error
     counts equally; 'paper': inputs 1, outputs mean_in ||X W_in||^2 / ||X W_out||^2; 'none': 1."""
-    norms = [float((t.weight * (t.gram @ t.weight)).sum()) for t in terms]
+    norms = [float((w * (t.gram @ w)).sum()) for w, t in ((t.w64(), t) for t in terms)]
     if mode == "none":
         scales = [1.0] * len(terms)
     elif mode == "relative":
