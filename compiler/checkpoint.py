@@ -35,6 +35,7 @@ from .embeddings import install_factored_embedding
 from .fusion import install_fused_modules
 from .positions import position_dims
 from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
+from .stream import ShardReader
 
 __all__ = ["load_model", "save_compressed", "write_checkpoint", "collect_tensors", "merge_safetensors", "save_compressed_into", "load_compressed", "require_checkpoint",
            "checkpoint_identity", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
@@ -264,19 +265,19 @@ def require_checkpoint(path: str | Path) -> Path:
     return path
 
 
-class _TensorFile:
-    """A safetensors file's tensors, each read when the loader takes it: ``load_file`` would hold every tensor
-    beside the modules built from them (twice the checkpoint at the peak)."""
+class _Remaining:
+    """A checkpoint's tensors not yet taken, each read from its file when the loader takes it (`ShardReader`:
+    one handle per read, so no page stays mapped), never all at once beside the modules built from them."""
 
-    def __init__(self, path: Path) -> None:
-        self._file = safe_open(str(path), framework="pt")
-        self._left = set(self._file.keys())
+    def __init__(self, folder: Path) -> None:
+        self._reader = ShardReader(folder)
+        self._left = set(self._reader.where)
 
     def pop(self, key: str) -> torch.Tensor:
         if key not in self._left:
             raise KeyError(key)
         self._left.remove(key)
-        return self._file.get_tensor(key)
+        return self._reader.tensor(key)
 
     def items(self):
         for key in sorted(self._left):
@@ -292,7 +293,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     config = AutoConfig.from_pretrained(path)
     if manifest.get("attn_implementation"):                     # same attention kernel as when saved
         config._attn_implementation = manifest["attn_implementation"]
-    tensors = _TensorFile(path / "model.safetensors")
+    tensors = _Remaining(path)
     dtype = dtype or getattr(torch, manifest["dtype"])
     with init_empty_weights(include_buffers=False):  # every weight comes from the file: never build them dense
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -143,8 +143,9 @@ def _libc():
 
 def _trim() -> None:
     """glibc's malloc_trim(0), where there is a glibc; elsewhere nothing."""
-    if _libc():
-        _libc().malloc_trim(0)
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 _M_MMAP_THRESHOLD = -3
@@ -155,8 +156,9 @@ def return_freed_blocks(threshold: int = 1 << 20) -> None:
     system at once. glibc otherwise raises this threshold up to 32 MiB as blocks are freed and keeps freed blocks
     below it for reuse, and a solve frees many 8-32 MiB temporaries: on one hidden-2048 position solve the peak
     growth fell from 1.49 to 1.32 GiB for 3% more time (docs/scale.md). Process-wide, as MALLOC_MMAP_THRESHOLD_."""
-    if _libc():
-        _libc().mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    libc = _libc()
+    if libc:
+        libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
 
 
 _LIBC = None

@@ -208,7 +208,10 @@ def weighted_stage(terms: Sequence[WeightedTerm], r0: torch.Tensor | None = None
 def balance_weights(terms: Sequence[WeightedTerm], mode: str = "relative") -> None:
     """Set each term's scale in place. 'relative': 1/||X W||^2, so each linear's relative output error
     counts equally; 'paper': inputs 1, outputs mean_in ||X W_in||^2 / ||X W_out||^2; 'none': 1."""
-    norms = [float((w * (t.gram @ w)).sum()) for w, t in ((t.w64(), t) for t in terms)]
+    norms = []
+    for t in terms:
+        w = t.w64()
+        norms.append(float((w * (t.gram @ w)).sum()))
     if mode == "none":
         scales = [1.0] * len(terms)
     elif mode == "relative":
