@@ -10,6 +10,7 @@ raylet and workers included) and read from its own VmHWM. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -99,31 +101,75 @@ def _tree_rss_kib(root: int) -> int:
     return sum(rss.get(p, 0) for p in tree)
 
 
-def run_sampled(argv: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float, int]:
+def _hwm_kib(pid: int) -> int:
+    """A live process's peak resident memory (VmHWM), 0 once it is gone."""
+    try:
+        return int(next(l for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:")).split()[1])
+    except (OSError, StopIteration):
+        return 0
+
+
+def run_sampled(argv: list[str], env: dict | None = None,
+                watch: Callable[[int, float, int], None] | None = None) -> tuple[subprocess.CompletedProcess, float, int]:
     """Run ``argv`` in a fresh process, sampling its process tree's resident memory every 0.25 s; returns the
-    finished process (text stdout/stderr), its wall seconds and the tree's peak KiB."""
+    finished process (text stdout/stderr), its wall seconds and the tree's peak KiB. ``watch(pid, seconds,
+    tree peak)`` runs at every sample (progress logging). The child's stderr goes to a file, not a pipe: a
+    run of hours logs more than a pipe holds."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    err = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, _tree_rss_kib(proc.pid))
+        if watch is not None:
+            watch(proc.pid, time.perf_counter() - start, peak)
         time.sleep(0.25)
-    stdout, stderr = proc.communicate()
-    done = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+    stdout, _ = proc.communicate()
+    err.seek(0)
+    done = subprocess.CompletedProcess(argv, proc.returncode, stdout, err.read())
     return done, round(time.perf_counter() - start, 1), peak
 
 
-def compress_once(folder: Path, out: Path, workers: int, vocab: int, solver: dict) -> dict:
-    """One streamed compression in a fresh process; wall time, peaks, bytes written."""
+def _solved(out: Path) -> int:
+    return len(list((out / "work").glob("pos*.safetensors")))
+
+
+def progress_logger(log: Path, out: Path) -> Callable[[int, float, int], None]:
+    """A `run_sampled` watcher appending one JSON line to ``log`` each time a position's solution lands in
+    ``out/work``: seconds into this process, positions solved, the driver's VmHWM and the tree's peak so far.
+    A run of hours that is cut short still shows how its peak moved with depth; a resumed run (same ``out``)
+    appends a new segment."""
+    seen = {"n": _solved(out)}
+    segment = 1 + sum(1 for line in log.read_text().splitlines() if '"segment_start"' in line) if log.exists() else 1
+    with log.open("a") as f:
+        f.write(json.dumps({"segment_start": time.strftime("%Y-%m-%dT%H:%M:%S"), "segment": segment,
+                            "positions_solved": seen["n"]}) + "\n")
+
+    def watch(pid: int, seconds: float, tree_peak: int) -> None:
+        n = _solved(out)
+        if n > seen["n"]:  # the work folder goes once the checkpoint is written
+            seen["n"] = n
+            with log.open("a") as f:
+                f.write(json.dumps({"segment": segment, "seconds": round(seconds, 1), "positions_solved": n,
+                                    "driver_hwm_kib": _hwm_kib(pid), "tree_peak_kib": tree_peak}) + "\n")
+    return watch
+
+
+def compress_once(folder: Path, out: Path, workers: int, vocab: int, solver: dict, log: Path | None = None) -> dict:
+    """One streamed compression in a fresh process; wall time, peaks, bytes written. With ``log``, progress lines
+    (`progress_logger`); an ``out`` left by a cut run is resumed (its solved positions are reused)."""
     code = CHILD.format(**solver)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    resumed_from = _solved(out) if out.exists() else 0
+    watch = progress_logger(log, out) if log is not None else None
     done, seconds, peak = run_sampled([sys.executable, "-c", code, str(folder), str(out), str(workers), str(vocab)],
-                                      env)
+                                      env, watch)
     if done.returncode:
         raise SystemExit(f"error: the compression with {workers} worker(s) failed:\n{done.stderr[-3000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
     written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "work" not in p.parts)
-    return {"workers": workers, "wall_seconds": seconds, **row, "tree_peak_kib": peak, "bytes_written": written}
+    return {"workers": workers, "wall_seconds": seconds, **row, "tree_peak_kib": peak, "bytes_written": written,
+            "resumed_from_positions": resumed_from}
 
 
 def main() -> None:
@@ -139,22 +185,28 @@ def main() -> None:
     ap.add_argument("--rotation-iters", type=int, default=2, help="Riemannian steps per solve (the main job: 50)")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--work", default=None, help="folder for the model and checkpoints (default: a temp folder)")
+    ap.add_argument("--work", default=None, help="parent of the temporary folder for the model and checkpoints")
+    ap.add_argument("--keep", default=None, help="a folder that keeps the model, the checkpoints and progress logs "
+                    "(progress<workers>.jsonl) after the run; a run cut short resumes from it")
     ap.add_argument("--out", default="docs/results/scale.json")
     args = ap.parse_args()
     solver = {"iterations": args.iterations, "rotation_iters": args.rotation_iters, "samples": args.samples,
               "seq_len": args.seq_len}
-    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        root = Path(args.keep) if args.keep else Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.work)))
         t = time.perf_counter()
-        params = synthetic_llama(root / "model", args.hidden, args.layers, args.intermediate, args.vocab, args.heads,
-                                 args.kv_heads)
+        shape = [args.hidden, args.layers, args.intermediate, args.vocab, args.heads, args.kv_heads]
+        params = kept_llama(root / "model", shape) if args.keep else None
+        if params is None:
+            params = synthetic_llama(root / "model", *shape)
+            (root / "model" / "shape.json").write_text(json.dumps({"shape": shape, "parameters": params}))
         fp32_kib = 4 * params // 1024
         print(f"synthetic Llama: {params / 1e9:.2f}B parameters, {fp32_kib / 2**20:.2f} GiB fp32, written in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
         rows = []
         for workers in (int(w) for w in args.workers.split(",")):
-            row = compress_once(root / "model", root / f"ck{workers}", workers, args.vocab, solver)
+            log = root / f"progress{workers}.jsonl" if args.keep else None
+            row = compress_once(root / "model", root / f"ck{workers}", workers, args.vocab, solver, log)
             row["driver_peak_over_fp32"] = round(row["driver_peak_kib"] / fp32_kib, 3)
             row["tree_peak_over_fp32"] = round(row["tree_peak_kib"] / fp32_kib, 3)
             row["model_sha256"] = file_sha256(root / f"ck{workers}" / "model.safetensors")
@@ -168,6 +220,16 @@ def main() -> None:
         "weights": "random normal(0, 0.02), norms 1: memory and time only"},
         "compression": {"structure": "gs", "ratio": 0.2, "rotation": "per-position", "method": "weighted",
                         "stream": True, **solver}, "rows": rows})
+
+
+def kept_llama(folder: Path, shape: list[int]) -> int | None:
+    """The parameter count of a synthetic model a previous ``--keep`` run wrote in ``folder`` with this shape, or
+    None (then it is written again)."""
+    try:
+        record = json.loads((folder / "shape.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record["parameters"] if record.get("shape") == shape else None
 
 
 def print_table(rows: list[dict], fp32_kib: int) -> None:

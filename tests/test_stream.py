@@ -88,6 +88,43 @@ def test_corrupt_shard_is_one_line(tmp_path, damage):
     assert victim.name in msg and "corrupt or truncated" in msg
 
 
+def test_reader_reads_each_tensor_into_its_own_memory(tmp_path):
+    """ShardReader reads bytes from the file (no mapping, no second copy): the stored values in every dtype,
+    in 64-byte aligned tensors (BLAS rounds by alignment), each costing its own size only."""
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(0)
+    stored = {"a.f32": torch.randn(3, 5, generator=gen), "a.bf16": torch.randn(7, generator=gen).bfloat16(),
+              "a.f64": torch.randn(2, 2, generator=gen).double(), "a.i64": torch.arange(5), "a.empty": torch.zeros(0, 4),
+              "a.scalar": torch.tensor(2.5), "a.bool": torch.tensor([True, False, True])}
+    save_file(stored, str(tmp_path / "model.safetensors"))
+    reader = ShardReader(tmp_path)
+    expected = load_file(str(tmp_path / "model.safetensors"))
+    for key, want in expected.items():
+        got = reader.tensor(key)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), key
+        assert got.numel() == 0 or got.data_ptr() % 64 == 0, key
+    assert set(reader.tensors("a")) == {k[2:] for k in stored}
+
+    big = tmp_path / "big"
+    big.mkdir()
+    save_file({"w": torch.ones(4096, 4096)}, str(big / "model.safetensors"))  # 64 MiB
+    grew = peak_rss_growth_kib("from procrustes_onnx.compiler.stream import ShardReader\nr = ShardReader(sys.argv[1])",
+                               "t = r.tensor('w')", big)
+    assert 60 * 1024 < grew < 80 * 1024, grew  # one copy (a mapped read and its clone: about 128 MiB)
+
+
+def test_shard_cut_after_opening_is_one_line(tmp_path):
+    folder = _sharded(tmp_path, layers=3)
+    reader = ShardReader(folder)
+    key = next(iter(reader.where))
+    path = folder / reader.where[key]
+    path.write_bytes(path.read_bytes()[:8])
+    with pytest.raises(UserError) as exc:
+        reader.tensor(key)
+    assert path.name in _one_line(exc)
+
+
 def test_no_weights_is_one_line(tmp_path):
     with pytest.raises(UserError) as exc:
         ShardReader(tmp_path)
