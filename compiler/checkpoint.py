@@ -349,7 +349,7 @@ def materialize_dense(model: nn.Module, *, stand_ins: bool = False) -> dict:
     for i, (name, module) in enumerate(list(model.named_modules())):
         if isinstance(module, StructuredLinear):
             factor_map[name] = {"spec": module.matrix.spec(), "bias": module.bias is not None,
-                              "factors": {k: v.detach().clone() for k, v in module.matrix.factors().items()}}
+                              "factors": {k: v.detach() for k, v in module.matrix.factors().items()}}
             set_module(model, name, module.to_linear(fill=(1 + i / 1024) / 4096 if stand_ins else None))
     return factor_map
 
