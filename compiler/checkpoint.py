@@ -28,6 +28,7 @@ from procrustes_onnx.core.outputs import atomic_output_dir, file_sha256, identit
 from procrustes_onnx.core.sources import (DEFAULT_MODEL, is_compressed_checkpoint, load_tokenizer, require_dense,
                                           resolve_model_dir)
 from procrustes_onnx.ops import StructuredLinear, structured_from_spec
+from procrustes_onnx.ops.linear import stand_in_linear
 from procrustes_onnx.ops.embedding import FactoredEmbedding, FactoredHead
 
 from .adapters import get_adapter, get_module, set_module, surgery_state
@@ -37,7 +38,8 @@ from .positions import position_dims
 from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
 from .stream import ShardReader
 
-__all__ = ["load_model", "save_compressed", "write_checkpoint", "collect_tensors", "merge_safetensors", "save_compressed_into", "load_compressed", "require_checkpoint",
+__all__ = ["load_model", "save_compressed", "write_checkpoint", "collect_tensors", "merge_safetensors", "save_compressed_into", "load_compressed", "load_stand_ins",
+           "require_checkpoint",
            "checkpoint_identity", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -283,9 +285,32 @@ class _Remaining:
         for key in sorted(self._left):
             yield key, self.pop(key)
 
+    def defer(self, keys: dict[str, str], dtype: torch.dtype):
+        """Take ``keys`` (name -> stored key) now and return a loader that reads them as numpy arrays of
+        ``dtype`` when called (each call reads the file again)."""
+        for key in keys.values():
+            if key not in self._left:
+                raise KeyError(key)
+            self._left.remove(key)
+        reader = self._reader
+        return lambda: {k: reader.tensor(v).to(dtype).numpy() for k, v in keys.items()}
+
 
 def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
     """Rebuild the torch model (StructuredLinears, exact orthogonal skips) and the tokenizer (None if absent)."""
+    model, tokenizer, _ = _load(path, dtype, stand_ins=False)
+    return model, tokenizer
+
+
+def load_stand_ins(path: str | Path) -> tuple[nn.Module, object, dict]:
+    """The model with every structured linear as a stand-in (`stand_in_linear`: a distinct constant weight of
+    no memory), the tokenizer, and the factor map whose factors are read only when the rewrite writes them
+    (`ops.lowering.FactorLoader`): what an export needs, never holding the structured factors, which are most
+    of a compressed model's bytes. The other weights (embedding, skips, norms, biases) are loaded."""
+    return _load(path, None, stand_ins=True)
+
+
+def _load(path: str | Path, dtype: torch.dtype | None, stand_ins: bool) -> tuple[nn.Module, object, dict]:
     path = require_checkpoint(path)
     manifest = json.loads((path / "structure.json").read_text())
     if manifest.get("format") != FORMAT_VERSION:
@@ -302,17 +327,26 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple
         install_fused_modules(model)
     if manifest["shortcuts"]:
         state["shortcuts"] = False
-        install_shortcuts(model, manifest["dims"])
+        with init_empty_weights(include_buffers=False):  # their weights come from the file too
+            install_shortcuts(model, manifest["dims"])
     loaded: set[int] = set()
     if manifest.get("embedding"):
         entry = manifest["embedding"]
         a, b = (tensors.pop(entry["tensors"][k]).to(dtype) for k in ("a", "b"))
         emb = install_factored_embedding(model, entry, a, b)
         loaded.update(id(p) for p in emb.parameters())
-    for name, entry in manifest["structured"].items():
-        factors = {k: tensors.pop(v).to(dtype) for k, v in entry["tensors"].items()}
+    factor_map = {}
+    for i, (name, entry) in enumerate(manifest["structured"].items()):
         bias = tensors.pop(entry["bias"]).to(dtype) if entry["bias"] else None
-        module = StructuredLinear(structured_from_spec(entry["spec"], factors, dtype=dtype), bias)
+        if stand_ins:
+            spec = entry["spec"]
+            factor_map[name] = {"spec": spec, "bias": bias is not None, "factors": tensors.defer(entry["tensors"], dtype),
+                                "dtype": str(torch.empty(0, dtype=dtype).numpy().dtype)}
+            # a distinct constant each, so that the exporter's deduplication never merges two of them
+            module = stand_in_linear(spec["in"], spec["out"], (1 + i / 1024) / 4096, dtype, bias)
+        else:
+            factors = {k: tensors.pop(v).to(dtype) for k, v in entry["tensors"].items()}
+            module = StructuredLinear(structured_from_spec(entry["spec"], factors, dtype=dtype), bias)
         set_module(model, name, module)
         loaded.update(id(p) for p in module.parameters())
     for name, entry in manifest["shortcuts"].items():
@@ -335,22 +369,19 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, factor_map
 
 
-def materialize_dense(model: nn.Module, *, stand_ins: bool = False) -> dict:
-    """Swap every StructuredLinear for an equivalent nn.Linear in place; return the factor map the exporter
-    needs to rewrite them back: path -> {"spec", "factors" (name -> tensor), "bias" (bool)}.
-
-    ``stand_ins``: each Linear's weight is a distinct constant broadcast to its shape instead (`to_linear`'s
-    ``fill``), for an export whose MatMuls are all rewritten to the factors: the model is never dense in
-    memory. Distinct, so that no two weights look equal (or transposed) to the exporter's deduplication."""
+def materialize_dense(model: nn.Module) -> dict:
+    """Swap every StructuredLinear for an equivalent dense nn.Linear in place; return the factor map the exporter
+    needs to rewrite them back: path -> {"spec", "factors" (name -> tensor), "bias" (bool)}. An export that keeps
+    no dense twin uses `load_stand_ins` instead (never dense, factors read as they are written)."""
     factor_map = {}
-    for i, (name, module) in enumerate(list(model.named_modules())):
+    for name, module in list(model.named_modules()):
         if isinstance(module, StructuredLinear):
             factor_map[name] = {"spec": module.matrix.spec(), "bias": module.bias is not None,
-                              "factors": {k: v.detach() for k, v in module.matrix.factors().items()}}
-            set_module(model, name, module.to_linear(fill=(1 + i / 1024) / 4096 if stand_ins else None))
+                                "factors": {k: v.detach() for k, v in module.matrix.factors().items()}}
+            set_module(model, name, module.to_linear())
     return factor_map
 
 

@@ -125,12 +125,20 @@ def cayley_encode(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def cayley_decode(upper: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Inverse of `cayley_encode` (float64): an exactly orthogonal Q up to rounding."""
     d = signs.shape[0]
-    iu = torch.triu_indices(d, d, 1)
-    k = torch.zeros(d, d, dtype=torch.float64)
-    k[iu[0], iu[1]] = upper.double()
-    k = k - k.T
-    eye = torch.eye(d, dtype=torch.float64)
-    return torch.linalg.solve(eye + k, eye - k) * signs.double()
+    u = upper.double()
+    plus = torch.zeros(d, d, dtype=torch.float64)  # I + K, row by row: no d^2 index tensors or temporaries
+    start = 0
+    for i in range(d - 1):
+        row = u[start:start + d - 1 - i]
+        plus[i, i + 1:] = row
+        plus[i + 1:, i] = torch.rsub(row, 0.0)
+        start += d - 1 - i
+    minus = torch.rsub(plus, 0.0)                  # I - K
+    plus.diagonal().fill_(1.0)
+    minus.diagonal().fill_(1.0)
+    out = torch.linalg.solve(plus, minus)
+    del plus, minus
+    return out.mul_(signs.double())
 
 
 def is_orthogonal(w: torch.Tensor, atol: float = 1e-4) -> bool:

@@ -51,23 +51,27 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     """Compressed checkpoint -> structured ONNX folder: export its dense twin (kept in ``dense_dir`` if
     given, e.g. as the materialized baseline), then rewrite the structured MatMuls. With
     ``dense_equivalent`` the dense twin itself goes to ``out_dir`` (the first half of export + rewrite).
-    A twin that is not kept is traced with stand-in weights (``materialize_dense(stand_ins=True)``) and read
-    back from disk by the rewrite: the process holds the checkpoint's own tensors, never a dense copy.
+    A twin that is not kept is traced with stand-ins for the structured linears (``load_stand_ins``) and read
+    back from disk by the rewrite, whose lowering reads each module's factors from the checkpoint as the
+    result is written: the process holds the other weights (embedding, skips), never the factors all at once
+    and never a dense copy.
 
     ``templates``: exported folders that may share this model's architecture (the dense
     model, or another globally rotated model's dense twin); the first whose graph takes every parameter
     is reused with this model's weights instead of tracing again, if ONNX Runtime then agrees with torch;
     otherwise the model is traced as usual; only templates with the same ``attention`` are tried."""
-    from procrustes_onnx.compiler.checkpoint import checkpoint_identity, load_compressed, materialize_dense
+    from procrustes_onnx.compiler.checkpoint import checkpoint_identity, load_compressed, load_stand_ins, materialize_dense
 
     check_output(out_dir, inputs=[checkpoint, dense_dir], overwrite=overwrite)
     ck = checkpoint_identity(checkpoint)
     origin = {"source": ck.get("source"), "structure": ck.get("structure"), "checkpoint": ck["id"]}
-    torch_model, tokenizer = load_compressed(checkpoint)
     if dense_equivalent:
         dense_dir = out_dir
-    # a twin nobody keeps only carries the graph: stand-in weights, so the model is never dense in memory
-    factor_map = materialize_dense(torch_model, stand_ins=not dense_dir)
+    if dense_dir:
+        torch_model, tokenizer = load_compressed(checkpoint)
+        factor_map = materialize_dense(torch_model)
+    else:  # a twin nobody keeps only carries the graph: stand-ins, and the factors are read as they are written
+        torch_model, tokenizer, factor_map = load_stand_ins(checkpoint)
     if not dense_dir:  # the scratch twin lives beside the output, whose parent may not exist yet
         Path(out_dir).resolve().parent.mkdir(parents=True, exist_ok=True)
     scratch = None if dense_dir else Path(tempfile.mkdtemp(prefix=".dense-", dir=Path(out_dir).resolve().parent))
@@ -86,7 +90,12 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                                 tokenizer=tokenizer, identity=twin, attention=attention)
         if dense_equivalent:
             return dense
-        del torch_model, tries, swapped  # the rewrite holds the factors and reads the twin from disk
+        # the twin is on disk: free the weights now. The exporter keeps references to the Parameter objects
+        # themselves, so dropping (or moving) the model frees nothing (measured: the embedding stayed alive);
+        # emptying each Parameter in place does.
+        for param in torch_model.parameters():
+            param.data = torch.empty(0, dtype=param.dtype)
+        del torch_model, tries, swapped
         return rewrite_structured_matmuls(dense.parent, out_dir, factor_map=factor_map, overwrite=overwrite,
                                           identity={"format": f"procrustes-onnx onnx {opset or DEFAULT_OPSET}",
                                                     **origin, "kind": "structured", "with_past": with_past})

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from procrustes_onnx.core.errors import UserError
 from procrustes_onnx.ops.lowering import lower_structured
-from procrustes_onnx.ops.spec import validate_spec
+from procrustes_onnx.ops.spec import factor_shapes, validate_spec
 
 __all__ = ["RewriteStructuredMatmulsPass", "normalize_factor_map", "promised_saving"]
 
@@ -25,15 +25,23 @@ logger = logging.getLogger(__name__)
 
 
 def normalize_factor_map(factor_map: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """module -> {"spec": validated spec, "factors": name -> float ndarray} from ``materialize_dense``'s
-    factor map (torch tensors) or plain dicts of numpy arrays."""
+    """module -> {"spec": validated spec, "factors": name -> float ndarray, or a `FactorLoader`, "dtype"} from
+    ``materialize_dense``'s factor map (torch tensors), plain dicts of numpy arrays, or a checkpoint's deferred
+    map (`load_stand_ins`: each module's factors read only when the rewritten model is written)."""
     out = {}
     for name, entry in factor_map.items():
         if "spec" not in entry or "factors" not in entry:
             raise UserError(f"factor map entry {name!r} needs 'spec' and 'factors'; build it with materialize_dense")
+        if callable(entry["factors"]):
+            out[name] = {"spec": validate_spec(entry["spec"]), "factors": entry["factors"],
+                         "dtype": np.dtype(entry["dtype"])}
+            continue
         factors = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
                    for k, v in entry["factors"].items()}
-        out[name] = {"spec": validate_spec(entry["spec"]), "factors": factors}
+        dtypes = sorted({str(v.dtype) for v in factors.values()})
+        if len(dtypes) != 1:
+            raise UserError(f"factor map entry {name!r} mixes dtypes {dtypes}: export and compress in one dtype")
+        out[name] = {"spec": validate_spec(entry["spec"]), "factors": factors, "dtype": np.dtype(dtypes[0])}
     return out
 
 
@@ -42,8 +50,8 @@ def promised_saving(factor_map: Mapping[str, Mapping[str, Any]]) -> int:
     (in the factors' dtype, which ``_check`` makes equal to the ONNX weight's)."""
     total = 0
     for entry in normalize_factor_map(factor_map).values():
-        spec, factors = entry["spec"], list(entry["factors"].values())
-        total += spec["in"] * spec["out"] * factors[0].itemsize - sum(f.nbytes for f in factors)
+        spec, item = entry["spec"], entry["dtype"].itemsize
+        total += item * (spec["in"] * spec["out"] - sum(int(np.prod(s)) for s in factor_shapes(spec).values()))
     return total
 
 
@@ -89,10 +97,9 @@ class RewriteStructuredMatmulsPass(ir.passes.InPlacePass):
         if shape != [spec["in"], spec["out"]]:
             raise UserError(f"{module}: ONNX weight is {shape} (in x out) but the factor map's spec is "
                             f"[{spec['in']}, {spec['out']}]; use the factor map of the exported model")
-        for key, arr in entry["factors"].items():
-            if np.dtype(arr.dtype) != np.dtype(init.dtype.numpy()):
-                raise UserError(f"{module}: factor {key!r} is {arr.dtype} but the ONNX weight is "
-                                f"{init.dtype.name}; export and compress in the same dtype")
+        if entry["dtype"] != np.dtype(init.dtype.numpy()):
+            raise UserError(f"{module}: its factors are {entry['dtype']} but the ONNX weight is "
+                            f"{init.dtype.name}; export and compress in the same dtype")
         return node
 
     def _try_rewrite(self, graph: ir.Graph, nodes: dict[str, ir.Node], module: str, entry: dict) -> bool:

@@ -9,7 +9,7 @@ from procrustes_onnx.core.errors import UserError
 
 from .base import StructuredMatrix
 
-__all__ = ["StructuredLinear"]
+__all__ = ["StructuredLinear", "stand_in_linear"]
 
 
 class StructuredLinear(nn.Module):
@@ -32,19 +32,11 @@ class StructuredLinear(nn.Module):
         y = self.matrix(x)
         return y if self.bias is None else y + self.bias
 
-    def to_linear(self, fill: float | None = None) -> nn.Linear:
-        """An equivalent nn.Linear (weight = W^T), e.g. for the dense ONNX baseline. With ``fill``, a stand-in of
-        the same shape whose weight is that constant broadcast (no memory): what an export traces before its
-        MatMul is rewritten to the factors, so a large model is never held dense."""
-        ref = next(iter(self.matrix.factors().values()))
+    def to_linear(self) -> nn.Linear:
+        """An equivalent nn.Linear (weight = W^T), e.g. for the dense ONNX baseline."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
-                        dtype=ref.dtype)
-        if fill is None:
-            weight = self.matrix.materialize().detach().T.contiguous()
-        else:
-            weight = torch.full((), fill, dtype=ref.dtype, device=ref.device).expand(self.out_features,
-                                                                                     self.in_features)
-        lin.weight = nn.Parameter(weight, requires_grad=fill is None)
+                        dtype=next(iter(self.matrix.factors().values())).dtype)
+        lin.weight = nn.Parameter(self.matrix.materialize().detach().T.contiguous())
         if self.bias is not None:
             lin.bias = nn.Parameter(self.bias.detach().clone())
         return lin
@@ -55,3 +47,14 @@ class StructuredLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def stand_in_linear(in_features: int, out_features: int, fill: float, dtype: torch.dtype,
+                    bias: torch.Tensor | None = None) -> nn.Linear:
+    """An nn.Linear whose weight is the constant ``fill`` broadcast to out x in (stride 0: no memory), with
+    ``bias``: what an export traces for a structured linear whose MatMul the rewrite replaces by its factors."""
+    lin = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=dtype)
+    lin.weight = nn.Parameter(torch.full((), fill, dtype=dtype).expand(out_features, in_features), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().clone())
+    return lin

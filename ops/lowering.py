@@ -8,7 +8,8 @@ Kronecker product of constants exists for ONNX Runtime's constant folding to den
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -19,7 +20,20 @@ from procrustes_onnx.core.errors import UserError
 from .kron import kron_factor_layouts, kron_order
 from .spec import factor_shapes, validate_spec
 
-__all__ = ["lower_structured", "lower_gs_blocks", "standalone_model", "kron_layouts", "gs_layouts"]
+__all__ = ["lower_structured", "lower_gs_blocks", "standalone_model", "kron_layouts", "gs_layouts", "FactorLoader",
+           "Deferred"]
+
+FactorLoader = Callable[[], Mapping[str, np.ndarray]]
+"""Reads one module's factors (names as in `factors()`) when called: a lowering given one defers every weight."""
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A weight the lowering computes only when the model is written (an ``ir.LazyTensor``), from factors read
+    then: a large model's rewrite never holds its factors all at once."""
+
+    shape: tuple[int, ...]
+    make: Callable[[], np.ndarray]
 
 
 class _Emitter:
@@ -38,8 +52,15 @@ class _Emitter:
         self.inits.append(v)
         return v
 
-    def weight(self, key: str, arr: np.ndarray) -> ir.Value:
-        return self.const(key, arr.astype(self.dtype.numpy(), copy=False))  # the factor map's own array if it can
+    def weight(self, key: str, arr: np.ndarray | Deferred) -> ir.Value:
+        if not isinstance(arr, Deferred):
+            return self.const(key, arr.astype(self.dtype.numpy(), copy=False))  # the factor map's own array if it can
+        full, np_dtype = f"{self.name}/{key}", self.dtype.numpy()
+        t = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(arr.make().astype(np_dtype, copy=False)), name=full),
+                          self.dtype, ir.Shape(arr.shape), name=full)
+        v = ir.Value(name=full, shape=ir.Shape(arr.shape), type=ir.TensorType(self.dtype), const_value=t)
+        self.inits.append(v)
+        return v
 
     def op(self, op_type: str, inputs: Sequence[ir.Value], **attrs) -> ir.Value:
         self._n += 1
@@ -85,11 +106,45 @@ def kron_layouts(a: np.ndarray, b: np.ndarray, order: str) -> dict[str, np.ndarr
     return {names[0]: first.numpy(), names[1]: second.numpy()}
 
 
-def _lower_kron(e: _Emitter, x: ir.Value, spec: dict, f: Mapping[str, np.ndarray]) -> ir.Value:
+def _layouts(spec: dict, lead: int, factors: Mapping[str, np.ndarray] | FactorLoader
+             ) -> dict[str, np.ndarray | Deferred]:
+    """The weights a lowering multiplies by (`kron_layouts`, `gs_layouts`, or the dense matrix), computed now
+    from arrays, or deferred (`Deferred`, with the shapes the spec fixes) when ``factors`` is a loader."""
+    kind = spec["kind"]
+
+    def compute(f: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        f = {k: np.asarray(v) for k, v in f.items()}
+        if kind == "dense":
+            return {"weight": f["weight"]}
+        if kind == "kron":
+            return kron_layouts(f["a"], f["b"], kron_order(spec["rank"], *spec["a_shape"], *spec["b_shape"]))
+        return gs_layouts(f["left"], f["right"], lead)
+
+    if not callable(factors):
+        return compute(factors)
+    return {key: Deferred(shape, lambda key=key: compute(factors())[key])
+            for key, shape in _layout_shapes(spec, lead).items()}
+
+
+def _layout_shapes(spec: dict, lead: int) -> dict[str, tuple[int, ...]]:
+    """The shapes `_layouts` gives, from the spec alone."""
+    if spec["kind"] == "dense":
+        return {"weight": (spec["in"], spec["out"])}
+    if spec["kind"] == "kron":
+        r = spec["rank"]
+        (m1, n1), (m2, n2) = spec["a_shape"], spec["b_shape"]
+        if kron_order(r, m1, n1, m2, n2) == "a_first":
+            return {"kron_a": (m1, n1 * r), "kron_b": (m2 * r, n2)}
+        return {"kron_b": (m2, n2 * r), "kron_a": (m1 * r, n1)}
+    ones = (1,) * (lead - 1) if lead >= 1 else ()
+    (kl, bl1, bl2), (kr, br1, br2) = spec["left"], spec["right"]
+    return {"gs_left": (kl, *ones, bl1, bl2), "gs_right": (kr, *ones, br1, br2)}
+
+
+def _lower_kron(e: _Emitter, x: ir.Value, spec: dict, lay: Mapping[str, np.ndarray | Deferred]) -> ir.Value:
     r = spec["rank"]
     (m1, n1), (m2, n2) = spec["a_shape"], spec["b_shape"]
     order = kron_order(r, m1, n1, m2, n2)
-    lay = kron_layouts(f["a"], f["b"], order)
     if order == "b_first":  # mirror image: swap the roles of (a, m1, n1) and (b, m2, n2) below
         (p1, q1, first), (p2, q2, second) = (m2, n2, "kron_b"), (m1, n1, "kron_a")
     else:
@@ -122,11 +177,10 @@ def gs_layouts(left: np.ndarray, right: np.ndarray, lead: int) -> dict[str, np.n
     return {"gs_left": left.reshape(kl, *ones, bl1, bl2), "gs_right": right.reshape(kr, *ones, br1, br2)}
 
 
-def _lower_gs(e: _Emitter, x: ir.Value, spec: dict, f: Mapping[str, np.ndarray]) -> ir.Value:
+def _lower_gs(e: _Emitter, x: ir.Value, spec: dict, lay: Mapping[str, np.ndarray | Deferred]) -> ir.Value:
     kl, bl1, bl2 = spec["left"]
     kr, br1, br2 = spec["right"]
     k = e.lead
-    lay = gs_layouts(f["left"], f["right"], k)
     to_front = [k] + list(range(k)) + [k + 1]                   # [.., kb, n] -> [kb, .., n]
     h = e.op("Transpose", [e.reshape(x, [kl, bl1], "shape_in")], perm=to_front)
     h = e.op("MatMul", [h, e.weight("gs_left", lay["gs_left"])])               # [kl, .., bl2]
@@ -177,12 +231,13 @@ def lower_gs_blocks(x: ir.Value, gs_left: np.ndarray, gs_right: np.ndarray, name
     return e.nodes, e.inits, y
 
 
-def lower_structured(x: ir.Value, spec: Mapping, factors: Mapping[str, np.ndarray], name: str,
+def lower_structured(x: ir.Value, spec: Mapping, factors: Mapping[str, np.ndarray] | FactorLoader, name: str,
                      ) -> tuple[list[ir.Node], list[ir.Value], ir.Value]:
     """Nodes, initializers (to register on the graph) and output value computing x @ W.
 
     x must have a known rank (>= 2 is typical: [B, T, in]; [in] alone is accepted too) and last dim
-    == spec["in"]. Factors use the names of `factors()` and are cast to x's dtype.
+    == spec["in"]. Factors use the names of `factors()` and are cast to x's dtype. A `FactorLoader` instead
+    of arrays defers every weight to when the model is written (`Deferred`): the same bytes, read then.
     """
     s = validate_spec(spec)
     if x.shape is None:
@@ -190,18 +245,18 @@ def lower_structured(x: ir.Value, spec: Mapping, factors: Mapping[str, np.ndarra
     last = x.shape[-1] if len(x.shape) else None
     if isinstance(last, int) and last != s["in"]:
         raise UserError(f"cannot lower {name}: input last dim {last} != spec in {s['in']}")
-    for key, shape in factor_shapes(s).items():
+    for key, shape in ({} if callable(factors) else factor_shapes(s)).items():
         if key not in factors or tuple(np.shape(factors[key])) != shape:
             raise UserError(f"cannot lower {name}: factor {key!r} must have shape {shape}")
     dtype = x.dtype if x.dtype is not None else ir.DataType.FLOAT
     e = _Emitter(name, len(x.shape) - 1, dtype)
-    f = {k: np.asarray(v) for k, v in factors.items()}
+    lay = _layouts(s, e.lead, factors)
     if s["kind"] == "dense":
-        y = e.op("MatMul", [x, e.weight("weight", f["weight"])])
+        y = e.op("MatMul", [x, e.weight("weight", lay["weight"])])
     elif s["kind"] == "kron":
-        y = _lower_kron(e, x, s, f)
+        y = _lower_kron(e, x, s, lay)
     else:
-        y = _lower_gs(e, x, s, f)
+        y = _lower_gs(e, x, s, lay)
     y.shape = ir.Shape([*x.shape[:-1], s["out"]])
     return e.nodes, e.inits, y
 

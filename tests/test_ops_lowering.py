@@ -135,3 +135,35 @@ def test_bad_inputs():
         lower_structured(x4, spec, {"weight": np.zeros((3, 4), np.float32)}, "l")     # factor shape
     with pytest.raises(UserError):
         lower_structured(ir.Value(name="x"), spec, {"weight": np.zeros((4, 3), np.float32)}, "l")  # no rank
+
+
+@pytest.mark.parametrize("mat", [
+    KroneckerSum(torch.randn(3, 4, 2), torch.randn(3, 5, 6)),     # a_first or b_first, whichever the plan picks
+    KroneckerSum(torch.randn(2, 6, 5), torch.randn(2, 2, 4)),
+    GSMatrix(torch.randn(4, 6, 6), torch.randn(3, 8, 5)),         # kr divides bl2: rows reordered
+    GSMatrix(torch.randn(2, 5, 3), torch.randn(3, 2, 4)),         # the general shuffle
+    DenseMatrix(torch.randn(7, 3)),
+], ids=["kron", "kron2", "gs", "gs-shuffle", "dense"])
+@pytest.mark.parametrize("lead", [1, 2, 3])
+def test_deferred_factors_give_the_same_model(mat, lead):
+    """A loader instead of arrays: the same nodes and initializers (shapes before anything is read, bytes when
+    written), and the loader runs only when a weight's bytes are asked for."""
+    f = {k: v.detach().numpy() for k, v in mat.factors().items()}
+    calls = []
+
+    def load():
+        calls.append(1)
+        return f
+
+    dims = [f"d{i}" for i in range(lead)] + [mat.in_features]
+    x = ir.Value(name="x", shape=ir.Shape(dims), type=ir.TensorType(ir.DataType.FLOAT))
+    eager = lower_structured(x, mat.spec(), f, "m")
+    lazy = lower_structured(x, mat.spec(), load, "m")
+    assert [n.op_type for n in eager[0]] == [n.op_type for n in lazy[0]]
+    assert not calls
+    assert [(v.name, tuple(v.shape), v.const_value.nbytes) for v in eager[1]] == \
+        [(v.name, tuple(v.shape), v.const_value.nbytes) for v in lazy[1]]
+    assert not calls
+    for a, b in zip(eager[1], lazy[1]):
+        assert a.const_value.tobytes() == b.const_value.tobytes(), a.name
+    assert calls
