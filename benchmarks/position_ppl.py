@@ -42,7 +42,7 @@ def main() -> int:
     import torch
 
     from procrustes_onnx.compiler.checkpoint import load_compressed, load_model
-    from procrustes_onnx.compiler.heal import trainable_parameters
+    from procrustes_onnx.compiler.heal import restore_parameters, trainable_parameters
     from procrustes_onnx.core.environment import write_results
     from procrustes_onnx.core.texts import load_text, tokenize_corpus
     from procrustes_onnx.runtime.perplexity import make_windows
@@ -57,10 +57,7 @@ def main() -> int:
     params = trainable_parameters(student)
     for item in args.state:
         label, _, path = item.partition("=")
-        saved = torch.load(path, weights_only=False)["best_state"]
-        with torch.no_grad():
-            for p_, v in zip(params, saved, strict=True):
-                p_.copy_(v)
+        restore_parameters(params, torch.load(path, weights_only=False)["best_state"])
         rows[label] = position_ppl(student, windows)
     buckets = [f"{a + 1}-{b}" for a, b in BUCKETS]
     print(f"{'model':10s} " + " ".join(f"{b:>16s}" for b in buckets))

@@ -36,7 +36,7 @@ from .embeddings import install_factored_embedding
 from .fusion import install_fused_modules
 from .positions import position_dims
 from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
-from .stream import ShardReader
+from .stream import ShardReader, empty_model
 
 __all__ = ["load_model", "save_compressed", "write_checkpoint", "collect_tensors", "merge_safetensors", "save_compressed_into", "load_compressed", "load_stand_ins",
            "require_checkpoint",
@@ -320,8 +320,7 @@ def _load(path: str | Path, dtype: torch.dtype | None, stand_ins: bool) -> tuple
         config._attn_implementation = manifest["attn_implementation"]
     tensors = _Remaining(path)
     dtype = dtype or getattr(torch, manifest["dtype"])
-    with init_empty_weights(include_buffers=False):  # every weight comes from the file: never build them dense
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = empty_model(config, dtype)  # every weight comes from the file: never build them dense
     state = surgery_state(model)
     if state.get("fused"):
         install_fused_modules(model)

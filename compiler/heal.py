@@ -52,7 +52,8 @@ from .teacher_text import TEACHER_TEXT, sample_teacher_windows
 from .tensor_files import save_tensors_atomic
 from .skips import Shortcut, is_orthogonal
 
-__all__ = ["HEAL_MODES", "HealConfig", "HealReport", "heal_model", "healed_precision", "trainable_parameters", "heal_windows",
+__all__ = ["HEAL_MODES", "HealConfig", "HealReport", "heal_model", "healed_precision", "trainable_parameters", "restore_parameters",
+           "heal_windows",
            "stream_bases", "topk_kl"]
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ def _train_layer(layer, params, xs, targets, held_x, held_t, kw, config: HealCon
                 if stale >= config.patience:
                     break
     if held_x:
-        _restore(params, best_state)
+        restore_parameters(params, best_state)
     else:
         best = float("nan")
     return {"steps": step, "tokens_seen": seen, "heldout_before": loss0, "heldout_after": best}
@@ -398,7 +399,7 @@ def _heal_e2e(student, teacher, teacher_id: str, train, held, config: HealConfig
         best_state = _snapshot(params)
     else:
         saved = torch.load(state_path, weights_only=False)
-        _restore(params, saved["params"])
+        restore_parameters(params, saved["params"])
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
         step, history, stale, best, before = saved["step"], saved["history"], saved["stale"], saved["best"], saved["before"]
@@ -434,7 +435,7 @@ def _heal_e2e(student, teacher, teacher_id: str, train, held, config: HealConfig
             os.replace(tmp, state_path)
     bar.close()
     if held.numel():
-        _restore(params, best_state)
+        restore_parameters(params, best_state)
     return HealReport("e2e", int(train.numel()), step * bs * config.seq_len, step, before, best,
                       round(time.perf_counter() - start, 1), stopped_early=stopped, history=history)
 
@@ -470,9 +471,10 @@ def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params]
 
 
-def _restore(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+def restore_parameters(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    """Copy saved values (a snapshot, or a healing run's ``best_state``) into the trainable parameters, in order."""
     with torch.no_grad():
-        for p, v in zip(params, values):
+        for p, v in zip(params, values, strict=True):
             p.copy_(v)
 
 

@@ -19,7 +19,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from procrustes_onnx.core.errors import UserError
 
@@ -133,10 +133,10 @@ def _header_layout(path: Path) -> dict[str, tuple[torch.dtype, list[int], int, i
             for key, e in header.items() if key != "__metadata__"}
 
 
-def empty_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model of ``model_dir`` with every weight on the meta device (buffers such as RoPE's inverse
-    frequencies are computed on the CPU as usual), in eval mode."""
-    config = AutoConfig.from_pretrained(model_dir)
+def empty_model(source: str | Path | PretrainedConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of a folder (or of a config) with every weight on the meta device (buffers such as RoPE's
+    inverse frequencies are computed on the CPU as usual), in eval mode, its head tied if the config ties it."""
+    config = source if isinstance(source, PretrainedConfig) else AutoConfig.from_pretrained(source)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # from_config leaves a tied head untied here; from_pretrained ties it

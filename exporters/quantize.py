@@ -114,7 +114,7 @@ def relower_gs_blocks(model: ir.Model) -> list[str]:
         ir.convenience.replace_nodes_and_values(graph, insertion_point=nodes[0], old_nodes=nodes, new_nodes=new_nodes,
                                                 old_values=[y_old], new_values=[y])
         done.append(module)
-    _drop_unused_initializers(graph)
+    common_passes.RemoveUnusedNodesPass()(model)  # the batched factors, now read by nothing
     return done
 
 
@@ -171,12 +171,6 @@ def _quantized_alone(node: ir.Node, config: QuantizeConfig) -> bool:
     head = any(v.name == "logits" for v in node.outputs)  # it may take other bits (--quantize-head)
     kept = config.keep and re.search(config.keep, node.name or "")
     return not head and not kept and _size_reason([int(d) for d in node.inputs[1].shape], config) is None
-
-
-def _drop_unused_initializers(graph: ir.Graph) -> None:
-    for name, value in list(graph.initializers.items()):
-        if not list(value.uses()) and not value.is_graph_output():
-            graph.initializers.pop(name)
 
 
 def _plan(proto, config: QuantizeConfig) -> tuple[dict[str, list[str]], list[dict[str, Any]]]:
