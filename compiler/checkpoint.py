@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from accelerate import init_empty_weights
@@ -285,32 +285,50 @@ class _Remaining:
         for key in sorted(self._left):
             yield key, self.pop(key)
 
-    def defer(self, keys: dict[str, str], dtype: torch.dtype):
-        """Take ``keys`` (name -> stored key) now and return a loader that reads them as numpy arrays of
-        ``dtype`` when called (each call reads the file again)."""
+    def defer(self, keys: dict[str, str]) -> Callable[[], dict[str, torch.Tensor]]:
+        """Take ``keys`` (name -> stored key) now and return a loader that reads them when called (each call
+        reads the file again)."""
         for key in keys.values():
             if key not in self._left:
                 raise KeyError(key)
             self._left.remove(key)
         reader = self._reader
-        return lambda: {k: reader.tensor(v).to(dtype).numpy() for k, v in keys.items()}
+        return lambda: {k: reader.tensor(v) for k, v in keys.items()}
+
+
+def _numpy_loader(read: Callable[[], dict[str, torch.Tensor]], dtype: torch.dtype):
+    return lambda: {k: v.to(dtype).numpy() for k, v in read().items()}
+
+
+def _shortcut_weight(entry: dict, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A skip's d_in x d_out weight from its stored tensors (exactly orthogonal ones as their Cayley form)."""
+    if entry["storage"] == "cayley":
+        return cayley_decode(stored["upper"], stored["signs"])
+    return stored["weight"]
+
+
+def _stand_in_fill(i: int) -> float:
+    """The constant of stand-in number i: distinct for every i, so the exporter's deduplication never merges
+    two stand-ins (distinct in float32; fp16 would collide past about 1,000)."""
+    return (1 + i / 1024) / 4096
 
 
 def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
     """Rebuild the torch model (StructuredLinears, exact orthogonal skips) and the tokenizer (None if absent)."""
-    model, tokenizer, _ = _load(path, dtype, stand_ins=False)
+    model, tokenizer, _, _ = _load(path, dtype, stand_ins=False)
     return model, tokenizer
 
 
-def load_stand_ins(path: str | Path) -> tuple[nn.Module, object, dict]:
-    """The model with every structured linear as a stand-in (`stand_in_linear`: a distinct constant weight of
-    no memory), the tokenizer, and the factor map whose factors are read only when the rewrite writes them
-    (`ops.lowering.FactorLoader`): what an export needs, never holding the structured factors, which are most
-    of a compressed model's bytes. The other weights (embedding, skips, norms, biases) are loaded."""
+def load_stand_ins(path: str | Path) -> tuple[nn.Module, object, dict, dict]:
+    """What an export needs, never holding the structured factors or the skips, which are most of a compressed
+    model's bytes: the model with every structured linear and skip as a stand-in (a distinct constant weight of
+    no memory, `stand_in_linear`), the tokenizer, the factor map whose factors are read only when the rewrite
+    writes them (`ops.lowering.FactorLoader`), and each skip's (shape, loader of its d_in x d_out weight) for
+    the same. The other weights (embedding, norms, biases) are loaded."""
     return _load(path, None, stand_ins=True)
 
 
-def _load(path: str | Path, dtype: torch.dtype | None, stand_ins: bool) -> tuple[nn.Module, object, dict]:
+def _load(path: str | Path, dtype: torch.dtype | None, stand_ins: bool) -> tuple[nn.Module, object, dict, dict]:
     path = require_checkpoint(path)
     manifest = json.loads((path / "structure.json").read_text())
     if manifest.get("format") != FORMAT_VERSION:
@@ -339,21 +357,24 @@ def _load(path: str | Path, dtype: torch.dtype | None, stand_ins: bool) -> tuple
         bias = tensors.pop(entry["bias"]).to(dtype) if entry["bias"] else None
         if stand_ins:
             spec = entry["spec"]
-            factor_map[name] = {"spec": spec, "bias": bias is not None, "factors": tensors.defer(entry["tensors"], dtype),
-                                "dtype": str(torch.empty(0, dtype=dtype).numpy().dtype)}
-            # a distinct constant each, so that the exporter's deduplication never merges two of them
-            module = stand_in_linear(spec["in"], spec["out"], (1 + i / 1024) / 4096, dtype, bias)
+            factor_map[name] = {"spec": spec, "bias": bias is not None, "dtype": str(torch.empty(0, dtype=dtype).numpy().dtype),
+                                "factors": _numpy_loader(tensors.defer(entry["tensors"]), dtype)}
+            module = stand_in_linear(spec["in"], spec["out"], _stand_in_fill(i), dtype, bias)
         else:
             factors = {k: tensors.pop(v).to(dtype) for k, v in entry["tensors"].items()}
             module = StructuredLinear(structured_from_spec(entry["spec"], factors, dtype=dtype), bias)
         set_module(model, name, module)
         loaded.update(id(p) for p in module.parameters())
-    for name, entry in manifest["shortcuts"].items():
-        if entry["storage"] == "cayley":
-            w = cayley_decode(tensors.pop(entry["tensors"][0]), tensors.pop(entry["tensors"][1]))
+    skips = {}
+    for j, (name, entry) in enumerate(manifest["shortcuts"].items(), start=len(manifest["structured"])):
+        keys = dict(zip(("upper", "signs") if entry["storage"] == "cayley" else ("weight",), entry["tensors"]))
+        if stand_ins:
+            read = tensors.defer(keys)
+            skips[name] = (tuple(entry["shape"]), lambda e=entry, r=read: _shortcut_weight(e, r()).to(dtype).numpy())
+            w = torch.full((), _stand_in_fill(j), dtype=dtype).expand(*entry["shape"])
         else:
-            w = tensors.pop(entry["tensors"][0])
-        loaded.add(id(_assign(model, f"{name}.weight", w.to(dtype))))
+            w = _shortcut_weight(entry, {k: tensors.pop(v) for k, v in keys.items()}).to(dtype)
+        loaded.add(id(_assign(model, f"{name}.weight", w)))
     for name, t in tensors.items():
         loaded.add(id(_assign(model, name, t.to(dtype))))
     adapter = get_adapter(model)
@@ -368,7 +389,7 @@ def _load(path: str | Path, dtype: torch.dtype | None, stand_ins: bool) -> tuple
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer, factor_map
+    return model.eval(), tokenizer, factor_map, skips
 
 
 def materialize_dense(model: nn.Module) -> dict:

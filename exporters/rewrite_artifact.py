@@ -12,8 +12,9 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
@@ -26,7 +27,7 @@ from .genai_config import write_runtime_files
 from .onnx_export import MAP_FILE
 from .rewrite_structured import RewriteStructuredMatmulsPass, normalize_factor_map, promised_saving
 
-__all__ = ["rewrite_structured_matmuls", "factor_map_from_checkpoint", "initializer_bytes"]
+__all__ = ["rewrite_structured_matmuls", "defer_weights", "factor_map_from_checkpoint", "initializer_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +47,39 @@ def initializer_bytes(model: ir.Model, *, floating_only: bool = False) -> int:
                if v.const_value is not None and (not floating_only or v.dtype.is_floating_point()))
 
 
+def defer_weights(model: ir.Model, matmul_map: Mapping[str, Mapping[str, Any]],
+                  weights: Mapping[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]) -> None:
+    """Give each module of ``weights`` (module -> (in x out shape, loader of its in x out weight)) its real weight
+    in place of the stand-in it was traced with, read only when the model is written (``ir.LazyTensor``), in the
+    layout of that initializer (the map's ``transposed``: in x out, else out x in)."""
+    inits = model.graph.initializers
+    for module, (shape, load) in weights.items():
+        where = matmul_map.get(module)
+        init = inits.get(where["weight"]) if where else None
+        if init is None:
+            raise UserError(f"{module}: its weight is not an initializer of the exported graph; re-export the model")
+        transposed = bool(where["transposed"])
+        if tuple(init.shape) != (tuple(shape) if transposed else tuple(shape[::-1])):
+            raise UserError(f"{module}: the graph's weight is {list(init.shape)}, the checkpoint's {list(shape)}; "
+                            "export the checkpoint's own model")
+
+        def make(load=load, transposed=transposed, name=init.name) -> ir.Tensor:
+            w = load()
+            return ir.tensor(np.ascontiguousarray(w if transposed else w.T), name=name)
+        init.const_value = ir.LazyTensor(make, init.dtype, init.shape, name=init.name)
+
+
 def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *,
                                factor_map: Mapping[str, Mapping[str, Any]] | None = None,
                                checkpoint: str | os.PathLike | None = None, overwrite: bool = True,
-                               identity: dict | None = None) -> Path:
+                               identity: dict | None = None,
+                               weights: Mapping[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] | None = None,
+                               ) -> Path:
     """Rewrite the exported model at ``onnx_in`` (folder or model.onnx) with the structured factors of
     ``factor_map`` (``materialize_dense``'s output) or of the compressed ``checkpoint`` folder; write the
     folder ``onnx_out`` (model.onnx + model.onnx.data + updated matmul_map.json + rewrite.json), with
-    ``identity`` (what the result is) as identity.json."""
+    ``identity`` (what the result is) as identity.json. ``weights``: other modules traced with stand-ins
+    (`load_stand_ins`'s skips), given their real weights as the result is written (`defer_weights`)."""
     src = model_file(Path(onnx_in).resolve())
     out = check_output(onnx_out, inputs=[src.parent, checkpoint], overwrite=overwrite)
     if (factor_map is None) == (checkpoint is None):
@@ -64,6 +90,7 @@ def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.Pa
     matmul_map = json.loads(map_path.read_text())
     plan = normalize_factor_map(factor_map if factor_map is not None else factor_map_from_checkpoint(checkpoint))
     model = load_onnx(src)
+    defer_weights(model, matmul_map, weights or {})
     before, weights_before = initializer_bytes(model), initializer_bytes(model, floating_only=True)
     result = RewriteStructuredMatmulsPass(matmul_map, plan)(model)
     for p in (common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass(),

@@ -175,9 +175,9 @@ def test_export_without_a_kept_twin_traces_stand_ins_and_writes_the_same_model(t
     """Not keeping the dense twin, export traces broadcast stand-ins (no memory: stride 0) instead of dense
     weights; after the rewrite the structured model is the one the kept-twin route writes, tensor for tensor."""
     structured, _, _, path = exported("llama")
-    model, _, factor_map = load_stand_ins(path.parent.parent / "ckpt")
-    weights = [get_module(model, name).weight for name in factor_map]
-    assert weights and all(w.stride() == (0, 0) for w in weights)
+    model, _, factor_map, skips = load_stand_ins(path.parent.parent / "ckpt")
+    weights = [get_module(model, name).weight for name in [*factor_map, *skips]]
+    assert factor_map and skips and all(w.stride() == (0, 0) for w in weights)
     assert len({float(w[0, 0]) for w in weights}) == len(weights)  # distinct: no two may be deduplicated
     assert all(callable(entry["factors"]) for entry in factor_map.values())  # read when written, not held
     lean = ir.load(export_compressed(path.parent.parent / "ckpt", tmp_path / "lean"))
