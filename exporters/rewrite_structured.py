@@ -73,9 +73,12 @@ class RewriteStructuredMatmulsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = {n.name: n for n in graph if n.name}
+        position = {name: i for i, name in enumerate(nodes)}
+        # in graph order, whatever the factor map's order: the same file from every route to it
+        order = sorted(self.factor_map, key=lambda m: position.get((self.matmul_map.get(m) or {}).get("node"), -1))
         modified = False
-        for module, entry in self.factor_map.items():
-            modified |= self._try_rewrite(graph, nodes, module, entry)
+        for module in order:
+            modified |= self._try_rewrite(graph, nodes, module, self.factor_map[module])
         return ir.passes.PassResult(model, modified)
 
     def _check(self, graph: ir.Graph, nodes: dict[str, ir.Node], module: str, entry: dict) -> ir.Node:
