@@ -65,7 +65,7 @@ def test_streamed_solves_hold_only_their_own_grams(tmp_path, monkeypatch):
     import procrustes_onnx.compiler.streamed as streamed
     from procrustes_onnx.compiler.solve import gram_paths
 
-    seen = []
+    seen, loaded = [], []
     real = streamed.solve_positions
 
     def spy(model, sel, specs, config, work, grams, progress):
@@ -73,6 +73,7 @@ def test_streamed_solves_hold_only_their_own_grams(tmp_path, monkeypatch):
         assert all(g.data_ptr() % 64 == 0 for g in grams.values())
         seen.append((sorted(grams), sorted(gram_paths(sel, specs)), sorted(p.name for p in work.glob("gram-*")),
                      model.model.embed_tokens.weight.is_meta and model.lm_head.weight.is_meta))
+        loaded.append(sorted(n for n, t in model.named_parameters() if not t.is_meta and ".layers." in n))
         return real(model, sel, specs, config, work, grams, progress)
 
     monkeypatch.setattr(streamed, "solve_positions", spy)
@@ -87,6 +88,12 @@ def test_streamed_solves_hold_only_their_own_grams(tmp_path, monkeypatch):
     assert [freed for *_, freed in seen] == [False] + [True] * 6
     assert "gram-model.layers.0.mlp.down_proj.pt" in seen[0][2]   # taken with layer 0, solved with layer 1
     assert not list((out / "work").glob("gram-*"))
+    # a layer's first position is solved beside only the previous layer's writers into it and its skip: the rest
+    # of that layer is written and freed first
+    before = {n.split(".", 3)[3] for n in loaded[2] if n.startswith("model.layers.0.")}
+    assert before == {"mlp.down_proj.weight", "mlp_shortcut.weight"}, before
+    assert any(n.startswith("model.layers.1.self_attn.") for n in loaded[2])
+    assert not any(n.startswith("model.layers.0.") for n in loaded[3])  # and the rest before the second
 
 
 def test_streamed_solves_on_two_ray_workers_give_the_in_memory_checkpoint(tmp_path):
