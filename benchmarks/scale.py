@@ -155,6 +155,28 @@ def progress_logger(log: Path, out: Path) -> Callable[[int, float, int], None]:
     return watch
 
 
+def progress_summary(log: Path, positions: int) -> dict:
+    """What a progress log (`progress_logger`) shows, for a run cut short as well as a finished one: each
+    segment's solved positions, seconds and peaks, and the per-position trace of the driver's VmHWM."""
+    segments: dict[int, dict] = {}
+    trace = []
+    for line in log.read_text().splitlines():
+        row = json.loads(line)
+        seg = segments.setdefault(row["segment"], {"segment": row["segment"], "seconds": 0.0, "driver_hwm_kib": 0,
+                                                   "tree_peak_kib": 0})
+        if "segment_start" in row:
+            seg.update(started=row["segment_start"], positions_at_start=row["positions_solved"])
+            continue
+        seg.update(seconds=row["seconds"], positions_solved=row["positions_solved"],
+                   driver_hwm_kib=max(seg["driver_hwm_kib"], row["driver_hwm_kib"]),
+                   tree_peak_kib=max(seg["tree_peak_kib"], row["tree_peak_kib"]))
+        trace.append([row["segment"], row["positions_solved"], row["seconds"], row["driver_hwm_kib"]])
+    done = max((t[1] for t in trace), default=0)
+    return {"positions": positions, "positions_solved": done, "finished": done >= positions,
+            "segments": list(segments.values()), "trace [segment, positions solved, seconds, driver VmHWM KiB]": trace,
+            "driver_hwm_kib": max((s["driver_hwm_kib"] for s in segments.values()), default=0)}
+
+
 def compress_once(folder: Path, out: Path, workers: int, vocab: int, solver: dict, log: Path | None = None) -> dict:
     """One streamed compression in a fresh process; wall time, peaks, bytes written. With ``log``, progress lines
     (`progress_logger`); an ``out`` left by a cut run is resumed (its solved positions are reused)."""
@@ -189,7 +211,13 @@ def main() -> None:
     ap.add_argument("--keep", default=None, help="a folder that keeps the model, the checkpoints and progress logs "
                     "(progress<workers>.jsonl) after the run; a run cut short resumes from it")
     ap.add_argument("--out", default="docs/results/scale.json")
+    ap.add_argument("--summarize", action="store_true", help="print what the --keep folder's progress logs show "
+                    "(a run cut short too) as JSON, and run nothing")
     args = ap.parse_args()
+    if args.summarize:
+        for log in sorted(Path(args.keep).glob("progress*.jsonl")):
+            print(json.dumps({log.name: progress_summary(log, 2 * args.layers + 1)}, indent=1))
+        return
     solver = {"iterations": args.iterations, "rotation_iters": args.rotation_iters, "samples": args.samples,
               "seq_len": args.seq_len}
     with contextlib.ExitStack() as stack:
@@ -207,6 +235,8 @@ def main() -> None:
         for workers in (int(w) for w in args.workers.split(",")):
             log = root / f"progress{workers}.jsonl" if args.keep else None
             row = compress_once(root / "model", root / f"ck{workers}", workers, args.vocab, solver, log)
+            if log is not None:  # a resumed run: every segment's time and peak, not only this process's
+                row["progress"] = {**progress_summary(log, 2 * args.layers + 1), "finished": True}  # it returned 0
             row["driver_peak_over_fp32"] = round(row["driver_peak_kib"] / fp32_kib, 3)
             row["tree_peak_over_fp32"] = round(row["tree_peak_kib"] / fp32_kib, 3)
             row["model_sha256"] = file_sha256(root / f"ck{workers}" / "model.safetensors")
