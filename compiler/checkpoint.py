@@ -13,9 +13,11 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
@@ -38,7 +40,7 @@ from .positions import position_dims
 from .skips import Shortcut, cayley_decode, cayley_encode, install_shortcuts, is_orthogonal, stored_parameter_count
 from .stream import ShardReader, empty_model
 
-__all__ = ["load_model", "save_compressed", "write_checkpoint", "collect_tensors", "merge_safetensors", "save_compressed_into", "load_compressed", "load_stand_ins",
+__all__ = ["load_model", "save_compressed", "write_checkpoint", "collect_tensors", "merge_safetensors", "save_compressed_into", "load_compressed", "load_stand_ins", "StandIns",
            "require_checkpoint",
            "checkpoint_identity", "materialize_dense", "replace_linear", "FORMAT_VERSION"]
 
@@ -285,6 +287,18 @@ class _Remaining:
         for key in sorted(self._left):
             yield key, self.pop(key)
 
+    def defer_rows(self, key: str, dtype: torch.dtype) -> Callable[[int, int], np.ndarray]:
+        """Take ``key`` now; return ``rows(start, stop)``, which reads those rows of it as a numpy array of ``dtype``."""
+        self.defer({"w": key})
+        reader = self._reader
+        return lambda start, stop: reader.rows(key, start, stop).to(dtype).numpy()
+
+    def keys(self) -> list[str]:
+        return sorted(self._left)
+
+    def shape(self, key: str) -> list[int]:
+        return self._reader.shape(key)
+
     def defer(self, keys: dict[str, str]) -> Callable[[], dict[str, torch.Tensor]]:
         """Take ``keys`` (name -> stored key) now and return a loader that reads them when called (each call
         reads the file again)."""
@@ -315,20 +329,39 @@ def _stand_in_fill(i: int) -> float:
 
 def load_compressed(path: str | Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
     """Rebuild the torch model (StructuredLinears, exact orthogonal skips) and the tokenizer (None if absent)."""
-    model, tokenizer, _, _ = _load(path, dtype, stand_ins=False)
+    model, tokenizer, *_ = _load(path, dtype, stand_ins=False)
     return model, tokenizer
 
 
-def load_stand_ins(path: str | Path) -> tuple[nn.Module, object, dict, dict]:
-    """What an export needs, never holding the structured factors or the skips, which are most of a compressed
-    model's bytes: the model with every structured linear and skip as a stand-in (a distinct constant weight of
-    no memory, `stand_in_linear`), the tokenizer, the factor map whose factors are read only when the rewrite
-    writes them (`ops.lowering.FactorLoader`), and each skip's (shape, loader of its d_in x d_out weight) for
-    the same. The other weights (embedding, norms, biases) are loaded."""
-    return _load(path, None, stand_ins=True)
+@dataclass
+class StandIns:
+    """What an export needs from a checkpoint without holding its weights: ``model`` with every structured linear,
+    skip and table (embedding, untied head, a linear left dense) as a stand-in (a distinct constant of no memory,
+    `stand_in_linear`), the ``tokenizer``, and loaders that read each real weight only when the rewrite writes it:
+    ``factor_map`` (factors: `ops.lowering.FactorLoader`), ``skips`` (module -> (in x out shape, loader of the in x
+    out weight)) and ``tables`` (stand-in constant -> (shape, loader of the weight as stored)). Only norms, biases
+    and square dense weights are loaded."""
+
+    model: nn.Module
+    tokenizer: object
+    factor_map: dict
+    skips: dict
+    tables: dict
 
 
-def _load(path: str | Path, dtype: torch.dtype | None, stand_ins: bool) -> tuple[nn.Module, object, dict, dict]:
+def load_stand_ins(path: str | Path) -> StandIns:
+    """`StandIns` of the checkpoint at ``path``."""
+    return StandIns(*_load(path, None, stand_ins=True))
+
+
+def _is_table(shape: list[int]) -> bool:
+    """A weight an export traces as a stand-in and finds again by its value: 2-D (the embedding, an untied head, a
+    linear left dense; norms and biases are 1-D), of 4,096 numbers or more, and not square (its transposed copy, if
+    the exporter folds one, has another shape)."""
+    return len(shape) == 2 and shape[0] != shape[1] and shape[0] * shape[1] >= 1 << 12
+
+
+def _load(path: str | Path, dtype: torch.dtype | None, stand_ins: bool) -> tuple:
     path = require_checkpoint(path)
     manifest = json.loads((path / "structure.json").read_text())
     if manifest.get("format") != FORMAT_VERSION:
@@ -375,8 +408,15 @@ def _load(path: str | Path, dtype: torch.dtype | None, stand_ins: bool) -> tuple
         else:
             w = _shortcut_weight(entry, {k: tensors.pop(v) for k, v in keys.items()}).to(dtype)
         loaded.add(id(_assign(model, f"{name}.weight", w)))
-    for name, t in tensors.items():
-        loaded.add(id(_assign(model, name, t.to(dtype))))
+    tables = {}
+    for k, name in enumerate(tensors.keys(), start=len(manifest["structured"]) + len(manifest["shortcuts"])):
+        shape = tensors.shape(name)
+        if stand_ins and _is_table(shape):
+            tables[_stand_in_fill(k)] = (shape, tensors.defer_rows(name, dtype))
+            t = torch.full((), _stand_in_fill(k), dtype=dtype).expand(*shape)
+        else:
+            t = tensors.pop(name).to(dtype)
+        loaded.add(id(_assign(model, name, t)))
     adapter = get_adapter(model)
     if manifest.get("tied") and not (manifest.get("embedding") or {}).get("tied"):
         head = get_module(model, adapter.lm_head_path)
@@ -389,7 +429,7 @@ def _load(path: str | Path, dtype: torch.dtype | None, stand_ins: bool) -> tuple
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer, factor_map, skips
+    return model.eval(), tokenizer, factor_map, skips, tables
 
 
 def materialize_dense(model: nn.Module) -> dict:

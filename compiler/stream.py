@@ -80,20 +80,32 @@ class ShardReader:
         self._layout[name] = _header_layout(self.dir / name)
         return keys
 
+    def shape(self, key: str) -> list[int]:
+        """A stored tensor's shape, from its file's header (nothing read)."""
+        return list(self._layout[self.where[key]][key][1])
+
     def tensor(self, key: str) -> torch.Tensor:
         """One stored tensor by its full name, read from the file into a tensor of its own (the allocator's
         alignment, which BLAS rounds by): no mapped page of the shard and no second copy, so a tensor costs
         its own size only (a mapped read and its copy cost two: 0.25 GiB more for a 32,000 x 2048 embedding)."""
+        return self.rows(key, 0, None)
+
+    def rows(self, key: str, start: int, stop: int | None) -> torch.Tensor:
+        """Rows ``start:stop`` of a stored tensor (along its first dimension; None: to the end), read the same way:
+        a large table written out a block of rows at a time is never whole in memory."""
         name = self.where[key]
-        dtype, shape, start, end = self._layout[name][key]
-        out = torch.empty(shape, dtype=dtype)
+        dtype, shape, begin, end = self._layout[name][key]
+        count = shape[0] if shape else 1
+        stop = count if stop is None else min(stop, count)
+        out = torch.empty([stop - start, *shape[1:]] if shape else [], dtype=dtype)
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        if len(view) != end - start:
-            raise UserError(f"shard {self.dir / name} gives {key} {end - start} bytes for its shape {list(shape)}: "
+        row = (end - begin) // count if count else 0
+        if row * count != end - begin or (out.numel() and len(view) != row * (stop - start)):
+            raise UserError(f"shard {self.dir / name} gives {key} {end - begin} bytes for its shape {list(shape)}: "
                             "it is corrupt; download or save it again")
         try:
             with open(self.dir / name, "rb", buffering=0) as fh:
-                fh.seek(start)
+                fh.seek(begin + start * row)
                 done = 0
                 while done < len(view):
                     n = fh.readinto(view[done:])

@@ -51,10 +51,10 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     """Compressed checkpoint -> structured ONNX folder: export its dense twin (kept in ``dense_dir`` if
     given, e.g. as the materialized baseline), then rewrite the structured MatMuls. With
     ``dense_equivalent`` the dense twin itself goes to ``out_dir`` (the first half of export + rewrite).
-    A twin that is not kept is traced with stand-ins for the structured linears and skips (``load_stand_ins``)
-    and read back from disk by the rewrite, which reads each module's factors (and each skip) from the
-    checkpoint as the result is written: the process holds the embedding and norms, never the factors all at
-    once and never a dense copy.
+    A twin that is not kept is traced with stand-ins for the structured linears, skips and tables (embedding, an
+    untied head; ``load_stand_ins``) and read back from disk by the rewrite, which reads each factor and weight
+    from the checkpoint as the result is written: the process holds norms and biases, one tensor at a time of
+    the rest, and never a dense copy.
 
     ``templates``: exported folders that may share this model's architecture (the dense
     model, or another globally rotated model's dense twin); the first whose graph takes every parameter
@@ -69,9 +69,12 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         dense_dir = out_dir
     if dense_dir:
         torch_model, tokenizer = load_compressed(checkpoint)
-        factor_map, skips = materialize_dense(torch_model), {}
-    else:  # a twin nobody keeps only carries the graph: stand-ins, and the factors are read as they are written
-        torch_model, tokenizer, factor_map, skips = load_stand_ins(checkpoint)
+        factor_map, skips, tables = materialize_dense(torch_model), {}, {}
+    else:  # a twin nobody keeps only carries the graph: stand-ins, and the weights are read as they are written
+        stand = load_stand_ins(checkpoint)
+        torch_model, tokenizer, factor_map, skips, tables = (stand.model, stand.tokenizer, stand.factor_map,
+                                                             stand.skips, stand.tables)
+        del stand
     if not dense_dir:  # the scratch twin lives beside the output, whose parent may not exist yet
         Path(out_dir).resolve().parent.mkdir(parents=True, exist_ok=True)
     scratch = None if dense_dir else Path(tempfile.mkdtemp(prefix=".dense-", dir=Path(out_dir).resolve().parent))
@@ -96,7 +99,8 @@ def export_compressed(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         for param in torch_model.parameters():
             param.data = torch.empty(0, dtype=param.dtype)
         del torch_model, tries, swapped
-        return rewrite_structured_matmuls(dense.parent, out_dir, factor_map=factor_map, weights=skips, overwrite=overwrite,
+        return rewrite_structured_matmuls(dense.parent, out_dir, factor_map=factor_map, weights=skips, tables=tables,
+                                          overwrite=overwrite,
                                           identity={"format": f"procrustes-onnx onnx {opset or DEFAULT_OPSET}",
                                                     **origin, "kind": "structured", "with_past": with_past})
     finally:

@@ -27,7 +27,7 @@ from .genai_config import write_runtime_files
 from .onnx_export import MAP_FILE
 from .rewrite_structured import RewriteStructuredMatmulsPass, normalize_factor_map, promised_saving
 
-__all__ = ["rewrite_structured_matmuls", "defer_weights", "factor_map_from_checkpoint", "initializer_bytes"]
+__all__ = ["rewrite_structured_matmuls", "defer_weights", "defer_tables", "factor_map_from_checkpoint", "initializer_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +69,64 @@ def defer_weights(model: ir.Model, matmul_map: Mapping[str, Mapping[str, Any]],
         init.const_value = ir.LazyTensor(make, init.dtype, init.shape, name=init.name)
 
 
+class _RowBlocks(ir.LazyTensor):
+    """A table read from the checkpoint when the model is written, a block of rows at a time (``rows(start,
+    stop)``): never whole in memory unless something asks for its values."""
+
+    def __init__(self, rows: Callable[[int, int], np.ndarray], shape: ir.Shape, dtype: ir.DataType, name: str) -> None:
+        super().__init__(lambda: ir.tensor(rows(0, shape[0]), name=name), dtype, shape, name=name)
+        self.rows = rows
+
+    def tofile(self, file) -> None:
+        n = self.shape[0]
+        step = max(1, (16 << 20) // max(1, self.nbytes // n))  # about 16 MiB a block
+        for start in range(0, n, step):
+            file.write(np.ascontiguousarray(self.rows(start, start + step)).tobytes())
+
+
+def defer_tables(model: ir.Model, tables: Mapping[float, tuple[list[int], Callable[[int, int], np.ndarray]]]) -> None:
+    """Give every initializer that holds a table's stand-in constant (the table itself, or a transposed copy the
+    exporter folded for a tied head) the real table, read when the model is written (a block of rows at a time,
+    or whole for a transposed copy). The constants are distinct, so the value says which table it is. A stand-in
+    left unmatched is an error: the file would carry a constant where a weight belongs."""
+    shapes: dict[tuple[int, ...], list] = {}
+    for fill, (shape, rows) in tables.items():
+        shapes.setdefault(tuple(shape), []).append((fill, rows, False))
+        shapes.setdefault(tuple(shape[::-1]), []).append((fill, rows, True))
+    found = set()
+    for init in model.graph.initializers.values():
+        candidates = shapes.get(tuple(init.shape or ()))
+        if not candidates or init.const_value is None:
+            continue
+        values = init.const_value.numpy().reshape(-1)
+        ends = (values[0], values[-1])  # two pages of the twin's file, not the table
+        for fill, rows, transposed in candidates:
+            if all(v == values.dtype.type(fill) for v in ends):
+                if transposed:
+                    def make(rows=rows, n=init.shape[1], name=init.name) -> ir.Tensor:
+                        return ir.tensor(np.ascontiguousarray(rows(0, n).T), name=name)
+                    init.const_value = ir.LazyTensor(make, init.dtype, init.shape, name=init.name)
+                else:
+                    init.const_value = _RowBlocks(rows, init.shape, init.dtype, init.name)
+                found.add(fill)
+    if set(tables) - found:
+        raise RuntimeError(f"{len(set(tables) - found)} stand-in table(s) not found in the exported graph; export with "
+                           "a kept dense twin (dense_dir) and report this")
+
+
 def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, *,
                                factor_map: Mapping[str, Mapping[str, Any]] | None = None,
                                checkpoint: str | os.PathLike | None = None, overwrite: bool = True,
                                identity: dict | None = None,
                                weights: Mapping[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] | None = None,
+                               tables: Mapping[float, tuple[list[int], Callable[[int, int], np.ndarray]]] | None = None,
                                ) -> Path:
     """Rewrite the exported model at ``onnx_in`` (folder or model.onnx) with the structured factors of
     ``factor_map`` (``materialize_dense``'s output) or of the compressed ``checkpoint`` folder; write the
     folder ``onnx_out`` (model.onnx + model.onnx.data + updated matmul_map.json + rewrite.json), with
     ``identity`` (what the result is) as identity.json. ``weights``: other modules traced with stand-ins
-    (`load_stand_ins`'s skips), given their real weights as the result is written (`defer_weights`)."""
+    (`load_stand_ins`'s skips), given their real weights as the result is written (`defer_weights`); ``tables``:
+    its embedding and untied head, the same way (`defer_tables`)."""
     src = model_file(Path(onnx_in).resolve())
     out = check_output(onnx_out, inputs=[src.parent, checkpoint], overwrite=overwrite)
     if (factor_map is None) == (checkpoint is None):
@@ -91,6 +138,7 @@ def rewrite_structured_matmuls(onnx_in: str | os.PathLike, onnx_out: str | os.Pa
     plan = normalize_factor_map(factor_map if factor_map is not None else factor_map_from_checkpoint(checkpoint))
     model = load_onnx(src)
     defer_weights(model, matmul_map, weights or {})
+    defer_tables(model, tables or {})
     before, weights_before = initializer_bytes(model), initializer_bytes(model, floating_only=True)
     result = RewriteStructuredMatmulsPass(matmul_map, plan)(model)
     for p in (common_passes.RemoveUnusedNodesPass(), common_passes.TopologicalSortPass(),

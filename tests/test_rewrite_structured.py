@@ -19,7 +19,8 @@ from procrustes_onnx.exporters import (RewriteStructuredMatmulsPass, promised_sa
 from procrustes_onnx.exporters.inspect import inspect_onnx
 from procrustes_onnx.exporters.onnx_export import MAP_FILE
 from procrustes_onnx.exporters.pipeline import export_compressed
-from test_export_helpers import STRUCTURED_DIR, assert_decode_matches, exported
+from test_export_helpers import (STRUCTURE, STRUCTURED_DIR, add_random_shortcuts, assert_decode_matches, exported,
+                                 random_matrix)
 
 ARCHS = ("llama", "qwen2", "opt")
 
@@ -175,9 +176,10 @@ def test_export_without_a_kept_twin_traces_stand_ins_and_writes_the_same_model(t
     """Not keeping the dense twin, export traces broadcast stand-ins (no memory: stride 0) instead of dense
     weights; after the rewrite the structured model is the one the kept-twin route writes, tensor for tensor."""
     structured, _, _, path = exported("llama")
-    model, _, factor_map, skips = load_stand_ins(path.parent.parent / "ckpt")
-    weights = [get_module(model, name).weight for name in [*factor_map, *skips]]
-    assert factor_map and skips and all(w.stride() == (0, 0) for w in weights)
+    stand = load_stand_ins(path.parent.parent / "ckpt")
+    model, factor_map, skips = stand.model, stand.factor_map, stand.skips
+    weights = [get_module(model, name).weight for name in [*factor_map, *skips]] + [model.model.embed_tokens.weight]
+    assert factor_map and skips and stand.tables and all(w.stride() == (0, 0) for w in weights)
     assert len({float(w[0, 0]) for w in weights}) == len(weights)  # distinct: no two may be deduplicated
     assert all(callable(entry["factors"]) for entry in factor_map.values())  # read when written, not held
     lean = ir.load(export_compressed(path.parent.parent / "ckpt", tmp_path / "lean"))
@@ -187,3 +189,29 @@ def test_export_without_a_kept_twin_traces_stand_ins_and_writes_the_same_model(t
     for name, v in kept.graph.initializers.items():
         assert np.array_equal(lean.graph.initializers[name].const_value.numpy(), v.const_value.numpy()), name
     assert not list(tmp_path.glob(".dense-*"))  # the scratch twin is gone
+
+
+def test_export_of_an_untied_model_without_a_kept_twin_defers_the_head_too(tmp_path):
+    """An untied head is a table of its own (a stand-in found again by its value): the result is still the kept-twin
+    route's model, initializer for initializer."""
+    import torch
+
+    from procrustes_onnx.compiler.checkpoint import save_compressed
+    from procrustes_onnx.ops import StructuredLinear
+    from procrustes_onnx.testing import tiny_model
+
+    model = tiny_model("llama", tie=False, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    for name, (kind, *shapes) in STRUCTURE["llama"].items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, StructuredLinear(random_matrix(kind, *shapes, gen=gen)))
+    add_random_shortcuts(model)
+    save_compressed(model, tmp_path / "ck")
+    stand = load_stand_ins(tmp_path / "ck")  # the embedding, the head and the linears left dense are tables
+    assert stand.model.lm_head.weight.stride() == stand.model.model.embed_tokens.weight.stride() == (0, 0)
+    assert stand.model.lm_head.weight is not stand.model.model.embed_tokens.weight
+    lean = ir.load(export_compressed(tmp_path / "ck", tmp_path / "lean"))
+    kept = ir.load(export_compressed(tmp_path / "ck", tmp_path / "kept", dense_dir=tmp_path / "twin"))
+    assert sorted(lean.graph.initializers) == sorted(kept.graph.initializers)
+    for name, v in kept.graph.initializers.items():
+        assert np.array_equal(lean.graph.initializers[name].const_value.numpy(), v.const_value.numpy()), name
