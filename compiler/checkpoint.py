@@ -339,8 +339,8 @@ class StandIns:
     skip and table (embedding, untied head, a linear left dense) as a stand-in (a distinct constant of no memory,
     `stand_in_linear`), the ``tokenizer``, and loaders that read each real weight only when the rewrite writes it:
     ``factor_map`` (factors: `ops.lowering.FactorLoader`), ``skips`` (module -> (in x out shape, loader of the in x
-    out weight)) and ``tables`` (stand-in constant -> (shape, loader of the weight as stored)). Only norms, biases
-    and square dense weights are loaded."""
+    out weight)) and ``tables`` (stand-in constant -> (shape, ``rows(start, stop)`` of the weight as stored)). Only
+    norms, biases and square dense weights are loaded."""
 
     model: nn.Module
     tokenizer: object
@@ -362,6 +362,7 @@ def _is_table(shape: list[int]) -> bool:
 
 
 def _load(path: str | Path, dtype: torch.dtype | None, stand_ins: bool) -> tuple:
+    """(model, tokenizer, factor map, skips, tables): the whole model, or with ``stand_ins`` the `StandIns` parts."""
     path = require_checkpoint(path)
     manifest = json.loads((path / "structure.json").read_text())
     if manifest.get("format") != FORMAT_VERSION:
@@ -390,7 +391,8 @@ def _load(path: str | Path, dtype: torch.dtype | None, stand_ins: bool) -> tuple
         bias = tensors.pop(entry["bias"]).to(dtype) if entry["bias"] else None
         if stand_ins:
             spec = entry["spec"]
-            factor_map[name] = {"spec": spec, "bias": bias is not None, "dtype": str(torch.empty(0, dtype=dtype).numpy().dtype),
+            factor_map[name] = {"spec": spec, "bias": bias is not None,
+                                "dtype": str(torch.empty(0, dtype=dtype).numpy().dtype),
                                 "factors": _numpy_loader(tensors.defer(entry["tensors"]), dtype)}
             module = stand_in_linear(spec["in"], spec["out"], _stand_in_fill(i), dtype, bias)
         else:
