@@ -299,19 +299,19 @@ class _Remaining:
     def shape(self, key: str) -> list[int]:
         return self._reader.shape(key)
 
-    def defer(self, keys: dict[str, str]) -> Callable[[], dict[str, torch.Tensor]]:
-        """Take ``keys`` (name -> stored key) now and return a loader that reads them when called (each call
-        reads the file again)."""
+    def defer(self, keys: dict[str, str]) -> Callable[..., dict[str, torch.Tensor]]:
+        """Take ``keys`` (name -> stored key) now and return a loader that reads them (``names``: only those) when
+        called (each call reads the file again)."""
         for key in keys.values():
             if key not in self._left:
                 raise KeyError(key)
             self._left.remove(key)
         reader = self._reader
-        return lambda: {k: reader.tensor(v) for k, v in keys.items()}
+        return lambda names=None: {k: reader.tensor(v) for k, v in keys.items() if names is None or k in names}
 
 
-def _numpy_loader(read: Callable[[], dict[str, torch.Tensor]], dtype: torch.dtype):
-    return lambda: {k: v.to(dtype).numpy() for k, v in read().items()}
+def _numpy_loader(read: Callable[..., dict[str, torch.Tensor]], dtype: torch.dtype):
+    return lambda names=None: {k: v.to(dtype).numpy() for k, v in read(names).items()}
 
 
 def _shortcut_weight(entry: dict, stored: dict[str, torch.Tensor]) -> torch.Tensor:

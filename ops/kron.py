@@ -41,13 +41,17 @@ def kron_factor_layouts(a: torch.Tensor, b: torch.Tensor, order: str) -> tuple[t
 
     a_first: A [m1, (j1, s)] and B [(i2, s), n2];  b_first: B [m2, (j2, s)] and A [(i1, s), n1].
     """
-    r, m1, n1 = a.shape
-    _, m2, n2 = b.shape
     if order == "a_first":
-        return a.permute(1, 2, 0).reshape(m1, n1 * r), b.permute(1, 0, 2).reshape(m2 * r, n2)
+        return kron_operand(a, True), kron_operand(b, False)
     if order == "b_first":
-        return b.permute(1, 2, 0).reshape(m2, n2 * r), a.permute(1, 0, 2).reshape(m1 * r, n1)
+        return kron_operand(b, True), kron_operand(a, False)
     raise UserError(f"unknown Kronecker contraction order {order!r}; use 'a_first' or 'b_first'")
+
+
+def kron_operand(x: torch.Tensor, first: bool) -> torch.Tensor:
+    """One factor's 2-D GEMM operand (a copy): [i, (j, s)] for the first GEMM, [(i, s), j] for the second."""
+    r, m, n = x.shape
+    return x.permute(1, 2, 0).reshape(m, n * r) if first else x.permute(1, 0, 2).reshape(m * r, n)
 
 
 def kron_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: str | None = None,

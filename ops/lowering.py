@@ -17,14 +17,15 @@ import torch
 
 from procrustes_onnx.core.errors import UserError
 
-from .kron import kron_factor_layouts, kron_order
+from .kron import kron_factor_layouts, kron_operand, kron_order
 from .spec import factor_shapes, validate_spec
 
 __all__ = ["lower_structured", "lower_gs_blocks", "standalone_model", "kron_layouts", "gs_layouts", "FactorLoader",
            "Deferred"]
 
-FactorLoader = Callable[[], Mapping[str, np.ndarray]]
-"""Reads one module's factors (names as in `factors()`) when called: a lowering given one defers every weight."""
+FactorLoader = Callable[[Sequence[str] | None], Mapping[str, np.ndarray]]
+"""Reads the named factors of one module (names as in `factors()`; None: all) when called: a lowering given one defers
+every weight, and each weight reads only the factor it is laid out from."""
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,18 @@ def _layouts(spec: dict, lead: int, factors: Mapping[str, np.ndarray] | FactorLo
 
     if not callable(factors):
         return compute(factors)
-    return {key: Deferred(shape, lambda key=key: compute(factors())[key])
-            for key, shape in _layout_shapes(spec, lead).items()}
+
+    def one(key: str) -> np.ndarray:  # reads and lays out only the factor behind ``key``
+        source = {"weight": "weight", "kron_a": "a", "kron_b": "b", "gs_left": "left", "gs_right": "right"}[key]
+        f = np.asarray(factors([source])[source])
+        if kind == "dense":
+            return f
+        if kind == "kron":
+            first = (key == "kron_a") == (kron_order(spec["rank"], *spec["a_shape"], *spec["b_shape"]) == "a_first")
+            return kron_operand(torch.from_numpy(np.ascontiguousarray(f)), first).numpy()
+        return gs_left_layout(f, lead) if key == "gs_left" else gs_right_layout(f, spec["left"][0], lead)
+
+    return {key: Deferred(shape, lambda key=key: one(key)) for key, shape in _layout_shapes(spec, lead).items()}
 
 
 def _layout_shapes(spec: dict, lead: int) -> dict[str, tuple[int, ...]]:
@@ -168,13 +179,23 @@ def _lower_kron(e: _Emitter, x: ir.Value, spec: dict, lay: Mapping[str, np.ndarr
 def gs_layouts(left: np.ndarray, right: np.ndarray, lead: int) -> dict[str, np.ndarray]:
     """Block factors with broadcast dims for [k, <lead dims>, rows, cols] MatMuls; when kr divides bl2
     the rows of R are reordered (c', l) -> (l, c') so the shuffle becomes a single transpose."""
+    return {"gs_left": gs_left_layout(left, lead), "gs_right": gs_right_layout(right, left.shape[0], lead)}
+
+
+def gs_left_layout(left: np.ndarray, lead: int) -> np.ndarray:
+    """`gs_layouts`' left factor: the blocks with broadcast dims."""
     kl, bl1, bl2 = left.shape
+    return left.reshape(kl, *((1,) * (lead - 1) if lead >= 1 else ()), bl1, bl2)
+
+
+def gs_right_layout(right: np.ndarray, kl: int, lead: int) -> np.ndarray:
+    """`gs_layouts`' right factor (``kl`` left blocks): rows reordered when kr divides bl2, then broadcast dims."""
     kr, br1, br2 = right.shape
-    ones = (1,) * (lead - 1) if lead >= 1 else ()
+    bl2 = kr * br1 // kl
     if bl2 % kr == 0:
         g = bl2 // kr   # R-block row j = c'*kl + l  ->  new row l*g + c'
         right = right.reshape(kr, g, kl, br2).transpose(0, 2, 1, 3).reshape(kr, br1, br2)
-    return {"gs_left": left.reshape(kl, *ones, bl1, bl2), "gs_right": right.reshape(kr, *ones, br1, br2)}
+    return right.reshape(kr, *((1,) * (lead - 1) if lead >= 1 else ()), br1, br2)
 
 
 def _lower_gs(e: _Emitter, x: ir.Value, spec: dict, lay: Mapping[str, np.ndarray | Deferred]) -> ir.Value:
