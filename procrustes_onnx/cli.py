@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -126,6 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # a full disk, from Python or from a library's own writer (safetensors, onnx)
+        if not _disk_full(exc):
+            raise
+        print(f"error: no space left on device ({type(exc).__name__}): free disk space, or write --out elsewhere, and "
+              "run the same command again (outputs are written whole or not at all; a compression resumes from its "
+              "work folder)", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC anywhere in the exception's chain, as an OSError or in a library error's message."""
+    while exc is not None:
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -63,3 +63,25 @@ def test_real_subprocess(argv, fragment, inputs, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-800:]
     assert error_line(proc.stderr).startswith("error: ") and fragment in error_line(proc.stderr)
     assert fingerprints([inputs["model"], inputs["ck"]]) == before
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"),
+                                 RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")])
+def test_a_full_disk_is_one_line(exc, monkeypatch, capsys):
+    """ENOSPC from any writer (Python's, safetensors', onnx's) is one line with the fix, exit 2; other errors still
+    raise."""
+    from procrustes_onnx import cli
+
+    def fail(args):
+        raise exc
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: type("Args", (), {"func": staticmethod(fail)})())
+    assert cli.main(["info"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no space left on device") and "\n" not in err and "run the same command" in err
+    monkeypatch.setattr(parser, "parse_args", lambda argv: type("Args", (), {"func": staticmethod(
+        lambda args: (_ for _ in ()).throw(ValueError("a bug")))})())
+    with pytest.raises(ValueError):
+        cli.main(["info"])
