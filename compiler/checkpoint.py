@@ -277,10 +277,14 @@ class _Remaining:
         self._reader = ShardReader(folder)
         self._left = set(self._reader.where)
 
+    def _take(self, *keys: str) -> None:
+        for key in keys:
+            if key not in self._left:
+                raise KeyError(key)
+            self._left.remove(key)
+
     def pop(self, key: str) -> torch.Tensor:
-        if key not in self._left:
-            raise KeyError(key)
-        self._left.remove(key)
+        self._take(key)
         return self._reader.tensor(key)
 
     def items(self):
@@ -288,8 +292,9 @@ class _Remaining:
             yield key, self.pop(key)
 
     def defer_rows(self, key: str, dtype: torch.dtype) -> Callable[[int, int], np.ndarray]:
-        """Take ``key`` now; return ``rows(start, stop)``, which reads those rows of it as a numpy array of ``dtype``."""
-        self.defer({"w": key})
+        """Take ``key`` now; return ``rows(start, stop)``, which reads those rows of it as a numpy array of
+        ``dtype``."""
+        self._take(key)
         reader = self._reader
         return lambda start, stop: reader.rows(key, start, stop).to(dtype).numpy()
 
@@ -302,10 +307,7 @@ class _Remaining:
     def defer(self, keys: dict[str, str]) -> Callable[..., dict[str, torch.Tensor]]:
         """Take ``keys`` (name -> stored key) now and return a loader that reads them (``names``: only those) when
         called (each call reads the file again)."""
-        for key in keys.values():
-            if key not in self._left:
-                raise KeyError(key)
-            self._left.remove(key)
+        self._take(*keys.values())
         reader = self._reader
         return lambda names=None: {k: reader.tensor(v) for k, v in keys.items() if names is None or k in names}
 

@@ -121,11 +121,7 @@ class ShardReader:
         """Every stored tensor under module ``prefix``, keyed by its name inside that module (copies: no
         shard stays mapped)."""
         head = prefix + "."
-        by_file: dict[str, list[str]] = {}
-        for key, name in self.where.items():
-            if key.startswith(head):
-                by_file.setdefault(name, []).append(key)
-        return {key[len(head):]: self.tensor(key) for keys in by_file.values() for key in keys}
+        return {key[len(head):]: self.tensor(key) for key in self.where if key.startswith(head)}
 
 
 _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,

@@ -17,10 +17,10 @@ import torch
 
 from procrustes_onnx.core.errors import UserError
 
-from .kron import kron_factor_layouts, kron_operand, kron_order
+from .kron import kron_operand, kron_order
 from .spec import factor_shapes, validate_spec
 
-__all__ = ["lower_structured", "lower_gs_blocks", "standalone_model", "kron_layouts", "gs_layouts", "FactorLoader",
+__all__ = ["lower_structured", "lower_gs_blocks", "standalone_model", "gs_layouts", "FactorLoader",
            "Deferred"]
 
 FactorLoader = Callable[[Sequence[str] | None], Mapping[str, np.ndarray]]
@@ -99,34 +99,16 @@ class _Emitter:
         return self.op("Transpose", [x], perm=perm)
 
 
-def kron_layouts(a: np.ndarray, b: np.ndarray, order: str) -> dict[str, np.ndarray]:
-    """Pre-arranged 2-D factors for the two GEMMs of `order` (the same as `kron.kron_factor_layouts`)."""
-    first, second = kron_factor_layouts(torch.from_numpy(np.ascontiguousarray(a)),
-                                        torch.from_numpy(np.ascontiguousarray(b)), order)
-    names = ("kron_a", "kron_b") if order == "a_first" else ("kron_b", "kron_a")
-    return {names[0]: first.numpy(), names[1]: second.numpy()}
-
-
 def _layouts(spec: dict, lead: int, factors: Mapping[str, np.ndarray] | FactorLoader
              ) -> dict[str, np.ndarray | Deferred]:
-    """The weights a lowering multiplies by (`kron_layouts`, `gs_layouts`, or the dense matrix), computed now
-    from arrays, or deferred (`Deferred`, with the shapes the spec fixes) when ``factors`` is a loader."""
+    """The weights a lowering multiplies by (the Kronecker GEMM operands of `kron_operand`, the GS blocks of
+    `gs_layouts`, or the dense matrix), computed now from arrays, or deferred (`Deferred`, with the shapes the spec
+    fixes) when ``factors`` is a loader: then each weight reads only the factor it is laid out from."""
     kind = spec["kind"]
+    source = {"weight": "weight", "kron_a": "a", "kron_b": "b", "gs_left": "left", "gs_right": "right"}
 
-    def compute(f: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        f = {k: np.asarray(v) for k, v in f.items()}
-        if kind == "dense":
-            return {"weight": f["weight"]}
-        if kind == "kron":
-            return kron_layouts(f["a"], f["b"], kron_order(spec["rank"], *spec["a_shape"], *spec["b_shape"]))
-        return gs_layouts(f["left"], f["right"], lead)
-
-    if not callable(factors):
-        return compute(factors)
-
-    def one(key: str) -> np.ndarray:  # reads and lays out only the factor behind ``key``
-        source = {"weight": "weight", "kron_a": "a", "kron_b": "b", "gs_left": "left", "gs_right": "right"}[key]
-        f = np.asarray(factors([source])[source])
+    def layout(key: str, f: np.ndarray) -> np.ndarray:
+        f = np.asarray(f)
         if kind == "dense":
             return f
         if kind == "kron":
@@ -134,7 +116,11 @@ def _layouts(spec: dict, lead: int, factors: Mapping[str, np.ndarray] | FactorLo
             return kron_operand(torch.from_numpy(np.ascontiguousarray(f)), first).numpy()
         return gs_left_layout(f, lead) if key == "gs_left" else gs_right_layout(f, spec["left"][0], lead)
 
-    return {key: Deferred(shape, lambda key=key: one(key)) for key, shape in _layout_shapes(spec, lead).items()}
+    shapes = _layout_shapes(spec, lead)
+    if not callable(factors):
+        return {key: layout(key, factors[source[key]]) for key in shapes}
+    return {key: Deferred(shape, lambda key=key: layout(key, factors([source[key]])[source[key]]))
+            for key, shape in shapes.items()}
 
 
 def _layout_shapes(spec: dict, lead: int) -> dict[str, tuple[int, ...]]:
