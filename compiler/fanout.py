@@ -12,14 +12,15 @@ import logging
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
 from procrustes_onnx.core.errors import UserError
 
-__all__ = ["Fanout", "fan_out", "require_ray", "default_workers", "map_threads"]
+__all__ = ["Fanout", "fan_out", "require_ray", "default_workers", "map_threads", "one_torch_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +177,20 @@ def map_threads(fn: Callable[[T], R], items: Iterable[T], width: int | None = No
     thread, 1.6 s on two under load)."""
     items = list(items)
     width = min(width or torch.get_num_threads(), len(items))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         if width <= 1:
             return [fn(x) for x in items]
         with ThreadPoolExecutor(width, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             return list(pool.map(fn, items))
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """This thread's torch ops on one intra-op thread inside the block: how `map_threads` runs each item, so a
+    loop that runs the same item elsewhere (an out-of-core solve) gets its bits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(before)

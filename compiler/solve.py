@@ -25,7 +25,7 @@ from .procrustes import frobenius_als
 from .tensor_files import save_tensors_atomic
 from .weighted import WeightedTerm, balance_weights, project_weighted, weighted_stage
 
-__all__ = ["Projector", "gram_paths", "rotated_input_grams", "GroupTerm", "GroupProblem", "group_problem", "solve_group", "load_group",
+__all__ = ["Projector", "materialize_factors", "TermRef", "group_terms", "gram_paths", "rotated_input_grams", "GroupTerm", "GroupProblem", "group_problem", "solve_group", "load_group",
            "save_group"]
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 Factors = dict[str, torch.Tensor]
 
 
-def _materialize(factors: Factors, spec: dict) -> torch.Tensor:
+def materialize_factors(factors: Factors, spec: dict) -> torch.Tensor:
+    """The dense float64 matrix of one projection's factors (what the solver scores)."""
     return structured_from_spec(spec, {k: v.to(torch.float64) for k, v in factors.items()},
                                 dtype=torch.float64).materialize().detach()
 
@@ -58,7 +59,7 @@ class Projector:
         """Stacked orientation (hidden dim as rows): writers arrive transposed."""
         def proj(m: torch.Tensor) -> torch.Tensor:
             fac = project_factors(m if reads else m.T, spec)
-            dense = _materialize(fac, spec)
+            dense = materialize_factors(fac, spec)
             out = dense if reads else dense.T
             self._remember(out, fac)
             return out
@@ -68,7 +69,7 @@ class Projector:
         """Model orientation (in x out) with the Gram of the input side."""
         def proj(m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             fac = project_weighted(m, c, spec)
-            dense = _materialize(fac, spec)
+            dense = materialize_factors(fac, spec)
             self._remember(dense, fac)
             return dense
         return proj
@@ -142,17 +143,38 @@ class GroupProblem:
     terms: tuple[GroupTerm, ...]
 
 
-def group_problem(model: nn.Module, sel: list[Position], specs: dict[str, dict],
-                  grams: dict[str, torch.Tensor]) -> GroupProblem:
-    """The solve of positions ``sel`` as data (the weights are the model's own tensors, not copies)."""
+@dataclass(frozen=True)
+class TermRef:
+    """One compressed linear of a solve without its tensors: where it is, how it meets the stream, its spec,
+    and which Gram it reads (None without Grams). `group_problem` fills in the tensors from the model; the
+    out-of-core global solve (`compiler.global_stream`) from work files."""
+
+    path: str
+    reads: bool
+    transposed: bool
+    spec: dict
+    gram: str | None
+
+
+def group_terms(model: nn.Module, sel: list[Position], specs: dict[str, dict], grams: bool) -> list[TermRef]:
+    """The terms of a solve of positions ``sel``, in the solve's order (writers, then readers, position by
+    position); the model may be on the meta device."""
     terms = []
     for pos in sel:
         for ref in _refs(pos, specs):
             stream_matrix(model, ref)  # a Linear or an Embedding, else TypeError
-            module = get_module(model, ref.path)
-            terms.append(GroupTerm(ref.path, ref.reads, module.weight.detach(), isinstance(module, nn.Linear),
-                                   specs[ref.path], _gram(pos, ref, grams) if grams else None))
-    return GroupProblem(int(stream_matrix(model, sel[0].writers[0]).shape[1]), tuple(terms))
+            gram = (pos.readers[0].path if ref.reads else ref.path) if grams else None
+            terms.append(TermRef(ref.path, ref.reads, isinstance(get_module(model, ref.path), nn.Linear),
+                                 specs[ref.path], gram))
+    return terms
+
+
+def group_problem(model: nn.Module, sel: list[Position], specs: dict[str, dict],
+                  grams: dict[str, torch.Tensor]) -> GroupProblem:
+    """The solve of positions ``sel`` as data (the weights are the model's own tensors, not copies)."""
+    terms = tuple(GroupTerm(t.path, t.reads, get_module(model, t.path).weight.detach(), t.transposed, t.spec,
+                            grams[t.gram] if grams else None) for t in group_terms(model, sel, specs, bool(grams)))
+    return GroupProblem(int(stream_matrix(model, sel[0].writers[0]).shape[1]), terms)
 
 
 def solve_group(problem: GroupProblem, config: CompressionConfig) -> tuple[torch.Tensor, dict[str, Factors], dict]:

@@ -38,7 +38,8 @@ from .fusion import fuse_final_norm, fuse_layer_norms
 from .positions import position_dims, residual_positions
 from .rotation import rotate_position
 from .skips import add_layer_shortcuts, install_shortcuts, shortcut_paths
-from .solve import gram_paths
+from .global_stream import TermStore, solve_global_stored
+from .solve import gram_paths, group_terms
 from .stream import ShardReader, empty_model, layer_output, materialise, release, return_freed_blocks
 
 __all__ = ["compress_streamed", "check_streamable"]
@@ -46,8 +47,7 @@ __all__ = ["compress_streamed", "check_streamable"]
 
 def check_streamable(config: CompressionConfig) -> None:
     """The settings `--stream` does not cover yet, refused in one line before any work."""
-    unsupported = [(config.rotation != "per-position", f"--rotation {config.rotation}", "--rotation per-position"),
-                   (config.method not in ("frobenius", "weighted"), f"--method {config.method}", "frobenius or weighted"),
+    unsupported = [(config.method not in ("frobenius", "weighted"), f"--method {config.method}", "frobenius or weighted"),
                    (config.measured, "--allocation measured / --max-loss", "--ratio or --preset"),
                    (config.refine != "none", f"--refine {config.refine}", "--refine none"),
                    (config.compress_embeddings, "--compress-embeddings", "dense embeddings")]
@@ -85,6 +85,8 @@ def compress_streamed(model_dir: str | Path, tokenizer, config: CompressionConfi
         torch.manual_seed(config.seed)
         run = _Run(model, reader, config, work, windows, progress)
         plan = run.prepare(echo)
+        if config.rotation == "global":
+            run.solve_global(echo)
         run.layers()
         parts = run.parts
     except BaseException:
@@ -180,8 +182,10 @@ class _Run:
         self.positions = residual_positions(model)
         self.gram_paths = set(gram_paths(self.positions, self.specs)) if self.windows is not None else set()
         self.dims = position_dims(model)
-        with torch.device("meta"):
-            install_shortcuts(model, self.dims)
+        self.glob = self.config.rotation == "global"
+        if not self.glob:
+            with torch.device("meta"):
+                install_shortcuts(model, self.dims)
         return plan
 
     def _load_layer(self, i: int) -> nn.Module:
@@ -232,7 +236,65 @@ class _Run:
             file.unlink()
         return self.grams
 
+    def solve_global(self, echo) -> None:
+        """A global rotation: one streamed pass stores every compressed linear's fused weight and every Gram in
+        work files, then one out-of-core solve (`solve_global_stored`) over them; `layers` then rotates and
+        writes. A run that finds the solve finished in ``work`` skips both."""
+        store = TermStore(self.work / "global")
+        self.global_terms = group_terms(self.model, self.positions, self.specs, self.windows is not None)
+        solved = store.solution()
+        if solved is None:
+            self._gather(store)
+            r, slot, info = solve_global_stored(store, self.global_terms, self.dims[0], self.config)
+            if "weighted_loss" in info:
+                echo("weighted (global, out of core): loss " + " -> ".join(f"{x:.4g}" for x in info["weighted_loss"]))
+            store.put_solution(r, slot)
+            solved = (r, slot)
+        self.global_r, self.global_slot, self.store = solved[0], solved[1], store
+        self.batches = []  # the Grams are taken: `layers` only rotates and writes
+
+    def _gather(self, store: TermStore) -> None:
+        """The gathering pass: layer by layer, the fused weights of its compressed linears and its Grams to
+        ``store``; then the head's."""
+        stored: set[str] = set()
+        for i in range(self.adapter.num_layers):
+            layer = self._load_layer(i)
+            self._run_layer(i, layer)
+            self._store_terms(store, self.adapter.layer_path(i) + ".", stored)
+            release(layer)
+        self._head_gram()
+        self._store_terms(store, "", stored)
+
+    def _store_terms(self, store: TermStore, prefix: str, stored: set[str]) -> None:
+        """Every term under ``prefix`` not in ``stored`` yet, and every Gram taken so far (then dropped)."""
+        for t in self.global_terms:
+            if t.path.startswith(prefix) and t.path not in stored:
+                store.put_weight(t, get_module(self.model, t.path).weight)
+                stored.add(t.path)
+        for key, gram in self.grams.items():
+            store.put_gram(key, gram)
+        self.grams = {}
+
+    def _head_gram(self) -> None:
+        """The final stream's Gram, which only a compressed head reads."""
+        head = self.positions[-1].readers[0].path
+        if self.batches and head in self.gram_paths:
+            acc = GramSum(self.config.device)
+            final = get_module(self.model, self.adapter.final_norm_path)
+            norm = getattr(final, "norm", final)  # HeadNorm (tied) or the RMSNorm itself
+            with torch.inference_mode():
+                for hidden, _ in self.batches:
+                    acc.add(head, norm(hidden))
+                self._add_grams(acc.grams([head]))
+
     def _solve(self, indices: list[int]) -> None:
+        if self.glob:  # solved already: the global R and the stored factors of these positions' linears
+            for p in indices:
+                self.rs[p] = self.global_r
+                for t in group_terms(self.model, [self.positions[p]], self.specs, False):
+                    fac = self.store.factors(self.global_slot, t)
+                    self.factors[t.path] = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in fac.items()}
+            return
         sel = [self.positions[p] for p in indices]
         rs, factors = solve_positions(self.model, sel, self.specs, self.config, self.work, self._grams_for(sel),
                                       self.progress)
@@ -278,13 +340,14 @@ class _Run:
         """
         adapter, model = self.adapter, self.model
         n = adapter.num_layers
-        together = self.config.fanout.workers > 1
+        together = self.config.fanout.workers > 1 and not self.glob
         previous = None
         for i in range(n):
             layer = self._load_layer(i)
             self._run_layer(i, layer)
-            add_layer_shortcuts(layer, self.dims[2 * i: 2 * i + 3], next(layer.parameters()).dtype,
-                                adapter.shortcut_forward())
+            if not self.glob:
+                add_layer_shortcuts(layer, self.dims[2 * i: 2 * i + 3], next(layer.parameters()).dtype,
+                                    adapter.shortcut_forward())
             a, b = 2 * i, 2 * i + 1
             if previous is not None:
                 self._finish_untouched(i - 1, previous, a)
@@ -298,19 +361,11 @@ class _Run:
                 self._solve([b])
             self._rotate(b)
             previous = layer
-        head = self.positions[-1].readers[0].path
-        if self.batches and head in self.gram_paths:  # only a compressed head reads the final stream's Gram
-            acc = GramSum(self.config.device)
-            final = get_module(model, adapter.final_norm_path)
-            norm = getattr(final, "norm", final)  # HeadNorm (tied) or the RMSNorm itself
-            with torch.inference_mode():
-                for hidden, _ in self.batches:
-                    acc.add(head, norm(hidden))
-                self._add_grams(acc.grams([head]))
+        self._head_gram()
         self._finish_untouched(n - 1, previous, 2 * n)
         self._solve([2 * n])
         self._rotate(2 * n)
-        surgery_state(model)["rotation"] = "per-position"
+        surgery_state(model)["rotation"] = "global" if self.glob else "per-position"
         self._finish_touched(previous, 2 * n)
         for file in self.spilled.values():
             file.unlink()
@@ -318,7 +373,8 @@ class _Run:
 
     def _touching(self, p: int) -> set[str]:
         """The modules position ``p`` changes in the layer before it: its writers and the skip into it."""
-        return {w.path for w in self.positions[p].writers} | {shortcut_paths(self.model)[p - 1]}
+        skips = shortcut_paths(self.model)
+        return {w.path for w in self.positions[p].writers} | ({skips[p - 1]} if skips else set())
 
     def _finish_untouched(self, i: int, layer: nn.Module, p: int) -> None:
         """Before position ``p`` (layer i's next) is solved, every module of layer i that ``p`` does not change is

@@ -28,7 +28,8 @@ from .fanout import map_threads
 from .procrustes import polar
 
 __all__ = ["WeightedTerm", "WeightedResult", "WeightedProjection", "weighted_loss", "term_loss", "project_weighted",
-           "solve_rotation", "weighted_stage", "balance_weights"]
+           "solve_rotation", "rotation_descent", "weighted_stage", "balance_weights", "balance_scales", "output_norm",
+           "QuadraticParts"]
 
 log = logging.getLogger(__name__)
 
@@ -83,26 +84,41 @@ def weighted_loss(terms: Sequence[WeightedTerm], r: torch.Tensor, approx: Sequen
     return sum(term_loss(t, r, a) for t, a in zip(terms, approx))
 
 
+class QuadraticParts:
+    """G, the (C, P) pairs of the quadratic part (grouped by shared Gram) and the constant K, added one term at
+    a time, so an out-of-core solve (`compiler.global_stream`) builds them with one term in memory. ``key`` names
+    the term's Gram (readers of one position share it); the first term of a key keeps its Gram."""
+
+    def __init__(self, d: int, device: torch.device | str = "cpu") -> None:
+        self.g = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.const = 0.0
+        self.groups: dict = {}
+
+    def add(self, t: WeightedTerm, a: torch.Tensor, key) -> None:
+        w = t.w64()
+        cw = t.gram @ w
+        self.const += t.scale * float((w * cw).sum())
+        if t.kind == "out":
+            ca = t.gram @ a
+            self.g += t.scale * (cw.T @ a)
+            self.const += t.scale * float((a * ca).sum())
+        else:
+            self.g += t.scale * (cw @ a.T)
+            d = self.g.shape[0]
+            entry = self.groups.setdefault(key, [t.gram, torch.zeros(d, d, dtype=torch.float64, device=self.g.device)])
+            entry[1] += t.scale * (a @ a.T)
+
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(c, p) for c, p in self.groups.values()]
+
+
 def _quadratic_parts(terms, approx):
     """G, the (C, P) pairs of the quadratic part (grouped by shared Gram), and the constant K."""
     d = terms[0].weight.shape[1] if terms[0].kind == "out" else terms[0].weight.shape[0]
-    dev = terms[0].weight.device
-    g = torch.zeros(d, d, dtype=torch.float64, device=dev)
-    const = 0.0
-    groups: dict[tuple, list] = {}
+    parts = QuadraticParts(d, terms[0].weight.device)
     for t, a in zip(terms, approx):
-        w = t.w64()
-        cw = t.gram @ w
-        const += t.scale * float((w * cw).sum())
-        if t.kind == "out":
-            ca = t.gram @ a
-            g += t.scale * (cw.T @ a)
-            const += t.scale * float((a * ca).sum())
-        else:
-            g += t.scale * (cw @ a.T)
-            entry = groups.setdefault((t.gram.data_ptr(), tuple(t.gram.shape)), [t.gram, torch.zeros(d, d, dtype=torch.float64, device=dev)])
-            entry[1] += t.scale * (a @ a.T)
-    return g, [(c, p) for c, p in groups.values()], const
+        parts.add(t, a, (t.gram.data_ptr(), tuple(t.gram.shape)))
+    return parts.g, parts.pairs(), parts.const
 
 
 def _f_and_grad(r, g, quads, const):
@@ -128,6 +144,13 @@ def solve_rotation(terms: Sequence[WeightedTerm], approx: Sequence[torch.Tensor]
     A = E R^T - R E^T (E the Euclidean gradient), BB step sizes and Armijo backtracking.
     """
     g, quads, const = _quadratic_parts(terms, approx)
+    return rotation_descent(g, quads, const, r0, iters=iters, tol=tol)
+
+
+def rotation_descent(g: torch.Tensor, quads, const: float, r0: torch.Tensor, *, iters: int = 200,
+                     tol: float = 1e-7) -> tuple[torch.Tensor, list[float]]:
+    """`solve_rotation` on the loss's parts: ``quads`` is iterated once per evaluation, so it may read its (C, P)
+    pairs from disk as it goes."""
     r = r0.detach().to(torch.float64).clone()
     f, e = _f_and_grad(r, g, quads, const)
     trace = [f]
@@ -208,22 +231,28 @@ def weighted_stage(terms: Sequence[WeightedTerm], r0: torch.Tensor | None = None
 def balance_weights(terms: Sequence[WeightedTerm], mode: str = "relative") -> None:
     """Set each term's scale in place. 'relative': 1/||X W||^2, so each linear's relative output error
     counts equally; 'paper': inputs 1, outputs mean_in ||X W_in||^2 / ||X W_out||^2; 'none': 1."""
-    norms = []
-    for t in terms:
-        w = t.w64()
-        norms.append(float((w * (t.gram @ w)).sum()))
-    if mode == "none":
-        scales = [1.0] * len(terms)
-    elif mode == "relative":
-        scales = [1.0 / max(n, 1e-300) for n in norms]
-    elif mode == "paper":
-        ins = [n for t, n in zip(terms, norms) if t.kind == "in"]
-        mean_in = sum(ins) / len(ins) if ins else 1.0
-        scales = [1.0 if t.kind == "in" else mean_in / max(n, 1e-300) for t, n in zip(terms, norms)]
-    else:
-        raise ValueError(f"unknown balance mode {mode!r}; use relative, paper or none")
+    scales = balance_scales([output_norm(t) for t in terms], [t.kind for t in terms], mode)
     for t, s in zip(terms, scales):
         t.scale = s
+
+
+def output_norm(t: WeightedTerm) -> float:
+    """||X W||^2 of one term, as `balance_scales` reads it."""
+    w = t.w64()
+    return float((w * (t.gram @ w)).sum())
+
+
+def balance_scales(norms: Sequence[float], kinds: Sequence[str], mode: str = "relative") -> list[float]:
+    """The scales of `balance_weights` from each term's ||X W||^2 and kind ('in' or 'out')."""
+    if mode == "none":
+        return [1.0] * len(norms)
+    if mode == "relative":
+        return [1.0 / max(n, 1e-300) for n in norms]
+    if mode == "paper":
+        ins = [n for k, n in zip(kinds, norms) if k == "in"]
+        mean_in = sum(ins) / len(ins) if ins else 1.0
+        return [1.0 if k == "in" else mean_in / max(n, 1e-300) for k, n in zip(kinds, norms)]
+    raise ValueError(f"unknown balance mode {mode!r}; use relative, paper or none")
 
 
 def project_weighted(m: torch.Tensor, gram: torch.Tensor, spec: dict, *, sweeps: int | None = None,
