@@ -90,15 +90,21 @@ class TermStore:
 
 
 class _Pairs:
-    """The weighted loss's (C, P) pairs on disk, read one pair at a time at each evaluation."""
+    """The weighted loss's (C, P) pairs on disk, read one pair at a time at each evaluation. A group's P is
+    written once the terms move on to the next Gram (a position's readers are consecutive), so the pass holds
+    one P and one C, not every position's."""
 
-    def __init__(self, store: TermStore, parts: QuadraticParts) -> None:
+    def __init__(self, store: TermStore) -> None:
         self.store, self.files = store, []
-        for i, (key, (_, p)) in enumerate(parts.groups.items()):
-            file = store.root / f"pair{i:05d}.pt"
-            _save(p, file)
+
+    def spill(self, parts: QuadraticParts, keep: str | None = None) -> None:
+        """Write and drop every complete group of ``parts`` (all but ``keep``, the current term's Gram)."""
+        for key in [k for k in parts.groups if k != keep]:
+            if any(k == key for k, _ in self.files):
+                raise ValueError(f"the readers of Gram {key} are not consecutive in the term order")
+            file = self.store.root / f"pair{len(self.files):05d}.pt"
+            _save(parts.groups.pop(key)[1], file)
             self.files.append((key, file))
-        parts.groups.clear()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for key, file in self.files:
@@ -180,13 +186,13 @@ def _weighted(store, terms, config, r, device) -> tuple[torch.Tensor, list[float
 
     for _ in range(config.weighted_outer):
         project_all(r)
-        parts = QuadraticParts(r.shape[0], device)
+        parts, pairs = QuadraticParts(r.shape[0], device), _Pairs(store)
         for i, t in enumerate(terms):
-            wt = load(i, t)
-            parts.add(wt, approx(t), t.gram)
-        g, const = parts.g, parts.const
-        r, _ = rotation_descent(g, _Pairs(store, parts), const, r, iters=config.rotation_iters)
-        del g, parts
+            parts.add(load(i, t), approx(t), t.gram)
+            pairs.spill(parts, keep=t.gram)
+        pairs.spill(parts)
+        r, _ = rotation_descent(parts.g, pairs, parts.const, r, iters=config.rotation_iters)
+        del parts
         losses = []
         for i, t in enumerate(terms):
             wt = load(i, t)

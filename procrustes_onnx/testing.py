@@ -129,11 +129,14 @@ from procrustes_onnx.testing import tiny_compression_config
 folder, out = sys.argv[1:3]
 cfg = tiny_compression_config(rotation="per-position", structure="gs", method="weighted", iterations=1,
                               rotation_iters=2, weighted_outer=1, calib_samples=4, calib_seq_len=64)
+glob = tiny_compression_config(rotation="global", structure="gs", method="weighted", iterations=1,
+                               rotation_iters=2, weighted_outer=1, calib_samples=4, calib_seq_len=64)
 calib = torch.arange(4000) % 256
 quiet = lambda s: None
 """
 STREAM_WORK = {
     "stream": "compress_streamed(folder, None, cfg, out, echo=quiet, calib_tokens=calib)\n",
+    "stream-global": "compress_streamed(folder, None, glob, out, echo=quiet, calib_tokens=calib)\n",
     "memory": """
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 compress(model, None, cfg, out, progress=False, echo=quiet, calib_tokens=calib)

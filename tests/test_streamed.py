@@ -26,8 +26,8 @@ def _quiet(_line: str) -> None:
     pass
 
 
-def _cfg(method: str, **kw):
-    return tiny_compression_config(rotation="per-position", structure="gs", method=method, **kw)
+def _cfg(method: str, rotation: str = "per-position", **kw):
+    return tiny_compression_config(rotation=rotation, structure="gs", method=method, **kw)
 
 
 def _same_checkpoint(a, b) -> None:
@@ -43,14 +43,17 @@ def _same_checkpoint(a, b) -> None:
             == json.loads((b / "identity.json").read_text())["source"])
 
 
-@pytest.mark.parametrize("tie,method", [(True, "weighted"), (False, "weighted"), (True, "frobenius")])
-def test_streamed_checkpoint_equals_in_memory(tmp_path, tie, method):
+@pytest.mark.parametrize("tie,method,rotation", [(True, "weighted", "per-position"), (False, "weighted", "per-position"),
+                                                  (True, "frobenius", "per-position"), (True, "weighted", "global"),
+                                                  (False, "weighted", "global"), (True, "frobenius", "global")])
+def test_streamed_checkpoint_equals_in_memory(tmp_path, tie, method, rotation):
     folder = tmp_path / "dense"
     tiny_model(layers=3, tie=tie, vocab=264).save_pretrained(folder, max_shard_size="200KB")
     assert len(list(folder.glob("model-*.safetensors"))) >= 2
     dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    compress(dense, None, _cfg(method), tmp_path / "memory", progress=False, echo=_quiet, calib_tokens=CALIB)
-    out = compress_streamed(folder, None, _cfg(method), tmp_path / "stream", echo=_quiet, calib_tokens=CALIB)
+    compress(dense, None, _cfg(method, rotation), tmp_path / "memory", progress=False, echo=_quiet, calib_tokens=CALIB)
+    out = compress_streamed(folder, None, _cfg(method, rotation), tmp_path / "stream", echo=_quiet,
+                            calib_tokens=CALIB)
     _same_checkpoint(tmp_path / "memory", out)
     assert not (out / "work").exists()
     model, _ = load_compressed(out)
@@ -96,6 +99,57 @@ def test_streamed_solves_hold_only_their_own_grams(tmp_path, monkeypatch):
     assert not any(n.startswith("model.layers.0.") for n in loaded[3])  # and the rest before the second
 
 
+def test_streamed_global_solve_holds_one_term_and_no_layer(tmp_path, monkeypatch):
+    """The out-of-core global solve reads each linear's weight when it reaches it and drops it before the next:
+    at every read at most one earlier weight is still alive, and no decoder layer is loaded meanwhile."""
+    import weakref
+
+    import procrustes_onnx.compiler.global_stream as global_stream
+    import procrustes_onnx.compiler.streamed as streamed
+
+    alive, most, reads, layers_loaded = [], [0], [0], []
+    real_term, real_solve = global_stream.TermStore.term, streamed.solve_global_stored
+
+    def term(self, t, device="cpu"):
+        got = real_term(self, t, device)
+        alive[:] = [ref for ref in alive if ref() is not None]
+        most[0] = max(most[0], len(alive))
+        alive.append(weakref.ref(got.weight))
+        reads[0] += 1
+        return got
+
+    def solve(store, terms, width, config):
+        model = run_model[0]
+        layers_loaded.append(sorted(n for n, t in model.named_parameters() if not t.is_meta and ".layers." in n))
+        return real_solve(store, terms, width, config)
+
+    run_model = []
+    real_prepare = streamed._Run.prepare
+
+    def prepare(self, echo):
+        run_model.append(self.model)
+        return real_prepare(self, echo)
+
+    monkeypatch.setattr(global_stream.TermStore, "term", term)
+    monkeypatch.setattr(streamed, "solve_global_stored", solve)
+    monkeypatch.setattr(streamed._Run, "prepare", prepare)
+    folder = tmp_path / "dense"
+    tiny_model(layers=3, vocab=264).save_pretrained(folder, max_shard_size="200KB")
+    out = compress_streamed(folder, None, _cfg("weighted", "global"), tmp_path / "stream", echo=_quiet,
+                            calib_tokens=CALIB, keep_work=True)
+    assert layers_loaded == [[]]
+    assert reads[0] >= 6 * 21 and most[0] <= 1   # 21 linears, each read in every pass
+    assert (out / "work" / "global" / "solution.pt").exists()
+    # a second run over the same work folder reuses the solve (and gives the same checkpoint)
+    layers_loaded.clear()
+    again = compress_streamed(folder, None, _cfg("weighted", "global"), tmp_path / "stream", echo=_quiet,
+                              calib_tokens=CALIB)
+    assert layers_loaded == []
+    fresh = compress_streamed(folder, None, _cfg("weighted", "global"), tmp_path / "fresh", echo=_quiet,
+                              calib_tokens=CALIB)
+    _same_checkpoint(again, fresh)
+
+
 def test_streamed_solves_on_two_ray_workers_give_the_in_memory_checkpoint(tmp_path):
     ray = pytest.importorskip("ray")
     folder = tmp_path / "dense"
@@ -132,7 +186,7 @@ def test_cli_stream_flag_gives_the_in_memory_checkpoint(tmp_path):
     assert "stream" not in settings  # how it ran, not what it computed (like workers)
 
 
-@pytest.mark.parametrize("override,words", [(dict(rotation="global"), "--rotation global"),
+@pytest.mark.parametrize("override,words", [(dict(rotation="global", compress_embeddings=True), "--compress-embeddings"),
                                             (dict(rotation="per-position", refine="sequential"), "--refine sequential"),
                                             (dict(rotation="per-position", allocation="measured"),
                                              "--allocation measured")])
@@ -165,16 +219,21 @@ def test_streamed_compression_peak_memory_does_not_grow_with_depth(tmp_path):
     # layers of ~2.8 MB (hidden 256) in 8 MB shards. Both modes first pay a fixed ~150 MB (torch's lazily
     # loaded kernels, the solver's work space); beyond it the in-memory run grows ~18 MB a layer (weights,
     # every Gram, the rotated copies), the streamed one 0.5-1.1 MB (benchmarks/stream_memory.py, docs/scale.md)
-    growth = {}
+    # A global rotation streamed (one gathering pass to work files, the out-of-core solve, the writing pass) is
+    # bounded the same way.
+    growth: dict = {}
     for layers in (8, 24):
         folder = tmp_path / f"dense{layers}"
         tiny_model(layers=layers, hidden=256, vocab=264).save_pretrained(folder, max_shard_size="8MB")
-        growth[layers] = _growth_kib(folder, "stream", tmp_path / f"s{layers}")
+        for mode in ("stream", "stream-global"):
+            growth[mode, layers] = _growth_kib(folder, mode, tmp_path / f"{mode}{layers}")
     memory = _growth_kib(tmp_path / "dense24", "memory", tmp_path / "m24")
     weights = sum(p.stat().st_size for p in (tmp_path / "dense24").glob("model-*.safetensors")) // 1024
-    per_layer = (growth[24] - growth[8]) / 16
-    print(f"peak RSS growth (KiB): streamed {growth[8]} at 8 layers, {growth[24]} at 24 ({per_layer:.0f} a layer); "
-          f"in memory {memory} at 24 ({weights} of weights); ratio at 24 layers {growth[24] / memory:.3f}")
     assert memory > weights
-    assert per_layer < weights / 24             # under one layer's weights per layer (in memory: ~7 layers' worth)
-    assert growth[24] < 0.6 * memory
+    for mode in ("stream", "stream-global"):
+        per_layer = (growth[mode, 24] - growth[mode, 8]) / 16
+        print(f"peak RSS growth (KiB), {mode}: {growth[mode, 8]} at 8 layers, {growth[mode, 24]} at 24 "
+              f"({per_layer:.0f} a layer); in memory (per-position) {memory} at 24 ({weights} of weights); "
+              f"ratio at 24 layers {growth[mode, 24] / memory:.3f}")
+        assert per_layer < weights / 24         # under one layer's weights per layer (in memory: ~7 layers' worth)
+        assert growth[mode, 24] < 0.6 * memory
