@@ -67,7 +67,7 @@ import json, sys, time, torch
 from procrustes_onnx.compiler.config import CompressionConfig
 from procrustes_onnx.compiler.streamed import compress_streamed
 folder, out, workers, vocab = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-cfg = CompressionConfig(structure="gs", ratio=0.2, rotation="per-position", method="weighted", iterations={iterations},
+cfg = CompressionConfig(structure="gs", ratio=0.2, rotation="{rotation}", method="weighted", iterations={iterations},
                         rotation_iters={rotation_iters}, weighted_outer=1, calib_samples={samples},
                         calib_seq_len={seq_len}, stream=True, workers=workers)
 calib = torch.randint(0, vocab, (({samples} + 4) * {seq_len},), generator=torch.Generator().manual_seed(0))
@@ -205,6 +205,8 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="worker counts to time, one fresh process each")
     ap.add_argument("--iterations", type=int, default=1, help="Frobenius ALS iterations (the main job: 10)")
     ap.add_argument("--rotation-iters", type=int, default=2, help="Riemannian steps per solve (the main job: 50)")
+    ap.add_argument("--rotation", choices=("per-position", "global"), default="per-position",
+                    help="global: one rotation, streamed as a gathering pass, an out-of-core solve and a writing pass")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--work", default=None, help="parent of the temporary folder for the model and checkpoints")
@@ -219,7 +221,7 @@ def main() -> None:
             print(json.dumps({log.name: progress_summary(log, 2 * args.layers + 1)}, indent=1))
         return
     solver = {"iterations": args.iterations, "rotation_iters": args.rotation_iters, "samples": args.samples,
-              "seq_len": args.seq_len}
+              "seq_len": args.seq_len, "rotation": args.rotation}
     with contextlib.ExitStack() as stack:
         root = Path(args.keep) if args.keep else Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.work)))
         t = time.perf_counter()
@@ -248,8 +250,8 @@ def main() -> None:
         "parameters": params, "fp32_gib": round(fp32_kib / 2**20, 3), "hidden": args.hidden, "layers": args.layers,
         "intermediate": args.intermediate, "vocab": args.vocab, "heads": args.heads, "kv_heads": args.kv_heads,
         "weights": "random normal(0, 0.02), norms 1: memory and time only"},
-        "compression": {"structure": "gs", "ratio": 0.2, "rotation": "per-position", "method": "weighted",
-                        "stream": True, **solver}, "rows": rows})
+        "compression": {"structure": "gs", "ratio": 0.2, "method": "weighted", "stream": True, **solver},
+        "rows": rows})
 
 
 def kept_llama(folder: Path, shape: list[int]) -> int | None:

@@ -1,9 +1,11 @@
 """SmolLM2-135M compressed in memory and streamed (`compress --stream`): the same checkpoint, tensor for tensor, and
-each run's peak memory. Per-position weighted W-GS 20% with cheap solver settings (the result's equality does not
-depend on them), each run a fresh `procrustes-onnx compress` process whose process tree is sampled for resident
-memory. Writes docs/results/stream_smollm2.json; docs/scale.md reports it.
+each run's peak memory. Weighted W-GS 20% with per-position rotation (or, with ``--rotation global``, one global
+rotation, which streams as a gathering pass, an out-of-core solve and a writing pass) and cheap solver settings (the
+result's equality does not depend on them), each run a fresh `procrustes-onnx compress` process whose process tree
+is sampled for resident memory. Writes docs/results/stream_smollm2.json (global: stream_smollm2_global.json);
+docs/scale.md reports it.
 
-    flock /tmp/heavy.lock python benchmarks/stream_smollm2.py
+    flock /tmp/heavy.lock python benchmarks/stream_smollm2.py [--rotation global]
 """
 
 from __future__ import annotations
@@ -49,17 +51,22 @@ def same_tensors(a: Path, b: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--out", default="docs/results/stream_smollm2.json")
+    ap.add_argument("--rotation", choices=("per-position", "global"), default="per-position")
+    ap.add_argument("--out", default=None, help="default: docs/results/stream_smollm2.json, or "
+                    "stream_smollm2_global.json for --rotation global")
     args = ap.parse_args()
+    settings = {**SETTINGS, "rotation": args.rotation}
+    out = args.out or ("docs/results/stream_smollm2.json" if args.rotation == "per-position"
+                       else "docs/results/stream_smollm2_global.json")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "config.json").write_text(json.dumps(SETTINGS))
+        (root / "config.json").write_text(json.dumps(settings))
         rows = [compress(args.model, root / ("stream" if s else "memory"), root / "config.json", s) for s in (False, True)]
         check = same_tensors(root / "memory", root / "stream")
     for r in rows:
         print(f"{'streamed ' if r['stream'] else 'in memory'}: {r['wall_seconds']} s, peak {r['peak_kib'] / 2**20:.2f} GiB")
     print(f"{check['tensors']} tensors, {len(check['differ'])} differ, same manifest: {check['same_manifest']}")
-    write_results(args.out, {"benchmark": "stream_smollm2", "model": args.model, "settings": SETTINGS, "rows": rows,
+    write_results(out, {"benchmark": "stream_smollm2", "model": args.model, "settings": settings, "rows": rows,
                              "comparison": check})
 
 

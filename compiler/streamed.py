@@ -1,4 +1,4 @@
-"""`compress --stream`: per-position ProcrustesGPT on a model read from its shards one decoder layer at a time.
+"""`compress --stream`: ProcrustesGPT on a model read from its shards one decoder layer at a time.
 
 The model lives on the meta device; the embedding, the final norm and the head stay loaded. Layer l is
 loaded, its norms folded (`fuse_layer_norms`), the calibration hidden states run through it (its Grams,
@@ -8,8 +8,11 @@ rotated): its linears become StructuredLinears, it is written to a part file and
 the one `compress` writes: same tensors, same manifest and surgery record. Peak memory is two layers,
 the embedding and head, the carried activations and the Grams of two layers.
 
-Not streamed yet: a global rotation (one solve over every position's Grams), `--allocation measured` /
-`--max-loss`, `--refine`, `--compress-embeddings`, slicegpt, and LayerNorm families (OPT).
+A global rotation streams in three passes: gather every compressed linear's fused weight and every Gram into
+work files, solve out of core (`compiler.global_stream`), then rotate and write layer by layer as above.
+
+Not streamed yet: `--allocation measured` / `--max-loss`, `--refine`, `--compress-embeddings`, slicegpt, and
+LayerNorm families (OPT).
 """
 
 from __future__ import annotations

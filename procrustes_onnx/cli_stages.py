@@ -331,7 +331,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=count(0, SEED_MAX))
     p.add_argument("--stream", action="store_true",
                    help="read the model from its safetensors shards one decoder layer at a time (memory: a layer, "
-                        "not the model); same checkpoint; per-position rotation only (docs/scale.md)")
+                        "not the model); same checkpoint; a global rotation is solved out of core over work files "
+                        "(docs/scale.md)")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="where the Gram sums and the solves run (default cpu); cuda: the same float64 math on a GPU, "
                         "rounded differently (docs/scale.md)")
