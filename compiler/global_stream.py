@@ -62,8 +62,9 @@ class TermStore:
     def gram(self, key: str) -> torch.Tensor:
         return _load(self.root / "grams" / f"{key}.pt")
 
-    def term(self, t: TermRef, device: torch.device | str = "cpu") -> GroupTerm:
-        gram = None if t.gram is None else self.gram(t.gram).to(device)
+    def term(self, t: TermRef, device: torch.device | str = "cpu", gram: bool = True) -> GroupTerm:
+        """A stored term as `group_problem` gives it (without its Gram unless ``gram``)."""
+        gram = None if t.gram is None or not gram else self.gram(t.gram).to(device)
         return GroupTerm(t.path, t.reads, _load(self.root / "weights" / f"{t.path}.pt"), t.transposed, t.spec, gram)
 
     def put_factors(self, slot: str, t: TermRef, factors: Factors) -> None:
@@ -118,7 +119,7 @@ def _frobenius_pass(store: TermStore, terms: Sequence[TermRef], q: torch.Tensor,
     total, norm = 0.0, 0.0
     cross = torch.zeros_like(q)
     for t in terms:
-        m = store.term(t).stream(device)
+        m = store.term(t, gram=False).stream(device)
         m = m if t.reads else m.T
         with one_torch_thread():  # as `stack_objective` maps each term
             rm = q @ m

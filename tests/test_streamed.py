@@ -110,8 +110,8 @@ def test_streamed_global_solve_holds_one_term_and_no_layer(tmp_path, monkeypatch
     alive, most, reads, layers_loaded = [], [0], [0], []
     real_term, real_solve = global_stream.TermStore.term, streamed.solve_global_stored
 
-    def term(self, t, device="cpu"):
-        got = real_term(self, t, device)
+    def term(self, t, device="cpu", gram=True):
+        got = real_term(self, t, device, gram)
         alive[:] = [ref for ref in alive if ref() is not None]
         most[0] = max(most[0], len(alive))
         alive.append(weakref.ref(got.weight))
