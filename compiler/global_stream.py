@@ -112,10 +112,11 @@ class _Pairs:
             yield self.store.gram(key), _load(file)
 
 
-def _frobenius_pass(store: TermStore, terms: Sequence[TermRef], q: torch.Tensor, slot: str, device,
+def _frobenius_pass(store: TermStore, terms: Sequence[TermRef], q: torch.Tensor, slot: str | None, device,
                     ) -> tuple[float, torch.Tensor, float]:
     """sum ||q M - P(q M)||^2, the Procrustes cross matrix sum P M^T, and sum ||M||^2, one term in memory; the
-    projections' factors go to ``slot`` (`stack_objective` and `frobenius_als`' step, term by term)."""
+    projections' factors go to ``slot`` unless it is None (`stack_objective` and `frobenius_als`' step, term by
+    term)."""
     total, norm = 0.0, 0.0
     cross = torch.zeros_like(q)
     for t in terms:
@@ -128,17 +129,18 @@ def _frobenius_pass(store: TermStore, terms: Sequence[TermRef], q: torch.Tensor,
             p = (dense if t.reads else dense.T).to(torch.float64)
             err = rm.sub_(p).view(-1)
             total += 1.0 * float(torch.dot(err, err))
-        store.put_factors(slot, t, fac)
+        if slot is not None:
+            store.put_factors(slot, t, fac)
         cross += 1.0 * (p @ m.T)
         norm += float((m * m).sum())
     return total, cross, norm
 
 
-def _frobenius(store, terms, config, width: int, device) -> tuple[torch.Tensor, str, list[float]]:
-    """`frobenius_als` with each iterate's projections on disk (two slots). Returns R = Q^T, the slot holding
-    the kept iterate's factors and the relative errors."""
+def _frobenius(store, terms, config, width: int, device) -> tuple[torch.Tensor, str | None, list[float]]:
+    """`frobenius_als` with each iterate's projections on disk (two slots; none when the weighted stage follows,
+    which starts afresh). Returns R = Q^T, the slot holding the kept iterate's factors and the relative errors."""
     q = torch.eye(width, dtype=torch.float64, device=device)
-    slots = ["frob-a", "frob-b"]
+    slots = ["frob-a", "frob-b"] if config.method == "frobenius" else [None, None]
     obj, cross, total = _frobenius_pass(store, terms, q, slots[0], device)
     objective = [obj]
     for _ in range(config.iterations):
