@@ -95,8 +95,8 @@ class _Pairs:
     written once the terms move on to the next Gram (a position's readers are consecutive), so the pass holds
     one P and one C, not every position's."""
 
-    def __init__(self, store: TermStore) -> None:
-        self.store, self.files = store, []
+    def __init__(self, store: TermStore, device: torch.device) -> None:
+        self.store, self.device, self.files = store, device, []
 
     def spill(self, parts: QuadraticParts, keep: str | None = None) -> None:
         """Write and drop every complete group of ``parts`` (all but ``keep``, the current term's Gram)."""
@@ -109,7 +109,7 @@ class _Pairs:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for key, file in self.files:
-            yield self.store.gram(key), _load(file)
+            yield self.store.gram(key).to(self.device), _load(file).to(self.device)
 
 
 def _frobenius_pass(store: TermStore, terms: Sequence[TermRef], q: torch.Tensor, slot: str | None, device,
@@ -189,7 +189,7 @@ def _weighted(store, terms, config, r, device) -> tuple[torch.Tensor, list[float
 
     for _ in range(config.weighted_outer):
         project_all(r)
-        parts, pairs = QuadraticParts(r.shape[0], device), _Pairs(store)
+        parts, pairs = QuadraticParts(r.shape[0], device), _Pairs(store, device)
         for i, t in enumerate(terms):
             parts.add(load(i, t), approx(t), t.gram)
             pairs.spill(parts, keep=t.gram)
