@@ -4,7 +4,8 @@ weight, Gram and current projection read from work files when the solve reaches 
 `solve_group` holds every term at once (at 1.5B: every weight in float64, two iterates of every projection, about
 13.5 GiB of Grams). Here a pass over the terms loads one term, projects it, adds what the step needs (the
 Procrustes cross matrix, the weighted loss's G, (C, P) pairs and constant) and drops it; projections are kept as
-factors on disk. The same operations in the same order on the same threads as `solve_group`, so the same bits
+factors on disk. The same operations in the same order on the same threads as `solve_group` (the projections of
+a few terms side by side, one per torch thread, as `map_threads` runs them there), so the same bits
 (tests/test_streamed.py). Each pass reads every term once: a Frobenius iteration is one pass, the weighted stage
 three passes per outer iteration plus one per rotation-descent evaluation for the (C, P) pairs.
 """
@@ -23,7 +24,7 @@ import torch
 from procrustes_onnx.ops import project_factors
 
 from .config import CompressionConfig
-from .fanout import one_torch_thread
+from .fanout import map_threads
 from .procrustes import procrustes_rotation
 from .solve import Factors, GroupTerm, TermRef, materialize_factors
 from .weighted import QuadraticParts, WeightedTerm, balance_scales, output_norm, project_weighted, rotation_descent, term_loss
@@ -112,27 +113,39 @@ class _Pairs:
             yield self.store.gram(key).to(self.device), _load(file).to(self.device)
 
 
+def _chunks(terms: Sequence[TermRef]) -> Iterator[Sequence[TermRef]]:
+    """Terms a few at a time, one per torch thread: their projections run side by side (`map_threads`, as the
+    in-memory solve runs them), so a pass holds that many terms, not one."""
+    width = max(1, torch.get_num_threads())
+    for i in range(0, len(terms), width):
+        yield terms[i:i + width]
+
+
 def _frobenius_pass(store: TermStore, terms: Sequence[TermRef], q: torch.Tensor, slot: str | None, device,
                     ) -> tuple[float, torch.Tensor, float]:
-    """sum ||q M - P(q M)||^2, the Procrustes cross matrix sum P M^T, and sum ||M||^2, one term in memory; the
+    """sum ||q M - P(q M)||^2, the Procrustes cross matrix sum P M^T, and sum ||M||^2, a few terms in memory; the
     projections' factors go to ``slot`` unless it is None (`stack_objective` and `frobenius_als`' step, term by
-    term)."""
+    term, in the same order)."""
     total, norm = 0.0, 0.0
     cross = torch.zeros_like(q)
-    for t in terms:
-        m = store.term(t, gram=False).stream(device)
-        m = m if t.reads else m.T
-        with one_torch_thread():  # as `stack_objective` maps each term
-            rm = q @ m
+    for chunk in _chunks(terms):
+        mats = [store.term(t, gram=False).stream(device) for t in chunk]
+        mats = [m if t.reads else m.T for t, m in zip(chunk, mats)]
+
+        def project(j: int):
+            t, rm = chunk[j], q @ mats[j]
             fac = project_factors(rm if t.reads else rm.T, t.spec)
             dense = materialize_factors(fac, t.spec)
             p = (dense if t.reads else dense.T).to(torch.float64)
             err = rm.sub_(p).view(-1)
-            total += 1.0 * float(torch.dot(err, err))
-        if slot is not None:
-            store.put_factors(slot, t, fac)
-        cross += 1.0 * (p @ m.T)
-        norm += float((m * m).sum())
+            return fac, p, 1.0 * float(torch.dot(err, err))
+
+        for t, m, (fac, p, err) in zip(chunk, mats, map_threads(project, range(len(chunk)))):
+            total += err
+            if slot is not None:
+                store.put_factors(slot, t, fac)
+            cross += 1.0 * (p @ m.T)
+            norm += float((m * m).sum())
     return total, cross, norm
 
 
@@ -173,15 +186,20 @@ def _weighted(store, terms, config, r, device) -> tuple[torch.Tensor, list[float
     trace: list[float] = []
 
     def project_all(r: torch.Tensor) -> None:
-        for i, t in enumerate(terms):
-            wt = load(i, t)
-            with one_torch_thread():  # as `weighted_stage` maps each candidate
-                fac = project_weighted(*wt.target(r), t.spec)
-                cand = materialize_factors(fac, t.spec).to(torch.float64)
-                cand_loss = term_loss(wt, r, cand)
-            if losses[i] is None or cand_loss <= losses[i]:
-                store.put_factors("weighted", t, fac)
-                losses[i] = cand_loss
+        index = {t.path: i for i, t in enumerate(terms)}
+        for chunk in _chunks(terms):
+            loaded = [load(index[t.path], t) for t in chunk]
+
+            def candidate(j: int):  # as `weighted_stage` maps each candidate
+                fac = project_weighted(*loaded[j].target(r), chunk[j].spec)
+                return fac, term_loss(loaded[j], r, materialize_factors(fac, chunk[j].spec).to(torch.float64))
+
+            for t, (fac, cand_loss) in zip(chunk, map_threads(candidate, range(len(chunk)))):
+                i = index[t.path]
+                if losses[i] is None or cand_loss <= losses[i]:
+                    store.put_factors("weighted", t, fac)
+                    losses[i] = cand_loss
+            del loaded
         trace.append(sum(losses))
 
     def approx(t: TermRef) -> torch.Tensor:

@@ -99,9 +99,10 @@ def test_streamed_solves_hold_only_their_own_grams(tmp_path, monkeypatch):
     assert not any(n.startswith("model.layers.0.") for n in loaded[3])  # and the rest before the second
 
 
-def test_streamed_global_solve_holds_one_term_and_no_layer(tmp_path, monkeypatch):
-    """The out-of-core global solve reads each linear's weight when it reaches it and drops it before the next:
-    at every read at most one earlier weight is still alive, and no decoder layer is loaded meanwhile."""
+def test_streamed_global_solve_holds_a_few_terms_and_no_layer(tmp_path, monkeypatch):
+    """The out-of-core global solve reads each linear's weight when it reaches it and drops it a few terms later
+    (one per torch thread, projected side by side): at every read fewer earlier weights are alive than there are
+    threads, and no decoder layer is loaded meanwhile."""
     import weakref
 
     import procrustes_onnx.compiler.global_stream as global_stream
@@ -138,7 +139,7 @@ def test_streamed_global_solve_holds_one_term_and_no_layer(tmp_path, monkeypatch
     out = compress_streamed(folder, None, _cfg("weighted", "global"), tmp_path / "stream", echo=_quiet,
                             calib_tokens=CALIB, keep_work=True)
     assert layers_loaded == [[]]
-    assert reads[0] >= 6 * 21 and most[0] <= 1   # 21 linears, each read in every pass
+    assert reads[0] >= 6 * 21 and most[0] < max(2, torch.get_num_threads())   # 21 linears, read in every pass
     assert (out / "work" / "global" / "solution.pt").exists()
     # a second run over the same work folder reuses the solve (and gives the same checkpoint)
     layers_loaded.clear()
