@@ -1,10 +1,10 @@
 """The global rotation solved out of core: `solve_group` over every position's linears, with each linear's
-weight, Gram and current projection read from work files when the solve reaches it, one at a time.
+weight, Gram and current projection read from work files when the solve reaches it.
 
 `solve_group` holds every term at once (at 1.5B: every weight in float64, two iterates of every projection, about
-13.5 GiB of Grams). Here a pass over the terms loads one term, projects it, adds what the step needs (the
-Procrustes cross matrix, the weighted loss's G, (C, P) pairs and constant) and drops it; projections are kept as
-factors on disk. The same operations in the same order on the same threads as `solve_group` (the projections of
+14 GiB of Grams). Here a pass over the terms loads a few terms (one per torch thread), projects them, adds what
+the step needs (the Procrustes cross matrix, the weighted loss's G, (C, P) pairs and constant) and drops them;
+projections are kept as factors on disk. The same operations in the same order on the same threads as `solve_group` (the projections of
 a few terms side by side, one per torch thread, as `map_threads` runs them there), so the same bits
 (tests/test_streamed.py). Each pass reads every term once: a Frobenius iteration is one pass, the weighted stage
 three passes per outer iteration plus one per rotation-descent evaluation for the (C, P) pairs.
