@@ -67,6 +67,8 @@ import json, sys, time, torch
 from procrustes_onnx.compiler.config import CompressionConfig
 from procrustes_onnx.compiler.streamed import compress_streamed
 folder, out, workers, vocab = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if {threads}:
+    torch.set_num_threads({threads})
 cfg = CompressionConfig(structure="gs", ratio=0.2, rotation="{rotation}", method="weighted", iterations={iterations},
                         rotation_iters={rotation_iters}, weighted_outer=1, calib_samples={samples},
                         calib_seq_len={seq_len}, stream=True, workers=workers)
@@ -169,7 +171,7 @@ def progress_summary(log: Path, positions: int) -> dict:
             continue
         seg.update(seconds=row["seconds"], positions_solved=row["positions_solved"],
                    driver_hwm_kib=max(seg["driver_hwm_kib"], row["driver_hwm_kib"]),
-                   tree_peak_kib=max(seg["tree_peak_kib"], row["tree_peak_kib"]))
+                   tree_peak_kib=max(seg["tree_peak_kib"], row["tree_peak_kib"] or 0))  # None: not sampled
         trace.append([row["segment"], row["positions_solved"], row["seconds"], row["driver_hwm_kib"]])
     done = max((t[1] for t in trace), default=0)
     return {"positions": positions, "positions_solved": done, "finished": done >= positions,
@@ -207,6 +209,8 @@ def main() -> None:
     ap.add_argument("--rotation-iters", type=int, default=2, help="Riemannian steps per solve (the main job: 50)")
     ap.add_argument("--rotation", choices=("per-position", "global"), default="per-position",
                     help="global: one rotation, streamed as a gathering pass, an out-of-core solve and a writing pass")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the compressing process (0: torch's "
+                    "default); a streamed global solve projects that many terms side by side")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--work", default=None, help="parent of the temporary folder for the model and checkpoints")
@@ -221,7 +225,7 @@ def main() -> None:
             print(json.dumps({log.name: progress_summary(log, 2 * args.layers + 1)}, indent=1))
         return
     solver = {"iterations": args.iterations, "rotation_iters": args.rotation_iters, "samples": args.samples,
-              "seq_len": args.seq_len, "rotation": args.rotation}
+              "seq_len": args.seq_len, "rotation": args.rotation, "threads": args.threads}
     with contextlib.ExitStack() as stack:
         root = Path(args.keep) if args.keep else Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.work)))
         t = time.perf_counter()
