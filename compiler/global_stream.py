@@ -13,8 +13,6 @@ three passes per outer iteration plus one per rotation-descent evaluation for th
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -27,22 +25,12 @@ from .config import CompressionConfig
 from .fanout import map_threads
 from .procrustes import procrustes_rotation
 from .solve import Factors, GroupTerm, TermRef, materialize_factors
+from .tensor_files import load_aligned, save_torch_atomic
 from .weighted import QuadraticParts, WeightedTerm, balance_scales, output_norm, project_weighted, rotation_descent, term_loss
 
 __all__ = ["TermStore", "solve_global_stored"]
 
 log = logging.getLogger(__name__)
-
-
-def _save(obj, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _load(path: Path):
-    # torch.load gives the allocator's 64-byte alignment, as the in-memory tensors have (BLAS rounds by it)
-    return torch.load(path, weights_only=True)
 
 
 class TermStore:
@@ -55,40 +43,37 @@ class TermStore:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def put_weight(self, term: TermRef, weight: torch.Tensor) -> None:
-        _save(weight.detach().contiguous().clone(), self.root / "weights" / f"{term.path}.pt")
+        save_torch_atomic(weight.detach().contiguous().clone(), self.root / "weights" / f"{term.path}.pt")
 
     def put_gram(self, key: str, gram: torch.Tensor) -> None:
-        _save(gram, self.root / "grams" / f"{key}.pt")
+        save_torch_atomic(gram, self.root / "grams" / f"{key}.pt")
 
     def gram(self, key: str) -> torch.Tensor:
-        return _load(self.root / "grams" / f"{key}.pt")
+        return load_aligned(self.root / "grams" / f"{key}.pt")
 
     def term(self, t: TermRef, device: torch.device | str = "cpu", gram: bool = True) -> GroupTerm:
         """A stored term as `group_problem` gives it (without its Gram unless ``gram``)."""
         gram = None if t.gram is None or not gram else self.gram(t.gram).to(device)
-        return GroupTerm(t.path, t.reads, _load(self.root / "weights" / f"{t.path}.pt"), t.transposed, t.spec, gram)
+        return GroupTerm(t.path, t.reads, load_aligned(self.root / "weights" / f"{t.path}.pt"), t.transposed, t.spec, gram)
 
     def put_factors(self, slot: str, t: TermRef, factors: Factors) -> None:
         folder = self.root / "slots" / slot
         folder.mkdir(exist_ok=True)
-        _save({k: v.detach() for k, v in factors.items()}, folder / f"{t.path}.pt")
+        save_torch_atomic({k: v.detach() for k, v in factors.items()}, folder / f"{t.path}.pt")
 
     def factors(self, slot: str, t: TermRef) -> Factors:
-        return _load(self.root / "slots" / slot / f"{t.path}.pt")
+        return load_aligned(self.root / "slots" / slot / f"{t.path}.pt")
 
     def put_solution(self, r: torch.Tensor, slot: str) -> None:
         """The solve's end: a later run over the same work folder skips the gathering pass and the solve."""
-        _save({"r": r, "slot": torch.tensor(list(slot.encode()), dtype=torch.uint8)}, self.root / "solution.pt")
+        save_torch_atomic({"r": r, "slot": slot}, self.root / "solution.pt")
 
     def solution(self) -> tuple[torch.Tensor, str] | None:
         file = self.root / "solution.pt"
         if not file.exists():
             return None
-        got = _load(file)
-        return got["r"], bytes(got["slot"].tolist()).decode()
-
-    def drop(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        got = load_aligned(file)
+        return got["r"], got["slot"]
 
 
 class _Pairs:
@@ -105,12 +90,12 @@ class _Pairs:
             if any(k == key for k, _ in self.files):
                 raise ValueError(f"the readers of Gram {key} are not consecutive in the term order")
             file = self.store.root / f"pair{len(self.files):05d}.pt"
-            _save(parts.groups.pop(key)[1], file)
+            save_torch_atomic(parts.groups.pop(key)[1], file)
             self.files.append((key, file))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for key, file in self.files:
-            yield self.store.gram(key).to(self.device), _load(file).to(self.device)
+            yield self.store.gram(key).to(self.device), load_aligned(file).to(self.device)
 
 
 def _chunks(terms: Sequence[TermRef]) -> Iterator[Sequence[TermRef]]:

@@ -25,7 +25,7 @@ from .procrustes import frobenius_als
 from .tensor_files import save_tensors_atomic
 from .weighted import WeightedTerm, balance_weights, project_weighted, weighted_stage
 
-__all__ = ["Projector", "materialize_factors", "TermRef", "group_terms", "gram_paths", "rotated_input_grams", "GroupTerm", "GroupProblem", "group_problem", "solve_group", "load_group",
+__all__ = ["Projector", "materialize_factors", "TermRef", "group_terms", "saved_factors", "gram_paths", "rotated_input_grams", "GroupTerm", "GroupProblem", "group_problem", "solve_group", "load_group",
            "save_group"]
 
 log = logging.getLogger(__name__)
@@ -223,8 +223,13 @@ def solve_group(problem: GroupProblem, config: CompressionConfig) -> tuple[torch
                 fac = project_weighted(w, rotate_gram(t.gram, r) if t.reads else t.gram, t.spec)
             else:
                 fac = project_factors(w, t.spec)
-        factors[t.path] = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in fac.items()}
+        factors[t.path] = saved_factors(fac)
     return r.cpu(), factors, info
+
+
+def saved_factors(fac: Factors) -> Factors:
+    """A solve's factors as a checkpoint stores them: float32, contiguous, on the CPU."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in fac.items()}
 
 
 def save_group(path: Path, r: torch.Tensor, factors: dict[str, Factors]) -> None:

@@ -17,7 +17,6 @@ LayerNorm families (OPT).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,8 +41,9 @@ from .positions import position_dims, residual_positions
 from .rotation import rotate_position
 from .skips import add_layer_shortcuts, install_shortcuts, shortcut_paths
 from .global_stream import TermStore, solve_global_stored
-from .solve import gram_paths, group_terms
+from .solve import gram_paths, group_terms, saved_factors
 from .stream import ShardReader, empty_model, layer_output, materialise, release, return_freed_blocks
+from .tensor_files import load_aligned, save_torch_atomic
 
 __all__ = ["compress_streamed", "check_streamable"]
 
@@ -227,15 +227,11 @@ class _Run:
         needed = set(gram_paths(sel, self.specs))
         for path in [k for k in self.grams if k not in needed]:
             file = self.work / f"gram-{path}.pt"
-            tmp = file.with_name(file.name + ".tmp")
-            torch.save(self.grams.pop(path), tmp)
-            os.replace(tmp, file)
+            save_torch_atomic(self.grams.pop(path), file)
             self.spilled[path] = file
         for path in [k for k in self.spilled if k in needed]:
             file = self.spilled.pop(path)
-            # torch.load gives the allocator's 64-byte alignment, as the Gram had; safetensors' load_file gives
-            # 16, and BLAS rounds some products differently on it (a serial run then differs from a Ray one)
-            self.grams[path] = torch.load(file, weights_only=True)
+            self.grams[path] = load_aligned(file)  # aligned as the Gram was: a serial run equals a Ray one
             file.unlink()
         return self.grams
 
@@ -295,8 +291,7 @@ class _Run:
             for p in indices:
                 self.rs[p] = self.global_r
                 for t in group_terms(self.model, [self.positions[p]], self.specs, False):
-                    fac = self.store.factors(self.global_slot, t)
-                    self.factors[t.path] = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in fac.items()}
+                    self.factors[t.path] = saved_factors(self.store.factors(self.global_slot, t))
             return
         sel = [self.positions[p] for p in indices]
         rs, factors = solve_positions(self.model, sel, self.specs, self.config, self.work, self._grams_for(sel),
